@@ -1,0 +1,281 @@
+// Package pgtest starts a throwaway PostgreSQL server for tests and examples,
+// and gives each test a database of its own.
+//
+// It finds initdb and pg_ctl on PATH, through pg_config --bindir, or under
+// /usr/lib/postgresql/*/bin (the newest version). initdb refuses to run as
+// root, so as root the server runs as the "postgres" user that the server
+// package creates. PGLOCKS_TEST_DATABASE_URL points the tests at an existing
+// server instead; its role must be allowed to create databases.
+package pgtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// EnvURL names the variable that points the tests at an existing server.
+const EnvURL = "PGLOCKS_TEST_DATABASE_URL"
+
+// Install says how to get a server when none can be found.
+const Install = `pgtest: no PostgreSQL server to test against.
+Install one (Debian/Ubuntu: apt-get install postgresql; macOS: brew install postgresql),
+or point the tests at a server you run: ` + EnvURL + `=postgres://user@host:5432/postgres`
+
+// Server is a PostgreSQL server for tests.
+type Server struct {
+	// URL is a superuser connection string for the database "postgres".
+	URL string
+	// Admin is a small pool on URL, for creating databases and looking at
+	// pg_locks.
+	Admin *pgxpool.Pool
+
+	dir   string // data directory; "" for an existing server
+	bin   string
+	cred  *syscall.Credential
+	dbSeq atomic.Int64
+}
+
+// Start starts a throwaway server, or connects to the one that
+// PGLOCKS_TEST_DATABASE_URL names.
+func Start() (*Server, error) {
+	s := &Server{}
+	if url := os.Getenv(EnvURL); url != "" {
+		s.URL = url
+	} else if err := s.startLocal(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg, err := pgxpool.ParseConfig(s.URL)
+	if err != nil {
+		s.Stop()
+		return nil, fmt.Errorf("pgtest: %w", err)
+	}
+	cfg.MaxConns = 4
+	s.Admin, err = pgxpool.NewWithConfig(ctx, cfg)
+	if err == nil {
+		err = s.Admin.Ping(ctx)
+	}
+	if err != nil {
+		s.Stop()
+		return nil, fmt.Errorf("pgtest: connect to %s: %w", s.URL, err)
+	}
+	return s, nil
+}
+
+func (s *Server) startLocal() error {
+	bin, err := findBin()
+	if err != nil {
+		return err
+	}
+	s.bin = bin
+	dir, err := os.MkdirTemp("", "pglocks-pg-")
+	if err != nil {
+		return fmt.Errorf("pgtest: %w", err)
+	}
+	s.dir = dir
+	if os.Geteuid() == 0 {
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			s.Stop()
+			return fmt.Errorf("pgtest: running as root, and initdb refuses to: need the user \"postgres\" (created by the postgresql package) to run the server as: %w\n%s", err, Install)
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		s.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+		if err := os.Chown(dir, uid, gid); err != nil {
+			s.Stop()
+			return fmt.Errorf("pgtest: %w", err)
+		}
+	}
+	data := filepath.Join(dir, "data")
+	if out, err := s.run("initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"); err != nil {
+		s.Stop()
+		return fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
+	}
+	port, err := freePort()
+	if err != nil {
+		s.Stop()
+		return err
+	}
+	opts := strings.Join([]string{
+		"-p " + strconv.Itoa(port),
+		"-c listen_addresses=127.0.0.1",
+		"-c unix_socket_directories=" + dir,
+		"-c fsync=off",
+		"-c synchronous_commit=off",
+		"-c full_page_writes=off",
+		"-c max_connections=300",
+		"-c shared_buffers=64MB",
+	}, " ")
+	if out, err := s.run("pg_ctl", "-D", data, "-l", filepath.Join(dir, "log"), "-o", opts, "-w", "-t", "60", "start"); err != nil {
+		log, _ := os.ReadFile(filepath.Join(dir, "log"))
+		s.Stop()
+		return fmt.Errorf("pgtest: pg_ctl start: %w\n%s\n%s", err, out, log)
+	}
+	s.URL = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
+	return nil
+}
+
+// run runs one of the server's programs, as the server's user.
+func (s *Server) run(prog string, args ...string) ([]byte, error) {
+	cmd := exec.Command(filepath.Join(s.bin, prog), args...)
+	cmd.Dir = s.dir
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	if s.cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
+	}
+	return cmd.CombinedOutput()
+}
+
+// Stop stops a throwaway server and removes its files.
+func (s *Server) Stop() {
+	if s.Admin != nil {
+		s.Admin.Close()
+	}
+	if s.dir == "" {
+		return
+	}
+	if s.URL != "" {
+		_, _ = s.run("pg_ctl", "-D", filepath.Join(s.dir, "data"), "-m", "immediate", "-w", "stop")
+	}
+	_ = os.RemoveAll(s.dir)
+}
+
+// findBin returns the directory that holds initdb and pg_ctl.
+func findBin() (string, error) {
+	if p, err := exec.LookPath("initdb"); err == nil {
+		if _, err := exec.LookPath("pg_ctl"); err == nil {
+			return filepath.Dir(p), nil
+		}
+	}
+	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
+		dir := strings.TrimSpace(string(out))
+		if _, err := os.Stat(filepath.Join(dir, "initdb")); err == nil {
+			return dir, nil
+		}
+	}
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	sort.Slice(dirs, func(i, j int) bool { return version(dirs[i]) > version(dirs[j]) })
+	for _, dir := range dirs {
+		if _, err := os.Stat(filepath.Join(dir, "initdb")); err == nil {
+			return dir, nil
+		}
+	}
+	return "", errors.New(Install)
+}
+
+func version(binDir string) int {
+	v, _ := strconv.Atoi(filepath.Base(filepath.Dir(binDir)))
+	return v
+}
+
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("pgtest: find a free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+var unsafeName = regexp.MustCompile(`[^a-z0-9_]+`)
+
+// DB creates an empty database for t and returns a connection string for it.
+// When t ends, it fails t if any advisory lock is left in that database (by
+// any session, pooled ones included), then drops it. Register it before
+// creating pools on it, so that the check runs while they are still open.
+func (s *Server) DB(t testing.TB) string {
+	t.Helper()
+	name := unsafeName.ReplaceAllString(strings.ToLower(t.Name()), "_")
+	if len(name) > 40 {
+		name = name[len(name)-40:]
+	}
+	name = fmt.Sprintf("t%d_%s", s.dbSeq.Add(1), name)
+	ctx := context.Background()
+	if _, err := s.Admin.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+		t.Fatalf("pgtest: create database: %v", err)
+	}
+	t.Cleanup(func() {
+		if left := s.waitNoLocks(name, 3*time.Second); len(left) > 0 {
+			t.Errorf("pgtest: advisory locks left in %s after the test:\n%s", name, strings.Join(left, "\n"))
+		}
+		if _, err := s.Admin.Exec(ctx, "DROP DATABASE "+pgx.Identifier{name}.Sanitize()+" WITH (FORCE)"); err != nil {
+			t.Errorf("pgtest: drop database: %v", err)
+		}
+	})
+	cfg, err := pgx.ParseConfig(s.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("postgres://%s@%s:%d/%s?sslmode=disable", cfg.User, cfg.Host, cfg.Port, name)
+}
+
+// waitNoLocks waits until database name has no advisory locks, and returns
+// the ones still there after d.
+func (s *Server) waitNoLocks(name string, d time.Duration) []string {
+	end := time.Now().Add(d)
+	for {
+		left, err := s.AdvisoryLocks(context.Background(), name)
+		if err != nil {
+			return []string{err.Error()}
+		}
+		if len(left) == 0 || time.Now().After(end) {
+			return left
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// AdvisoryLocks lists the advisory locks, held or awaited, in database name,
+// one line each.
+func (s *Server) AdvisoryLocks(ctx context.Context, name string) ([]string, error) {
+	rows, err := s.Admin.Query(ctx, `
+		SELECT format('pid %s %s %s key (%s,%s,%s)', l.pid, l.mode,
+		              CASE WHEN l.granted THEN 'held' ELSE 'waiting' END,
+		              l.classid, l.objid, l.objsubid)
+		FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+		WHERE l.locktype = 'advisory' AND d.datname = $1
+		ORDER BY l.pid`, name)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
+// Main runs a test binary's tests against a server it starts (or the one
+// PGLOCKS_TEST_DATABASE_URL names), and stops it afterwards. If no server can
+// be had, the run fails and says how to get one. After the tests it fails the
+// run if goroutines are left behind (check is called with the exit code and
+// returns the new one; nil skips it).
+func Main(m *testing.M, srv **Server, check func(code int) int) {
+	s, err := Start()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	*srv = s
+	code := m.Run()
+	s.Stop()
+	if check != nil {
+		code = check(code)
+	}
+	os.Exit(code)
+}

@@ -1,0 +1,169 @@
+package pglocks
+
+import (
+	"hash/crc32"
+	"math/bits"
+	"strconv"
+)
+
+// keyKind tells which of PostgreSQL's two advisory key spaces a Key is in.
+type keyKind uint8
+
+const (
+	kindInvalid keyKind = iota // the zero Key
+	kindInt64                  // pg_advisory_lock(bigint); objsubid 1 in pg_locks
+	kindPair                   // pg_advisory_lock(int4, int4); objsubid 2 in pg_locks
+)
+
+// Key identifies one advisory lock in a database. PostgreSQL has two key
+// spaces that never collide: a single bigint ([ID], [Name], [NameCRC32]) and a
+// pair of int4 ([Pair]). ID(1) and Pair(0, 1) are different locks.
+//
+// Keys are comparable and may be used as map keys; two Keys are equal exactly
+// when they name the same lock. The zero Key is invalid: every function that
+// takes one returns [ErrInvalidKey] for it.
+type Key struct {
+	kind keyKind
+	v    int64 // the bigint, or a<<32 | uint32(b) for a pair
+}
+
+// ID returns the key that pg_advisory_lock(id) takes.
+func ID(id int64) Key { return Key{kind: kindInt64, v: id} }
+
+// Pair returns the key that pg_advisory_lock(a, b) takes. It is a different
+// lock from every [ID] key, whatever the numbers.
+func Pair(a, b int32) Key { return Key{kind: kindPair, v: int64(a)<<32 | int64(uint32(b))} }
+
+// Name returns the bigint key hashtextextended(name, 0), so that plain SQL can
+// take the same lock:
+//
+//	SELECT pg_advisory_lock(hashtextextended('nightly-report', 0));
+//
+// The hash is computed in Go (a port of PostgreSQL's hash_bytes_extended); it
+// equals the server's for databases whose encoding is UTF-8 and whose default
+// collation is deterministic (the default). In a database with another
+// encoding, names that are not plain ASCII hash differently on the server.
+func Name(name string) Key { return ID(int64(hashBytesExtended(name))) }
+
+// NameCRC32 returns the key that django-pglocks (1.0.x) uses for a string
+// lock id: the CRC-32 (IEEE) of the name's UTF-8 bytes, read as a signed int32,
+// used as the bigint key. Use it to share a lock with a Django application.
+func NameCRC32(name string) Key {
+	return ID(int64(int32(crc32.ChecksumIEEE([]byte(name)))))
+}
+
+// valid reports whether k was made by a constructor.
+func (k Key) valid() bool { return k.kind == kindInt64 || k.kind == kindPair }
+
+// pair returns the two int4 of a pair key.
+func (k Key) pair() (a, b int32) { return int32(k.v >> 32), int32(k.v) }
+
+// String returns the key as SQL would write its arguments: "42" for ID(42),
+// "1,2" for Pair(1, 2), and "invalid" for the zero Key.
+func (k Key) String() string {
+	switch k.kind {
+	case kindInt64:
+		return strconv.FormatInt(k.v, 10)
+	case kindPair:
+		a, b := k.pair()
+		return strconv.FormatInt(int64(a), 10) + "," + strconv.FormatInt(int64(b), 10)
+	}
+	return "invalid"
+}
+
+// hashBytesExtended is PostgreSQL's hash_bytes_extended (src/common/hashfn.c,
+// Bob Jenkins' lookup3) with seed 0, as a little-endian server computes it.
+// hashtextextended(t, 0) is this function over the text's bytes.
+func hashBytesExtended(k string) uint64 {
+	n := len(k)
+	a := 0x9e3779b9 + uint32(n) + 3923095
+	b, c := a, a
+	for ; n >= 12; n -= 12 {
+		a += le32(k[0:4])
+		b += le32(k[4:8])
+		c += le32(k[8:12])
+		a, b, c = mix(a, b, c)
+		k = k[12:]
+	}
+	// The last 0..11 bytes; the lowest byte of c is left alone, as in PostgreSQL.
+	switch n {
+	case 11:
+		c += uint32(k[10]) << 24
+		fallthrough
+	case 10:
+		c += uint32(k[9]) << 16
+		fallthrough
+	case 9:
+		c += uint32(k[8]) << 8
+		fallthrough
+	case 8:
+		b += le32(k[4:8])
+		a += le32(k[0:4])
+	case 7:
+		b += uint32(k[6]) << 16
+		fallthrough
+	case 6:
+		b += uint32(k[5]) << 8
+		fallthrough
+	case 5:
+		b += uint32(k[4])
+		fallthrough
+	case 4:
+		a += le32(k[0:4])
+	case 3:
+		a += uint32(k[2]) << 16
+		fallthrough
+	case 2:
+		a += uint32(k[1]) << 8
+		fallthrough
+	case 1:
+		a += uint32(k[0])
+	}
+	a, b, c = final(a, b, c)
+	return uint64(b)<<32 | uint64(c)
+}
+
+// le32 reads four bytes as a little-endian uint32.
+func le32(s string) uint32 {
+	return uint32(s[0]) | uint32(s[1])<<8 | uint32(s[2])<<16 | uint32(s[3])<<24
+}
+
+func mix(a, b, c uint32) (uint32, uint32, uint32) {
+	a -= c
+	a ^= bits.RotateLeft32(c, 4)
+	c += b
+	b -= a
+	b ^= bits.RotateLeft32(a, 6)
+	a += c
+	c -= b
+	c ^= bits.RotateLeft32(b, 8)
+	b += a
+	a -= c
+	a ^= bits.RotateLeft32(c, 16)
+	c += b
+	b -= a
+	b ^= bits.RotateLeft32(a, 19)
+	a += c
+	c -= b
+	c ^= bits.RotateLeft32(b, 4)
+	b += a
+	return a, b, c
+}
+
+func final(a, b, c uint32) (uint32, uint32, uint32) {
+	c ^= b
+	c -= bits.RotateLeft32(b, 14)
+	a ^= c
+	a -= bits.RotateLeft32(c, 11)
+	b ^= a
+	b -= bits.RotateLeft32(a, 25)
+	c ^= b
+	c -= bits.RotateLeft32(b, 16)
+	a ^= c
+	a -= bits.RotateLeft32(c, 4)
+	b ^= a
+	b -= bits.RotateLeft32(a, 14)
+	c ^= b
+	c -= bits.RotateLeft32(b, 24)
+	return a, b, c
+}

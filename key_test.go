@@ -1,0 +1,178 @@
+package pglocks_test
+
+import (
+	"context"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"unicode/utf8"
+
+	"github.com/pglocks/pglocks"
+)
+
+func TestKeyVectors(t *testing.T) {
+	tests := []struct {
+		name string
+		key  pglocks.Key
+		want string
+	}{
+		{"Name some lock", pglocks.Name("some lock"), "1837249113968243424"},
+		{"Name empty", pglocks.Name(""), "-6939563903564495251"},
+		{"Name non-ASCII", pglocks.Name("héllo wörld 🔒"), "-3166781526316548859"},
+		{"Name twelve bytes", pglocks.Name("abcdefghijkl"), "-7556637188122330412"},
+		{"NameCRC32 django-pglocks", pglocks.NameCRC32("some lock"), "-205618829"},
+		{"ID", pglocks.ID(-42), "-42"},
+		{"Pair", pglocks.Pair(-1, 7), "-1,7"},
+		{"zero Key", pglocks.Key{}, "invalid"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := tt.key.String(); got != tt.want {
+				t.Errorf("got %s, want %s", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestKeyIdentity(t *testing.T) {
+	if pglocks.ID(1) == pglocks.Pair(0, 1) {
+		t.Error("ID(1) == Pair(0, 1): the two key spaces must not collide")
+	}
+	if pglocks.Name("x") != pglocks.Name("x") || pglocks.Pair(1, 2) != pglocks.Pair(1, 2) {
+		t.Error("equal keys compare unequal")
+	}
+}
+
+// randomName returns a valid UTF-8 string of n runes from all of Unicode
+// (no NUL: text cannot hold it).
+func randomName(r *rand.Rand, n int) string {
+	var b strings.Builder
+	for b.Len() < n {
+		var c rune
+		switch r.IntN(4) {
+		case 0:
+			c = rune(1 + r.IntN(0x7f)) // ASCII
+		case 1:
+			c = rune(0x80 + r.IntN(0x800-0x80)) // two bytes
+		case 2:
+			c = rune(0x800 + r.IntN(0x10000-0x800)) // three bytes
+		default:
+			c = rune(0x10000 + r.IntN(utf8.MaxRune-0x10000)) // four bytes
+		}
+		if !utf8.ValidRune(c) {
+			continue
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
+}
+
+// serverHashes asks the server for hashtextextended(name, 0) of each name.
+func serverHashes(t *testing.T, names []string) []int64 {
+	t.Helper()
+	rows, err := srv.Admin.Query(context.Background(),
+		`SELECT hashtextextended(n, 0) FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i`, names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []int64
+	for rows.Next() {
+		var h int64
+		if err := rows.Scan(&h); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, h)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func TestNameMatchesServer(t *testing.T) {
+	t.Parallel()
+	r := rand.New(rand.NewPCG(1, 2))
+	names := []string{"", "a", "some lock", "héllo wörld 🔒", "abcdefghijkl", "0", "-1", "9223372036854775807"}
+	for n := range 24 { // every length around the 12-byte blocks
+		names = append(names, strings.Repeat("x", n))
+	}
+	for range 4000 {
+		names = append(names, randomName(r, r.IntN(1001)))
+	}
+	want := serverHashes(t, names)
+	for i, name := range names {
+		if got := pglocks.Name(name); got != pglocks.ID(want[i]) {
+			t.Errorf("Name(%q) = %v, server says %d", name, got, want[i])
+		}
+	}
+}
+
+func FuzzName(f *testing.F) {
+	for _, s := range []string{"", "some lock", "héllo wörld 🔒", "abcdefghijkl", "abcdefghijklm"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		if !utf8.ValidString(name) || strings.ContainsRune(name, 0) {
+			t.Skip("text cannot hold this string")
+		}
+		if got, want := pglocks.Name(name), pglocks.ID(serverHashes(t, []string{name})[0]); got != want {
+			t.Errorf("Name(%q) = %v, server says %v", name, got, want)
+		}
+	})
+}
+
+// TestKeySpaces proves on the server that ID(1) and Pair(0, 1) are different
+// locks, and that pg_locks shows each as expected.
+func TestKeySpaces(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		a, b := e.locker(4), e.locker(4)
+		id := mustLock(t, a, pglocks.ID(1))
+		pair, err := b.TryLock(t.Context(), pglocks.Pair(0, 1))
+		if err != nil {
+			t.Fatalf("Pair(0, 1) while ID(1) is held: %v", err)
+		}
+		big := mustLock(t, a, pglocks.ID(-5_000_000_000))
+		got := e.locks()
+		keys := map[string]bool{}
+		for _, r := range got {
+			keys[r.key] = r.granted
+		}
+		for _, k := range []string{"bigint 1", "pair 0,1", "bigint -5000000000"} {
+			if !keys[k] {
+				t.Errorf("pg_locks has no granted %s: %v", k, got)
+			}
+		}
+		mustRelease(t, id)
+		mustRelease(t, pair)
+		mustRelease(t, big)
+	})
+}
+
+// TestNameInteropSQL: a session holding pg_advisory_lock(hashtextextended(…))
+// in plain SQL excludes Name(…), and the reverse.
+func TestNameInteropSQL(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4)
+		ctx := t.Context()
+		name := t.Name()
+		sqlConn := e.rawConn(t)
+		if _, err := sqlConn.Exec(ctx, "SELECT pg_advisory_lock(hashtextextended($1, 0))", name); err != nil {
+			t.Fatal(err)
+		}
+		_, err := l.TryLock(ctx, pglocks.Name(name))
+		wantErr(t, err, pglocks.ErrLocked)
+		if _, err := sqlConn.Exec(ctx, "SELECT pg_advisory_unlock(hashtextextended($1, 0))", name); err != nil {
+			t.Fatal(err)
+		}
+		lk := mustLock(t, l, pglocks.Name(name))
+		var ok bool
+		if err := sqlConn.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", name).Scan(&ok); err != nil {
+			t.Fatal(err)
+		}
+		if ok {
+			t.Error("plain SQL took the lock that Name holds")
+		}
+		mustRelease(t, lk)
+	})
+}

@@ -1,0 +1,130 @@
+package pglocks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+)
+
+// A Lock is a session-level advisory lock held by a [Locker]. It stays held
+// until [Lock.Release], [Locker.Close], or until it is lost because its server
+// session ended; [Lock.Done] tells which has happened.
+type Lock struct {
+	l      *Locker
+	e      *entry
+	ctx    context.Context // done once the lock is released or lost
+	cancel context.CancelCauseFunc
+	done   bool // guarded by l.mu: released, lost or closed
+}
+
+func (l *Locker) newLockLocked(e *entry) *Lock {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	lk := &Lock{l: l, e: e, ctx: ctx, cancel: cancel}
+	e.locks = append(e.locks, lk)
+	return lk
+}
+
+// Key returns the lock's key.
+func (lk *Lock) Key() Key { return lk.e.key }
+
+// Done returns a channel that is closed once the lock is no longer held:
+// released, released by [Locker.Close], or lost because its server session
+// ended.
+func (lk *Lock) Done() <-chan struct{} { return lk.ctx.Done() }
+
+// Err returns nil while the lock is held. Once [Lock.Done] is closed it
+// returns why: [ErrReleased], [ErrClosed], or an error matching [ErrLockLost].
+func (lk *Lock) Err() error {
+	if lk.ctx.Err() == nil {
+		return nil
+	}
+	return context.Cause(lk.ctx)
+}
+
+// Release releases the lock. It returns an error matching [ErrReleased] if the
+// lock was already released, [ErrClosed] after [Locker.Close], and the loss
+// error for a lock that was lost.
+//
+// A release is never abandoned halfway: the unlock statement runs to the end
+// even if ctx is cancelled (it is bounded by [WithStatementTimeout]). If it
+// fails, the connection is closed, which frees its locks on the server, and
+// the error says so. When several goroutines of one Locker share a lock in
+// [Shared] mode, the server's lock is released with the last of them.
+func (lk *Lock) Release(ctx context.Context) error {
+	l, e := lk.l, lk.e
+	l.mu.Lock()
+	if lk.done {
+		err := lk.Err()
+		l.mu.Unlock()
+		switch {
+		case errors.Is(err, ErrClosed):
+			return lockError(e.key, ErrClosed)
+		case errors.Is(err, ErrLockLost):
+			return err
+		}
+		return lockError(e.key, ErrReleased)
+	}
+	lk.done = true
+	e.locks = slices.DeleteFunc(e.locks, func(x *Lock) bool { return x == lk })
+	if l.closed {
+		l.mu.Unlock()
+		return lockError(e.key, ErrClosed) // Close releases it
+	}
+	if len(e.locks) > 0 {
+		lk.cancel(ErrReleased) // others share the server's hold
+		l.mu.Unlock()
+		return nil
+	}
+	e.state = stateReleasing
+	h := e.h
+	h.users++
+	l.calls.Add(1)
+	defer l.calls.Done()
+	l.mu.Unlock()
+
+	q, args := stmt(stmtUnlock, e.key, e.shared)
+	err := l.do(context.WithoutCancel(ctx), h, func(sctx context.Context) error {
+		ok, err := h.c.queryBool(sctx, q, args...)
+		if err == nil && !ok {
+			err = errNotHeld
+		}
+		return err
+	})
+
+	l.mu.Lock()
+	delete(h.entries, e)
+	e.state, e.h = stateIdle, nil
+	lk.cancel(ErrReleased)
+	l.dispatch(e)
+	l.gc(e)
+	idle := l.unuseLocked(h)
+	l.mu.Unlock()
+	if idle {
+		l.giveBack(h.c)
+	}
+	if err != nil {
+		return lockError(e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))
+	}
+	l.cfg.logger.Debug("pglocks: released", "key", e.key)
+	return nil
+}
+
+// run runs fn under lk for Do and TryDo, and releases lk afterwards.
+func (lk *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err error) {
+	fctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(lk.ctx, func() { cancel(lk.Err()) })
+	defer func() {
+		stop()
+		cancel(nil)
+		lost := lk.Err() // nil, or why the lock went before fn was done
+		rerr := lk.Release(context.WithoutCancel(ctx))
+		switch {
+		case lost != nil:
+			err = errors.Join(err, lost)
+		case rerr != nil:
+			err = errors.Join(err, rerr)
+		}
+	}()
+	return fn(fctx)
+}

@@ -1,0 +1,569 @@
+package pglocks
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// A Locker takes and holds session-level advisory locks for one process. It
+// is a lock manager, not a wrapper around one connection:
+//
+//   - Locks are taken with pg_try_advisory_lock on a shared holder
+//     connection. Held locks share the few holder connections, so holding a
+//     thousand uncontended locks costs one server connection, not a thousand.
+//   - Only a wait for a key that another session holds takes a connection of
+//     its own, and waits inside the server's lock queue on it; once granted,
+//     that connection holds the lock until it is released.
+//   - PostgreSQL lets a session take a lock it already holds, so the Locker
+//     arbitrates between its own goroutines: they exclude each other exactly
+//     as separate sessions would, in first-come order.
+//   - A connection goes back to the pool only when it holds no lock. If a
+//     statement on a holder connection fails, the connection is closed (the
+//     server then frees its locks) and every lock it held is reported lost.
+//
+// A Locker is safe for concurrent use. Create one per pool with [New] or
+// [NewDB] and share it; [Locker.Close] releases everything it holds.
+type Locker struct {
+	src     source
+	pgx     *pgxpool.Pool // set by New
+	db      *sql.DB       // set by NewDB
+	cfg     config
+	closing chan struct{}  // closed by Close
+	calls   sync.WaitGroup // acquisitions and releases in flight
+
+	mu      sync.Mutex
+	closed  bool
+	keys    map[Key]*entry
+	primary *holder       // where new locks are tried first
+	making  chan struct{} // closed when the goroutine making primary is done
+	holders map[*holder]struct{}
+}
+
+// entryState is where a key stands in this process.
+type entryState uint8
+
+const (
+	stateIdle      entryState = iota // not held by this Locker
+	stateAcquiring                   // one goroutine is taking it on the server
+	stateHeld                        // held on the server, by e.h
+	stateReleasing                   // one goroutine is releasing it on the server
+)
+
+// entry is one key that this Locker holds or that goroutines wait for.
+type entry struct {
+	key    Key
+	state  entryState
+	shared bool    // the mode held or being acquired
+	h      *holder // the session holding it, in stateHeld and stateReleasing
+	locks  []*Lock // the handles sharing the server's hold: one, or several shared
+	queue  []*waiter
+}
+
+// waiter is a goroutine waiting in this process for a key.
+type waiter struct {
+	shared bool
+	// ready receives nil when the waiter is to take the key on the server
+	// itself, or the handle it was given by joining a shared hold.
+	ready chan *Lock
+}
+
+// holder is a server session that holds (or is about to hold) locks.
+type holder struct {
+	c   conn
+	sem chan struct{} // one statement at a time
+	// broken and its cause are guarded by sem.
+	broken error
+
+	// guarded by Locker.mu
+	entries map[*entry]struct{}
+	users   int  // goroutines about to run statements on it
+	dead    bool // closed, or given back to the pool
+}
+
+func newHolder(c conn) *holder {
+	return &holder{c: c, sem: make(chan struct{}, 1), entries: make(map[*entry]struct{})}
+}
+
+// New returns a Locker that takes its connections from pool. The pool stays
+// the caller's: the Locker never closes it, and Close leaves it usable.
+func New(pool *pgxpool.Pool, opts ...Option) (*Locker, error) {
+	if pool == nil {
+		return nil, errors.New("pglocks: New: nil pool")
+	}
+	l, err := newLocker(pgxSource{pool}, opts)
+	if l != nil {
+		l.pgx = pool
+	}
+	return l, err
+}
+
+// NewDB returns a Locker that takes its connections from db, which must be a
+// PostgreSQL database (pgx's stdlib driver and lib/pq are tested). The Locker
+// never closes db, and Close leaves it usable.
+func NewDB(db *sql.DB, opts ...Option) (*Locker, error) {
+	if db == nil {
+		return nil, errors.New("pglocks: NewDB: nil db")
+	}
+	l, err := newLocker(sqlSource{db}, opts)
+	if l != nil {
+		l.db = db
+	}
+	return l, err
+}
+
+func newLocker(src source, opts []Option) (*Locker, error) {
+	cfg := defaultConfig()
+	for _, o := range opts {
+		if o == nil {
+			return nil, errors.New("pglocks: nil Option")
+		}
+		o(&cfg)
+	}
+	if cfg.err != nil {
+		return nil, cfg.err
+	}
+	return &Locker{
+		src:     src,
+		cfg:     cfg,
+		closing: make(chan struct{}),
+		keys:    make(map[Key]*entry),
+		holders: make(map[*holder]struct{}),
+	}, nil
+}
+
+// Lock takes key, waiting as long as ctx allows while another session or
+// another goroutine of this Locker holds it in a conflicting mode. The wait
+// happens in the server's lock queue, so the lock is had as soon as it is
+// free. ctx's deadline is enforced by the server; when ctx ends first, Lock
+// returns an error matching ctx.Err() and nothing of it stays held or queued
+// on the server.
+//
+// ctx bounds the acquisition only: the lock is held until [Lock.Release], until
+// [Locker.Close], or until it is lost ([Lock.Done]).
+func (l *Locker) Lock(ctx context.Context, key Key, opts ...LockOption) (*Lock, error) {
+	return l.acquire(ctx, key, lockOptions(opts), true)
+}
+
+// TryLock takes key if it can be had at once, and otherwise returns an error
+// matching [ErrLocked]. It never waits for the lock, though it does wait (as
+// ctx allows) for a connection and one round trip.
+func (l *Locker) TryLock(ctx context.Context, key Key, opts ...LockOption) (*Lock, error) {
+	return l.acquire(ctx, key, lockOptions(opts), false)
+}
+
+// Do runs fn while holding key, taken as [Locker.Lock] does, and releases it
+// when fn returns or panics. fn's ctx is cancelled, with the loss error as its
+// cause, if the lock is lost while fn runs; Do then returns an error matching
+// [ErrLockLost] (joined with fn's own error).
+func (l *Locker) Do(ctx context.Context, key Key, fn func(ctx context.Context) error, opts ...LockOption) error {
+	lk, err := l.Lock(ctx, key, opts...)
+	if err != nil {
+		return err
+	}
+	return lk.run(ctx, fn)
+}
+
+// TryDo is [Locker.Do] with [Locker.TryLock]: if key cannot be had at once it
+// returns an error matching [ErrLocked] and does not run fn.
+func (l *Locker) TryDo(ctx context.Context, key Key, fn func(ctx context.Context) error, opts ...LockOption) error {
+	lk, err := l.TryLock(ctx, key, opts...)
+	if err != nil {
+		return err
+	}
+	return lk.run(ctx, fn)
+}
+
+// Close releases every lock the Locker holds, makes Lock calls still waiting
+// return [ErrClosed], waits for its goroutines to stop and gives its
+// connections back to the pool (a connection whose locks cannot be released is
+// closed instead). Handles of released locks report [ErrClosed] from Err.
+// Every call after Close, Close included, returns an error matching ErrClosed.
+func (l *Locker) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return fmt.Errorf("pglocks: %w", ErrClosed)
+	}
+	l.closed = true
+	close(l.closing)
+	l.mu.Unlock()
+
+	l.calls.Wait() // nothing else touches holders after this
+
+	l.mu.Lock()
+	holders := l.holders
+	keys := l.keys
+	l.holders, l.keys, l.primary = nil, nil, nil
+	l.mu.Unlock()
+
+	var errs []error
+	for h := range holders {
+		if h.dead {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
+		err := h.c.exec(ctx, sqlUnlockAll)
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("pglocks: close: unlock all: %w", err))
+			h.c.destroy()
+			continue
+		}
+		l.giveBack(h.c)
+	}
+	l.mu.Lock()
+	for _, e := range keys {
+		for _, lk := range e.locks {
+			lk.done = true
+			lk.cancel(ErrClosed)
+		}
+	}
+	l.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// acquire is Lock (wait) and TryLock (!wait).
+func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) (*Lock, error) {
+	if !key.valid() {
+		return nil, lockError(key, ErrInvalidKey)
+	}
+	if ctx.Err() != nil {
+		return nil, lockError(key, ctxError(ctx))
+	}
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil, lockError(key, ErrClosed)
+	}
+	l.calls.Add(1)
+	defer l.calls.Done()
+	e := l.keys[key]
+	if e == nil {
+		e = &entry{key: key}
+		l.keys[key] = e
+	}
+	if len(e.queue) == 0 {
+		switch {
+		case e.state == stateIdle:
+			e.state, e.shared = stateAcquiring, o.shared
+			l.mu.Unlock()
+			return l.acquireServer(ctx, e, o, wait)
+		case e.state == stateHeld && e.shared && o.shared:
+			lk := l.newLockLocked(e)
+			l.mu.Unlock()
+			return lk, nil
+		}
+	}
+	if !wait {
+		l.mu.Unlock()
+		return nil, lockError(key, ErrLocked)
+	}
+	w := &waiter{shared: o.shared, ready: make(chan *Lock, 1)}
+	e.queue = append(e.queue, w)
+	l.mu.Unlock()
+
+	var err error
+	select {
+	case lk := <-w.ready:
+		if lk != nil {
+			return lk, nil
+		}
+		return l.acquireServer(ctx, e, o, wait)
+	case <-ctx.Done():
+		err = ctxError(ctx)
+	case <-l.closing:
+		err = ErrClosed
+	}
+	l.mu.Lock()
+	if i := slices.Index(e.queue, w); i >= 0 {
+		e.queue = slices.Delete(e.queue, i, i+1)
+		l.dispatch(e) // those behind us may be free to go now
+		l.gc(e)
+		l.mu.Unlock()
+		return nil, lockError(key, err)
+	}
+	l.mu.Unlock()
+	// We were granted our turn as we gave up: hand it on.
+	if lk := <-w.ready; lk != nil {
+		_ = lk.Release(context.WithoutCancel(ctx))
+	} else {
+		l.mu.Lock()
+		e.state = stateIdle
+		l.dispatch(e)
+		l.gc(e)
+		l.mu.Unlock()
+	}
+	return nil, lockError(key, err)
+}
+
+// acquireServer takes e's key on the server for a goroutine that has e in
+// stateAcquiring.
+func (l *Locker) acquireServer(ctx context.Context, e *entry, o lockConfig, wait bool) (*Lock, error) {
+	h, err := l.serverLock(ctx, e.key, o, wait)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err != nil {
+		e.state = stateIdle
+		l.dispatch(e)
+		l.gc(e)
+		return nil, lockError(e.key, err)
+	}
+	h.users--
+	e.state, e.h = stateHeld, h
+	h.entries[e] = struct{}{}
+	if l.closed {
+		// Close is waiting for us; it releases everything its holders hold.
+		return nil, lockError(e.key, ErrClosed)
+	}
+	lk := l.newLockLocked(e)
+	l.dispatch(e)
+	l.cfg.logger.Debug("pglocks: acquired", "key", e.key, "shared", o.shared)
+	return lk, nil
+}
+
+// serverLock takes key on the server: first with a try on the primary
+// holder, then, if it is held elsewhere and wait is set, by waiting on a
+// connection of its own. It returns the holder with users incremented.
+func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait bool) (*holder, error) {
+	h, err := l.primaryHolder(ctx)
+	if err != nil {
+		return nil, err
+	}
+	q, args := stmt(stmtTry, key, o.shared)
+	var ok bool
+	err = l.do(ctx, h, func(sctx context.Context) (err error) {
+		ok, err = h.c.queryBool(sctx, q, args...)
+		return err
+	})
+	if err == nil && ok {
+		return h, nil
+	}
+	l.unuse(h)
+	if err != nil {
+		return nil, err
+	}
+	if !wait {
+		return nil, ErrLocked
+	}
+
+	c, err := l.take(ctx)
+	if err != nil {
+		return nil, err
+	}
+	err = c.prepareCancel(ctx)
+	if err == nil {
+		err = waitLock(ctx, waitSpec{
+			kind: stmtWait, timeoutKind: stmtWaitTimeout, key: key, shared: o.shared,
+			exec: c.exec, cancel: c.cancel, grace: l.cfg.stmtTime, closing: l.closing,
+		})
+	}
+	if err != nil {
+		l.discard(c)
+		return nil, err
+	}
+	w := newHolder(c)
+	w.users = 1
+	l.mu.Lock()
+	l.holders[w] = struct{}{}
+	l.mu.Unlock()
+	return w, nil
+}
+
+// primaryHolder returns the holder where locks are tried first, taking a
+// connection from the pool if there is none, with users incremented. One
+// goroutine at a time takes that connection; the others wait for it.
+func (l *Locker) primaryHolder(ctx context.Context) (*holder, error) {
+	for {
+		l.mu.Lock()
+		if h := l.primary; h != nil {
+			h.users++
+			l.mu.Unlock()
+			return h, nil
+		}
+		if wait := l.making; wait != nil {
+			l.mu.Unlock()
+			select {
+			case <-wait:
+				continue
+			case <-ctx.Done():
+				return nil, ctxError(ctx)
+			}
+		}
+		made := make(chan struct{})
+		l.making = made
+		l.mu.Unlock()
+
+		c, err := l.take(ctx)
+		l.mu.Lock()
+		l.making = nil
+		close(made)
+		if err != nil {
+			l.mu.Unlock()
+			return nil, err
+		}
+		h := newHolder(c)
+		h.users = 1
+		l.primary = h
+		l.holders[h] = struct{}{}
+		l.mu.Unlock()
+		return h, nil
+	}
+}
+
+// do runs f, one statement, on h. ctx bounds only the wait for h's turn: the
+// statement itself runs under the statement timeout, because cancelling it
+// would close the connection and lose every lock on it. If f fails, the
+// connection is closed and every lock on it is reported lost.
+func (l *Locker) do(ctx context.Context, h *holder, f func(ctx context.Context) error) error {
+	select {
+	case h.sem <- struct{}{}:
+	case <-ctx.Done():
+		return ctxError(ctx)
+	}
+	defer func() { <-h.sem }()
+	if h.broken != nil {
+		return h.broken
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.stmtTime)
+	err := f(sctx)
+	cancel()
+	if err != nil {
+		h.broken = fmt.Errorf("connection closed after an error: %w", err)
+		l.lose(h, err)
+		h.c.destroy()
+	}
+	return err
+}
+
+// lose marks h dead and reports every lock held on it lost.
+func (l *Locker) lose(h *holder, cause error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if h.dead {
+		return
+	}
+	h.dead = true
+	delete(l.holders, h)
+	if l.primary == h {
+		l.primary = nil
+	}
+	n := 0
+	for e := range h.entries {
+		if e.state != stateHeld {
+			continue // being released: the releasing goroutine finishes it
+		}
+		for _, lk := range e.locks {
+			lk.done = true
+			lk.cancel(fmt.Errorf("pglocks: lock %v: %w: %w", e.key, ErrLockLost, cause))
+			n++
+		}
+		e.locks = nil
+		e.state, e.h = stateIdle, nil
+		delete(h.entries, e)
+		l.dispatch(e)
+		l.gc(e)
+	}
+	l.cfg.logger.Warn("pglocks: connection closed; its locks are lost", "locks", n, "err", cause)
+}
+
+// unuse ends a use of h begun by primaryHolder or serverLock, and gives h's
+// connection back to the pool if it holds nothing and nobody uses it.
+func (l *Locker) unuse(h *holder) {
+	l.mu.Lock()
+	idle := l.unuseLocked(h)
+	l.mu.Unlock()
+	if idle {
+		l.giveBack(h.c)
+	}
+}
+
+// unuseLocked is unuse with l.mu held; it reports whether the caller must
+// give h's connection back.
+func (l *Locker) unuseLocked(h *holder) bool {
+	h.users--
+	if h.users > 0 || len(h.entries) > 0 || h.dead || l.closed {
+		return false
+	}
+	h.dead = true
+	delete(l.holders, h)
+	if l.primary == h {
+		l.primary = nil
+	}
+	return true
+}
+
+// dispatch lets the waiters at the front of e's queue go, as far as the
+// key's state allows. It runs with l.mu held.
+func (l *Locker) dispatch(e *entry) {
+	for len(e.queue) > 0 {
+		w := e.queue[0]
+		switch {
+		case e.state == stateIdle:
+			e.queue = e.queue[1:]
+			e.state, e.shared = stateAcquiring, w.shared
+			w.ready <- nil
+			return
+		case e.state == stateHeld && e.shared && w.shared:
+			e.queue = e.queue[1:]
+			w.ready <- l.newLockLocked(e)
+		default:
+			return
+		}
+	}
+}
+
+// gc forgets e when nothing refers to it any more. It runs with l.mu held.
+func (l *Locker) gc(e *entry) {
+	if e.state == stateIdle && len(e.queue) == 0 && l.keys[e.key] == e {
+		delete(l.keys, e.key)
+	}
+}
+
+// take gets a connection from the pool for the Locker's own use.
+func (l *Locker) take(ctx context.Context) (conn, error) {
+	c, err := l.src.acquire(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctxError(ctx)
+		}
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	if l.cfg.appName != "" {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.stmtTime)
+		defer cancel()
+		if err := c.exec(sctx, sqlSetAppName, l.cfg.appName); err != nil {
+			c.destroy()
+			return nil, fmt.Errorf("set application_name: %w", err)
+		}
+	}
+	return c, nil
+}
+
+// giveBack returns a connection that holds no lock to the pool.
+func (l *Locker) giveBack(c conn) {
+	if l.cfg.appName != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
+		defer cancel()
+		if err := c.exec(ctx, sqlResetAppName); err != nil {
+			c.destroy()
+			return
+		}
+	}
+	c.release()
+}
+
+// discard closes a connection after a failed wait. It first unlocks
+// everything on it, so that a lock granted just as the wait was cancelled is
+// free before the caller hears of the failure.
+func (l *Locker) discard(c conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
+	_ = c.exec(ctx, sqlUnlockAll)
+	cancel()
+	c.destroy()
+}

@@ -1,0 +1,590 @@
+package pglocks_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pglocks/pglocks"
+)
+
+// 1. Exclusion between sessions, and shared locks.
+func TestExclusionBetweenSessions(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		ctx := t.Context()
+		a, b, c := e.locker(4), e.locker(4), e.locker(4)
+		key := testKey(t, 0)
+
+		lk := mustLock(t, a, key)
+		_, err := b.TryLock(ctx, key)
+		wantErr(t, err, pglocks.ErrLocked)
+		_, err = b.TryLock(ctx, key, pglocks.Shared())
+		wantErr(t, err, pglocks.ErrLocked)
+
+		got := make(chan *pglocks.Lock)
+		go func() { got <- mustLock(t, b, key) }()
+		waitFor(t, 10*time.Second, "b to wait on the server", func() bool { return e.waiting(bigint(key)) })
+		select {
+		case <-got:
+			t.Fatal("b took the lock while a held it")
+		default:
+		}
+		mustRelease(t, lk)
+		mustRelease(t, <-got)
+
+		// Shared: any number at once; exclusive waits for all of them.
+		s1 := mustLock(t, a, key, pglocks.Shared())
+		s2 := mustLock(t, b, key, pglocks.Shared())
+		_, err = c.TryLock(ctx, key)
+		wantErr(t, err, pglocks.ErrLocked)
+		excl := make(chan *pglocks.Lock)
+		go func() { excl <- mustLock(t, c, key) }()
+		waitFor(t, 10*time.Second, "c to wait on the server", func() bool { return e.waiting(bigint(key)) })
+		mustRelease(t, s1)
+		select {
+		case <-excl:
+			t.Fatal("exclusive granted while a shared holder remains")
+		case <-time.After(50 * time.Millisecond):
+		}
+		if pids := e.held(bigint(key)); len(pids) != 1 {
+			t.Fatalf("want only b's shared hold, pg_locks has holders %v", pids)
+		}
+		mustRelease(t, s2)
+		x := <-excl
+		// A new shared request waits behind the exclusive holder.
+		_, err = a.TryLock(ctx, key, pglocks.Shared())
+		wantErr(t, err, pglocks.ErrLocked)
+		mustRelease(t, x)
+	})
+}
+
+// 1. Goroutines of one Locker exclude each other, although the server would
+// let one session take its own lock again.
+func TestExclusionBetweenGoroutines(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(8)
+		key := testKey(t, 0)
+		var inside, entered atomic.Int32
+		var wg sync.WaitGroup
+		for range 16 {
+			wg.Go(func() {
+				for range 5 {
+					err := l.Do(t.Context(), key, func(context.Context) error {
+						if n := inside.Add(1); n != 1 {
+							t.Errorf("%d goroutines inside the lock at once", n)
+						}
+						entered.Add(1)
+						time.Sleep(time.Millisecond)
+						inside.Add(-1)
+						return nil
+					})
+					if err != nil {
+						t.Error(err)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if entered.Load() != 80 {
+			t.Fatalf("entered %d times, want 80", entered.Load())
+		}
+
+		// TryLock from a second goroutine of the same Locker fails.
+		lk := mustLock(t, l, key)
+		_, err := l.TryLock(t.Context(), key)
+		wantErr(t, err, pglocks.ErrLocked)
+		_, err = l.TryLock(t.Context(), key, pglocks.Shared())
+		wantErr(t, err, pglocks.ErrLocked)
+		mustRelease(t, lk)
+
+		// Shared holders in one Locker coexist; an exclusive one waits for all.
+		s1 := mustLock(t, l, key, pglocks.Shared())
+		s2 := mustLock(t, l, key, pglocks.Shared())
+		excl := make(chan *pglocks.Lock)
+		go func() { excl <- mustLock(t, l, key) }()
+		mustRelease(t, s1)
+		select {
+		case <-excl:
+			t.Fatal("exclusive granted while a shared holder of the same Locker remains")
+		case <-time.After(50 * time.Millisecond):
+		}
+		mustRelease(t, s2)
+		mustRelease(t, <-excl)
+	})
+}
+
+// 2. Lock waits in the server's lock queue, not in a polling loop: the waiter
+// shows up in pg_locks as not granted, and is granted by the server itself
+// when the holder lets go (a poller would never appear there).
+func TestLockWaitsInServer(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		a, b := e.locker(4), e.locker(4)
+		key := testKey(t, 0)
+		lk := mustLock(t, a, key)
+		got := make(chan *pglocks.Lock)
+		go func() { got <- mustLock(t, b, key) }()
+		waitFor(t, 10*time.Second, "a waiting entry in pg_locks", func() bool { return e.waiting(bigint(key)) })
+		holder := e.held(bigint(key))
+		mustRelease(t, lk)
+		lb := <-got
+		if now := e.held(bigint(key)); len(now) != 1 || now[0] == holder[0] {
+			t.Fatalf("after hand-over pg_locks holders are %v (before: %v)", now, holder)
+		}
+		mustRelease(t, lb)
+	})
+}
+
+// 3. A deadline bounds the wait, enforced by the server through lock_timeout
+// for that statement only.
+func TestLockDeadline(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		a, b := e.locker(4), e.locker(2)
+		key := testKey(t, 0)
+		lk := mustLock(t, a, key)
+		ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+		defer cancel()
+		_, err := b.Lock(ctx, key)
+		wantErr(t, err, context.DeadlineExceeded)
+		var pgErr interface{ SQLState() string }
+		if !errors.As(err, &pgErr) || pgErr.SQLState() != "55P03" {
+			t.Errorf("want the server's lock_timeout error (55P03) inside %v", err)
+		}
+		if e.waiting(bigint(key)) {
+			t.Error("the wait is still queued on the server")
+		}
+		// b's pool still works, and its sessions have no lock_timeout left.
+		lb := make(chan *pglocks.Lock)
+		go func() { lb <- mustLock(t, b, key) }()
+		time.Sleep(1500 * time.Millisecond) // longer than any leaked lock_timeout
+		mustRelease(t, lk)
+		mustRelease(t, <-lb)
+
+		// A deadline already past fails before touching the server.
+		past, cancel2 := context.WithDeadline(t.Context(), time.Now().Add(-time.Second))
+		defer cancel2()
+		_, err = b.Lock(past, key)
+		wantErr(t, err, context.DeadlineExceeded)
+	})
+}
+
+// 4. A failed acquire never leaves a lock behind, even when the cancel races
+// with the grant: thousands of randomly timed cancellations, and after each
+// failure the lock must be free at once.
+func TestCancelRaceLeavesNothing(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		const workers, rounds = 4, 250 // 1000 cancellations per driver
+		var wg sync.WaitGroup
+		var failed, won atomic.Int32
+		for w := range workers {
+			h, b := e.locker(2), e.locker(2)
+			key := testKey(t, w)
+			r := rand.New(rand.NewPCG(uint64(w), 7))
+			wg.Go(func() {
+				lk, err := h.Lock(t.Context(), key)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				for range rounds {
+					ctx, cancel := context.WithCancel(t.Context())
+					res := make(chan error, 1)
+					var got *pglocks.Lock
+					go func() {
+						var err error
+						got, err = b.Lock(ctx, key)
+						res <- err
+					}()
+					d1 := time.Duration(r.IntN(1500)) * time.Microsecond
+					d2 := time.Duration(r.IntN(1500)) * time.Microsecond
+					time.AfterFunc(d1, cancel)
+					time.Sleep(d2)
+					if err := lk.Release(context.Background()); err != nil {
+						t.Error(err)
+						cancel()
+						return
+					}
+					err := <-res
+					cancel()
+					if err == nil {
+						won.Add(1)
+						if err := got.Release(context.Background()); err != nil {
+							t.Error(err)
+							return
+						}
+					} else {
+						if !errors.Is(err, context.Canceled) {
+							t.Errorf("want context.Canceled, got %v", err)
+							return
+						}
+						failed.Add(1)
+					}
+					// Whatever happened, nothing of b's may be held now.
+					lk, err = h.TryLock(context.Background(), key)
+					if err != nil {
+						t.Errorf("after b's Lock returned %v, the key is still held: %v", err, e.locks())
+						return
+					}
+				}
+				if err := lk.Release(context.Background()); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		t.Logf("%d cancelled, %d granted", failed.Load(), won.Load())
+		if failed.Load() == 0 {
+			t.Error("no wait was cancelled: the test did not exercise the race")
+		}
+	})
+}
+
+// 5. A connection that holds locks never goes back to the pool holding them;
+// a failed unlock closes the connection, which frees its locks.
+func TestPoolNeverGetsHeldLocks(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(2)
+		keys := []pglocks.Key{testKey(t, 0), testKey(t, 1)}
+		lk0 := mustLock(t, l, keys[0])
+		lk1 := mustLock(t, l, keys[1])
+		holders := e.held(bigint(keys[0]))
+		if len(holders) != 1 {
+			t.Fatalf("holders: %v", holders)
+		}
+		// Kill the holder's session behind the Locker's back: the next
+		// statement on it fails, and every lock on it is reported lost.
+		var ok bool
+		if err := srv.Admin.QueryRow(t.Context(), "SELECT pg_terminate_backend($1)", holders[0]).Scan(&ok); err != nil || !ok {
+			t.Fatalf("terminate: %v %v", ok, err)
+		}
+		if err := lk0.Release(context.Background()); err == nil {
+			t.Fatal("Release on a terminated session succeeded")
+		}
+		select {
+		case <-lk1.Done():
+		default:
+			t.Fatal("the other lock on the dead session is not reported lost")
+		}
+		wantErr(t, lk1.Err(), pglocks.ErrLockLost)
+		wantErr(t, lk1.Release(context.Background()), pglocks.ErrLockLost)
+
+		// The Locker and its pool go on working, with a fresh session.
+		lk := mustLock(t, l, keys[0])
+		if now := e.held(bigint(keys[0])); len(now) != 1 || now[0] == holders[0] {
+			t.Fatalf("holders after recovery: %v", now)
+		}
+		mustRelease(t, lk)
+		if left := waitNoLocks(e, time.Second); len(left) > 0 {
+			t.Fatalf("locks left while the pool is open: %v", left)
+		}
+	})
+}
+
+// 6. Holding many locks costs a few connections, not one each.
+func TestManyLocksFewConnections(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(16)
+		const n = 1000
+		locks := make([]*pglocks.Lock, n)
+		var wg sync.WaitGroup
+		for g := range 8 {
+			wg.Go(func() {
+				for i := g; i < n; i += 8 {
+					lk, err := l.Lock(t.Context(), testKey(t, i))
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					locks[i] = lk
+				}
+			})
+		}
+		wg.Wait()
+		if t.Failed() {
+			t.FailNow()
+		}
+		rows := e.locks()
+		pids := map[int]bool{}
+		for _, r := range rows {
+			pids[r.pid] = true
+		}
+		if len(rows) != n {
+			t.Errorf("pg_locks has %d locks, want %d", len(rows), n)
+		}
+		if len(pids) > 4 {
+			t.Errorf("%d locks are held on %d server sessions, want at most 4", n, len(pids))
+		}
+		if b := e.backends(); b > 4 {
+			t.Errorf("%d server sessions connected, want at most 4", b)
+		}
+		t.Logf("%d locks on %d sessions", len(rows), len(pids))
+		for _, lk := range locks {
+			mustRelease(t, lk)
+		}
+	})
+}
+
+// 8. Do and TryDo release after fn, also when fn panics.
+func TestDoReleases(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l, other := e.locker(4), e.locker(4)
+		key := testKey(t, 0)
+		ran := false
+		err := l.Do(t.Context(), key, func(ctx context.Context) error {
+			ran = true
+			if _, err := other.TryLock(ctx, key); !errors.Is(err, pglocks.ErrLocked) {
+				t.Errorf("inside Do, another session's TryLock: %v", err)
+			}
+			return errors.New("fn failed")
+		})
+		if !ran || err == nil || err.Error() != "fn failed" {
+			t.Fatalf("Do: ran=%v err=%v", ran, err)
+		}
+		if len(e.locks()) != 0 {
+			t.Fatalf("held after Do: %v", e.locks())
+		}
+
+		func() {
+			defer func() {
+				if p := recover(); p != "boom" {
+					t.Fatalf("recovered %v, want the panic to go on", p)
+				}
+			}()
+			_ = l.TryDo(t.Context(), key, func(context.Context) error { panic("boom") })
+		}()
+		if len(e.locks()) != 0 {
+			t.Fatalf("held after a panic in TryDo: %v", e.locks())
+		}
+
+		// TryDo does not run fn when the lock is held.
+		lk := mustLock(t, other, key)
+		err = l.TryDo(t.Context(), key, func(context.Context) error { t.Error("fn ran"); return nil })
+		wantErr(t, err, pglocks.ErrLocked)
+		mustRelease(t, lk)
+	})
+}
+
+// 8. A lost lock cancels Do's fn with cause ErrLockLost, and Do reports it.
+func TestDoSeesLoss(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4)
+		k0, k1 := testKey(t, 0), testKey(t, 1)
+		lk0 := mustLock(t, l, k0)
+		err := l.Do(t.Context(), k1, func(ctx context.Context) error {
+			var ok bool
+			if err := srv.Admin.QueryRow(ctx, "SELECT pg_terminate_backend($1)", e.held(bigint(k1))[0]).Scan(&ok); err != nil {
+				return err
+			}
+			// The Locker learns of the loss with its next statement there.
+			_ = lk0.Release(context.Background())
+			<-ctx.Done()
+			if !errors.Is(context.Cause(ctx), pglocks.ErrLockLost) {
+				t.Errorf("fn's ctx cause: %v", context.Cause(ctx))
+			}
+			return ctx.Err()
+		})
+		wantErr(t, err, pglocks.ErrLockLost)
+	})
+}
+
+// 8. Handle life cycle: Err, Done, Release twice, ctx bounding only the
+// acquisition.
+func TestLockHandle(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l, other := e.locker(4), e.locker(4)
+		key := testKey(t, 0)
+		ctx, cancel := context.WithCancel(t.Context())
+		lk, err := l.Lock(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cancel() // the held lock outlives the acquisition's ctx
+		if lk.Err() != nil || lk.Key() != key {
+			t.Fatalf("Err=%v Key=%v", lk.Err(), lk.Key())
+		}
+		select {
+		case <-lk.Done():
+			t.Fatal("Done closed while held")
+		default:
+		}
+		_, err = other.TryLock(t.Context(), key)
+		wantErr(t, err, pglocks.ErrLocked)
+
+		mustRelease(t, lk)
+		<-lk.Done()
+		wantErr(t, lk.Err(), pglocks.ErrReleased)
+		wantErr(t, lk.Release(context.Background()), pglocks.ErrReleased)
+		if len(e.locks()) != 0 {
+			t.Fatalf("held after Release: %v", e.locks())
+		}
+	})
+}
+
+// 8. Close releases everything, stops waiting Locks with ErrClosed, leaves
+// the pool usable, and makes later calls fail with ErrClosed.
+func TestClose(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		newLocker, closePool := e.drv.pool(t, e.dsn, 4)
+		e.onClose(closePool)
+		l, err := newLocker()
+		if err != nil {
+			t.Fatal(err)
+		}
+		other := e.locker(4)
+		k0, k1 := testKey(t, 0), testKey(t, 1)
+		held := []*pglocks.Lock{mustLock(t, l, k0), mustLock(t, l, k1, pglocks.Shared())}
+		blocker := mustLock(t, other, testKey(t, 2))
+		waitErr := make(chan error)
+		go func() {
+			_, err := l.Lock(context.Background(), testKey(t, 2))
+			waitErr <- err
+		}()
+		local := make(chan error) // waits in this process, behind held[0]
+		go func() {
+			_, err := l.Lock(context.Background(), k0)
+			local <- err
+		}()
+		waitFor(t, 10*time.Second, "the Locker to wait on the server", func() bool { return e.waiting(bigint(testKey(t, 2))) })
+
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		wantErr(t, <-waitErr, pglocks.ErrClosed)
+		wantErr(t, <-local, pglocks.ErrClosed)
+		for _, lk := range held {
+			<-lk.Done()
+			wantErr(t, lk.Err(), pglocks.ErrClosed)
+		}
+		if e.waiting(bigint(testKey(t, 2))) || len(e.held(bigint(k0))) != 0 || len(e.held(bigint(k1))) != 0 {
+			t.Fatalf("after Close pg_locks has %v", e.locks())
+		}
+		mustRelease(t, blocker)
+
+		_, err = l.Lock(t.Context(), k0)
+		wantErr(t, err, pglocks.ErrClosed)
+		_, err = l.TryLock(t.Context(), k0)
+		wantErr(t, err, pglocks.ErrClosed)
+		wantErr(t, l.Do(t.Context(), k0, func(context.Context) error { return nil }), pglocks.ErrClosed)
+		wantErr(t, held[0].Release(context.Background()), pglocks.ErrClosed)
+		wantErr(t, l.Close(), pglocks.ErrClosed)
+
+		// The pool is still the caller's, and works.
+		l2, err := newLocker()
+		if err != nil {
+			t.Fatal(err)
+		}
+		lk := mustLock(t, l2, k0)
+		mustRelease(t, lk)
+		if err := l2.Close(); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// 10. Logging is silent by default and goes to the given logger; the
+// application_name is the pool's unless WithApplicationName says otherwise.
+func TestObservability(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		var buf syncBuffer
+		logger := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		l := e.locker(2, pglocks.WithLogger(logger), pglocks.WithApplicationName("pglocks-test-holder"))
+		plain := e.locker(2)
+		k0, k1 := testKey(t, 0), testKey(t, 1)
+		lk := mustLock(t, l, k0)
+		pl := mustLock(t, plain, k1)
+		if got := e.appName(e.held(bigint(k0))[0]); got != "pglocks-test-holder" {
+			t.Errorf("holder application_name %q", got)
+		}
+		if got := e.appName(e.held(bigint(k1))[0]); got == "pglocks-test-holder" {
+			t.Errorf("a Locker without the option changed application_name to %q", got)
+		}
+		mustRelease(t, lk)
+		mustRelease(t, pl)
+		if !bytes.Contains(buf.Bytes(), []byte("pglocks: acquired")) {
+			t.Errorf("the logger got nothing: %q", buf.String())
+		}
+		// Back in the pool, the session has its own name again.
+		for _, name := range e.appNames() {
+			if name == "pglocks-test-holder" {
+				t.Errorf("a pooled session kept the Locker's application_name")
+			}
+		}
+	})
+}
+
+// 11. Bad input: one clear error, nothing touched.
+func TestBadInput(t *testing.T) {
+	if _, err := pglocks.New(nil); err == nil {
+		t.Error("New(nil) succeeded")
+	}
+	if _, err := pglocks.NewDB(nil); err == nil {
+		t.Error("NewDB(nil) succeeded")
+	}
+	forEachDriver(t, func(t *testing.T, e *env) {
+		newLocker, closePool := e.drv.pool(t, e.dsn, 2)
+		e.onClose(closePool)
+		for name, opt := range map[string]pglocks.Option{
+			"nil logger":        pglocks.WithLogger(nil),
+			"empty app name":    pglocks.WithApplicationName(""),
+			"zero timeout":      pglocks.WithStatementTimeout(0),
+			"negative timeout":  pglocks.WithStatementTimeout(-time.Second),
+			"nil option itself": nil,
+		} {
+			if l, err := newLocker(opt); err == nil {
+				_ = l.Close()
+				t.Errorf("%s: accepted", name)
+			}
+		}
+		l := e.locker(2)
+		done, cancel := context.WithCancel(t.Context())
+		cancel()
+		fn := func(context.Context) error { t.Error("fn ran"); return nil }
+		for name, call := range map[string]func() error{
+			"Lock zero key":    func() error { _, err := l.Lock(t.Context(), pglocks.Key{}); return err },
+			"TryLock zero key": func() error { _, err := l.TryLock(t.Context(), pglocks.Key{}); return err },
+			"Do zero key":      func() error { return l.Do(t.Context(), pglocks.Key{}, fn) },
+			"TryDo zero key":   func() error { return l.TryDo(t.Context(), pglocks.Key{}, fn) },
+		} {
+			if err := call(); !errors.Is(err, pglocks.ErrInvalidKey) {
+				t.Errorf("%s: %v", name, err)
+			}
+		}
+		for name, call := range map[string]func() error{
+			"Lock done ctx":    func() error { _, err := l.Lock(done, testKey(t, 0)); return err },
+			"TryLock done ctx": func() error { _, err := l.TryLock(done, testKey(t, 0)); return err },
+			"Do done ctx":      func() error { return l.Do(done, testKey(t, 0), fn) },
+		} {
+			if err := call(); !errors.Is(err, context.Canceled) {
+				t.Errorf("%s: %v", name, err)
+			}
+		}
+		if n := e.backends(); n != 0 {
+			t.Errorf("bad input opened %d server sessions", n)
+		}
+	})
+}
+
+// syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) Bytes() []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return bytes.Clone(s.b.Bytes())
+}
+
+func (s *syncBuffer) String() string { return string(s.Bytes()) }

@@ -1,0 +1,114 @@
+package pglocks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// waitSpec describes one statement that may wait inside the server for a
+// lock: a session lock on a connection of its own, or a transaction lock.
+type waitSpec struct {
+	kind, timeoutKind stmtKind
+	key               Key
+	shared            bool
+	exec              func(ctx context.Context, q string, args ...any) error
+	// cancel asks the server to stop the statement; nil leaves it to the
+	// driver, which is told through the statement's context.
+	cancel func(ctx context.Context) error
+	// grace bounds how long we wait for the server to confirm that a
+	// cancelled statement has stopped, and how far past ctx's deadline the
+	// client waits for the server's lock_timeout before giving up on it.
+	grace   time.Duration
+	closing <-chan struct{} // nil, or closed when the Locker closes
+}
+
+// cancelRetry is how often a cancel request is repeated: one that reaches
+// the backend before the statement starts is ignored by the server.
+const cancelRetry = 50 * time.Millisecond
+
+// waitLock runs the wait statement of s. The wait happens inside the server,
+// in its lock queue. ctx's deadline is enforced by the server (lock_timeout
+// set for this statement only); if ctx is cancelled, or the Locker closes,
+// the server is asked to cancel the statement. In every case waitLock returns
+// only once the statement has stopped running on the server, or it could not
+// be confirmed within s.grace, in which case the driver's context is
+// cancelled too (and the caller discards the connection).
+//
+// After an error the lock may still have been granted (a cancel can race with
+// the grant): the caller must discard the connection or roll back.
+func waitLock(ctx context.Context, s waitSpec) error {
+	q, args := stmt(s.kind, s.key, s.shared)
+	deadline, hasDeadline := ctx.Deadline()
+	qctx, qcancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer qcancel()
+	if hasDeadline {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return context.DeadlineExceeded
+		}
+		ms := (left + time.Millisecond - 1) / time.Millisecond // lock_timeout 0 would mean "no limit"
+		q, args = stmt(s.timeoutKind, s.key, s.shared)
+		args = append(args, strconv.FormatInt(int64(ms), 10))
+		var dcancel context.CancelFunc
+		qctx, dcancel = context.WithDeadline(qctx, deadline.Add(s.grace))
+		defer dcancel()
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.exec(qctx, q, args...) }()
+
+	var stop error
+	select {
+	case err := <-done:
+		if err != nil && hasDeadline && (sqlState(err) == stateLockNotAvailable || qctx.Err() != nil) {
+			return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
+		}
+		return err
+	case <-ctx.Done():
+		stop = ctxError(ctx)
+	case <-s.closing:
+		stop = ErrClosed
+	}
+
+	// Stop the wait on the server before returning, so that nothing of ours
+	// stays queued there.
+	give := time.NewTimer(s.grace)
+	defer give.Stop()
+	if errors.Is(stop, context.DeadlineExceeded) {
+		// The server's lock_timeout fires at the same moment.
+		var err error
+		select {
+		case err = <-done:
+		case <-give.C:
+			qcancel()
+			err = <-done
+		}
+		if err != nil {
+			return fmt.Errorf("%w: %w", stop, err)
+		}
+		return stop
+	}
+	if s.cancel == nil {
+		qcancel()
+		<-done
+		return stop
+	}
+	retry := time.NewTicker(cancelRetry)
+	defer retry.Stop()
+	for {
+		cctx, ccancel := context.WithTimeout(context.Background(), s.grace)
+		_ = s.cancel(cctx)
+		ccancel()
+		select {
+		case <-done:
+			return stop
+		case <-retry.C:
+		case <-give.C:
+			qcancel()
+			<-done
+			return stop
+		}
+	}
+}
