@@ -356,7 +356,11 @@ func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait boo
 	if err != nil {
 		return nil, err
 	}
-	err = c.prepareCancel(ctx)
+	// Not ctx: lib/pq answers a cancelled ctx with a cancel request that may
+	// land on the next statement.
+	pctx, pcancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.stmtTime)
+	err = c.prepareCancel(pctx)
+	pcancel()
 	if err == nil {
 		err = waitLock(ctx, waitSpec{
 			kind: stmtWait, timeoutKind: stmtWaitTimeout, key: key, shared: o.shared,

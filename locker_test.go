@@ -209,17 +209,17 @@ func TestCancelRaceLeavesNothing(t *testing.T) {
 						cancel()
 						return
 					}
-					err := <-res
+					berr := <-res
 					cancel()
-					if err == nil {
+					if berr == nil {
 						won.Add(1)
 						if err := got.Release(context.Background()); err != nil {
 							t.Error(err)
 							return
 						}
 					} else {
-						if !errors.Is(err, context.Canceled) {
-							t.Errorf("want context.Canceled, got %v", err)
+						if !errors.Is(berr, context.Canceled) {
+							t.Errorf("want context.Canceled, got %v", berr)
 							return
 						}
 						failed.Add(1)
@@ -227,7 +227,7 @@ func TestCancelRaceLeavesNothing(t *testing.T) {
 					// Whatever happened, nothing of b's may be held now.
 					lk, err = h.TryLock(context.Background(), key)
 					if err != nil {
-						t.Errorf("after b's Lock returned %v, the key is still held: %v", err, e.locks())
+						t.Errorf("after b's Lock returned %v, the key is still held (%v): %v", berr, err, e.locks())
 						return
 					}
 				}

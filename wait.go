@@ -62,7 +62,14 @@ func waitLock(ctx context.Context, s waitSpec) error {
 	var stop error
 	select {
 	case err := <-done:
-		if err != nil && hasDeadline && (sqlState(err) == stateLockNotAvailable || qctx.Err() != nil) {
+		switch {
+		case err == nil:
+			return nil
+		case ctx.Err() != nil:
+			// A driver's own cancel request, sent when ctx ended during an
+			// earlier statement, may land on this one.
+			return fmt.Errorf("%w: %w", ctxError(ctx), err)
+		case hasDeadline && (sqlState(err) == stateLockNotAvailable || qctx.Err() != nil):
 			return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
 		}
 		return err
