@@ -119,7 +119,7 @@ func hashBytesExtended(k string) uint64 {
 	case 1:
 		a += uint32(k[0])
 	}
-	a, b, c = final(a, b, c)
+	_, b, c = final(a, b, c)
 	return uint64(b)<<32 | uint64(c)
 }
 

@@ -38,7 +38,8 @@ func TestKeyIdentity(t *testing.T) {
 	if pglocks.ID(1) == pglocks.Pair(0, 1) {
 		t.Error("ID(1) == Pair(0, 1): the two key spaces must not collide")
 	}
-	if pglocks.Name("x") != pglocks.Name("x") || pglocks.Pair(1, 2) != pglocks.Pair(1, 2) {
+	names := []string{"x", "x"}
+	if pglocks.Name(names[0]) != pglocks.Name(names[1]) || pglocks.Pair(1, int32(len(names))) != pglocks.Pair(1, 2) {
 		t.Error("equal keys compare unequal")
 	}
 }
