@@ -30,12 +30,14 @@ import (
 // A Locker is safe for concurrent use. Create one per pool with [New] or
 // [NewDB] and share it; [Locker.Close] releases everything it holds.
 type Locker struct {
-	src     source
-	pgx     *pgxpool.Pool // set by New
-	db      *sql.DB       // set by NewDB
-	cfg     config
-	closing chan struct{}  // closed by Close
-	calls   sync.WaitGroup // acquisitions and releases in flight
+	src      source
+	pgx      *pgxpool.Pool // set by New
+	db       *sql.DB       // set by NewDB
+	cfg      config
+	closing  <-chan struct{} // closed by Close: closeCtx.Done()
+	closeCtx context.Context // cancelled by Close
+	closeNow context.CancelFunc
+	calls    sync.WaitGroup // acquisitions and releases in flight
 
 	mu      sync.Mutex
 	closed  bool
@@ -128,12 +130,15 @@ func newLocker(src source, opts []Option) (*Locker, error) {
 	if cfg.err != nil {
 		return nil, cfg.err
 	}
+	closeCtx, closeNow := context.WithCancel(context.Background())
 	return &Locker{
-		src:     src,
-		cfg:     cfg,
-		closing: make(chan struct{}),
-		keys:    make(map[Key]*entry),
-		holders: make(map[*holder]struct{}),
+		src:      src,
+		cfg:      cfg,
+		closing:  closeCtx.Done(),
+		closeCtx: closeCtx,
+		closeNow: closeNow,
+		keys:     make(map[Key]*entry),
+		holders:  make(map[*holder]struct{}),
 	}, nil
 }
 
@@ -191,7 +196,7 @@ func (l *Locker) Close() error {
 		return fmt.Errorf("pglocks: %w", ErrClosed)
 	}
 	l.closed = true
-	close(l.closing)
+	l.closeNow()
 	l.mu.Unlock()
 
 	l.calls.Wait() // nothing else touches holders after this
@@ -331,22 +336,33 @@ func (l *Locker) acquireServer(ctx context.Context, e *entry, o lockConfig, wait
 // holder, then, if it is held elsewhere and wait is set, by waiting on a
 // connection of its own. It returns the holder with users incremented.
 func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait bool) (*holder, error) {
-	h, err := l.primaryHolder(ctx)
-	if err != nil {
-		return nil, err
-	}
 	q, args := stmt(stmtTry, key, o.shared)
-	var ok bool
-	err = l.do(ctx, h, func(sctx context.Context) (err error) {
-		ok, err = h.c.queryBool(sctx, q, args...)
-		return err
-	})
-	if err == nil && ok {
-		return h, nil
-	}
-	l.unuse(h)
-	if err != nil {
-		return nil, err
+	for retried := false; ; retried = true {
+		h, err := l.primaryHolder(ctx)
+		if err != nil {
+			return nil, err
+		}
+		var ok bool
+		err = l.do(ctx, h, func(sctx context.Context) (err error) {
+			ok, err = h.c.queryBool(sctx, q, args...)
+			return err
+		})
+		if err == nil && ok {
+			return h, nil
+		}
+		l.mu.Lock()
+		broke := h.dead && err != nil
+		l.mu.Unlock()
+		l.unuse(h)
+		if broke && !retried && ctx.Err() == nil {
+			// The primary's session had ended (a server restart, say); the
+			// try took nothing with it. Try once more on a fresh session.
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		break
 	}
 	if !wait {
 		return nil, ErrLocked
@@ -531,10 +547,18 @@ func (l *Locker) gc(e *entry) {
 
 // take gets a connection from the pool for the Locker's own use.
 func (l *Locker) take(ctx context.Context) (conn, error) {
-	c, err := l.src.acquire(ctx)
+	// A wait for a pooled connection ends when the Locker closes.
+	actx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(l.closeCtx, cancel)
+	c, err := l.src.acquire(actx)
+	stop()
+	cancel()
 	if err != nil {
-		if ctx.Err() != nil {
+		switch {
+		case ctx.Err() != nil:
 			return nil, ctxError(ctx)
+		case l.closeCtx.Err() != nil:
+			return nil, ErrClosed
 		}
 		return nil, fmt.Errorf("connect: %w", err)
 	}

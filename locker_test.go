@@ -588,3 +588,59 @@ func (s *syncBuffer) Bytes() []byte {
 }
 
 func (s *syncBuffer) String() string { return string(s.Bytes()) }
+
+// A Lock whose try finds the holder session dead (say, after a server
+// restart) retries on a fresh session; the locks on the dead one are
+// reported lost.
+func TestLockRecoversFromDeadSession(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4)
+		k0, k1 := testKey(t, 0), testKey(t, 1)
+		lk0 := mustLock(t, l, k0)
+		var ok bool
+		if err := srv.Admin.QueryRow(t.Context(), "SELECT pg_terminate_backend($1)", e.held(bigint(k0))[0]).Scan(&ok); err != nil || !ok {
+			t.Fatalf("terminate: %v %v", ok, err)
+		}
+		waitFor(t, 10*time.Second, "the backend to exit", func() bool { return len(e.held(bigint(k0))) == 0 })
+		lk1, err := l.Lock(t.Context(), k1)
+		if err != nil {
+			t.Fatalf("Lock after the holder session died: %v", err)
+		}
+		<-lk0.Done()
+		wantErr(t, lk0.Err(), pglocks.ErrLockLost)
+		mustRelease(t, lk1)
+	})
+}
+
+// Close stops a Lock that waits for a pooled connection, promptly.
+func TestCloseWhileWaitingForConnection(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		newLocker, closePool := e.drv.pool(t, e.dsn, 1)
+		e.onClose(closePool)
+		l, err := newLocker()
+		if err != nil {
+			t.Fatal(err)
+		}
+		other := e.locker(2)
+		k0, k1 := testKey(t, 0), testKey(t, 1)
+		elsewhere := mustLock(t, other, k1)
+		held := mustLock(t, l, k0) // takes the pool's only connection
+		got := make(chan error)
+		go func() {
+			// k1 is held elsewhere, so this needs a second connection.
+			_, err := l.Lock(context.Background(), k1)
+			got <- err
+		}()
+		select {
+		case err := <-got:
+			t.Fatalf("Lock returned before Close: %v", err)
+		case <-time.After(100 * time.Millisecond):
+		}
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		wantErr(t, <-got, pglocks.ErrClosed)
+		wantErr(t, held.Err(), pglocks.ErrClosed)
+		mustRelease(t, elsewhere)
+	})
+}
