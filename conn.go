@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -89,6 +90,9 @@ type sqlConn struct {
 	db  *sql.DB
 	c   *sql.Conn
 	pid int64 // the backend's pid, once prepareCancel has run
+	// pg is the driver's connection when it is pgx's stdlib, whose cancel
+	// request needs no pooled connection.
+	pg *pgconn.PgConn
 }
 
 func (c *sqlConn) queryBool(ctx context.Context, q string, args ...any) (b bool, err error) {
@@ -102,25 +106,29 @@ func (c *sqlConn) exec(ctx context.Context, q string, args ...any) error {
 }
 
 func (c *sqlConn) prepareCancel(ctx context.Context) error {
-	if c.pid != 0 {
+	if c.pid != 0 || c.pg != nil {
 		return nil
 	}
-	// pgx's stdlib driver knows the pid without asking the server.
 	_ = c.c.Raw(func(dc any) error {
 		if p, ok := dc.(interface{ Conn() *pgx.Conn }); ok {
-			c.pid = int64(p.Conn().PgConn().PID())
+			c.pg = p.Conn().PgConn()
 		}
 		return nil
 	})
-	if c.pid != 0 {
+	if c.pg != nil {
 		return nil
 	}
 	return c.c.QueryRowContext(ctx, sqlBackendPID).Scan(&c.pid)
 }
 
-// cancel uses pg_cancel_backend from another pooled session: database/sql
-// has no driver-independent cancel request.
+// cancel sends pgx's cancel request for pgx's stdlib driver, which is safe
+// while the connection runs a statement (pgx's own context watcher does the
+// same). database/sql has no driver-independent cancel, so for other drivers
+// it runs pg_cancel_backend on another pooled session.
 func (c *sqlConn) cancel(ctx context.Context) error {
+	if c.pg != nil {
+		return c.pg.CancelRequest(ctx)
+	}
 	if c.pid == 0 {
 		return errors.New("pglocks: backend pid unknown")
 	}

@@ -74,4 +74,12 @@
 //     deterministic default collation (the usual case).
 //   - With database/sql, a transaction-lock wait cancelled before its
 //     deadline ends the transaction's connection (see [LockSQLTx]).
+//   - No deadlock detection for session locks: a Locker waits for a lock on
+//     a session of its own, separate from the sessions holding its other
+//     locks, so the server's deadlock detector cannot see a cycle through it,
+//     and goroutines of one Locker that take two locks in opposite orders
+//     wait for each other. Take locks in one global order and use deadlines.
+//   - If the server stops answering, a cancelled wait is abandoned after the
+//     statement timeout ([WithStatementTimeout]) by closing its connection;
+//     the server drops the wait when it notices.
 package pglocks

@@ -7,7 +7,9 @@ import (
 )
 
 // ErrLocked is returned by the Try functions when another session, or another
-// goroutine of the same [Locker], holds the lock in a conflicting mode.
+// goroutine of the same [Locker], holds the lock in a conflicting mode, or
+// when another goroutine of the same Locker is taking or releasing it at that
+// moment.
 var ErrLocked = errors.New("held by another session")
 
 // ErrReleased is returned by [Lock.Release] for a lock that was already

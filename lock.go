@@ -68,8 +68,9 @@ func (lk *Lock) Release(ctx context.Context) error {
 	lk.done = true
 	e.locks = slices.DeleteFunc(e.locks, func(x *Lock) bool { return x == lk })
 	if l.closed {
+		lk.cancel(ErrClosed) // Close releases the server's hold
 		l.mu.Unlock()
-		return lockError(e.key, ErrClosed) // Close releases it
+		return lockError(e.key, ErrClosed)
 	}
 	if len(e.locks) > 0 {
 		lk.cancel(ErrReleased) // others share the server's hold

@@ -107,7 +107,10 @@ func New(pool *pgxpool.Pool, opts ...Option) (*Locker, error) {
 
 // NewDB returns a Locker that takes its connections from db, which must be a
 // PostgreSQL database (pgx's stdlib driver and lib/pq are tested). The Locker
-// never closes db, and Close leaves it usable.
+// never closes db, and Close leaves it usable. With drivers other than pgx's
+// stdlib, cancelling a wait runs pg_cancel_backend on another connection of
+// db, so leave db room for one more connection than the Locker uses, or a
+// cancelled wait falls back to the driver's own cancellation.
 func NewDB(db *sql.DB, opts ...Option) (*Locker, error) {
 	if db == nil {
 		return nil, errors.New("pglocks: NewDB: nil db")
@@ -147,7 +150,14 @@ func newLocker(src source, opts []Option) (*Locker, error) {
 // happens in the server's lock queue, so the lock is had as soon as it is
 // free. ctx's deadline is enforced by the server; when ctx ends first, Lock
 // returns an error matching ctx.Err() and nothing of it stays held or queued
-// on the server.
+// on the server. (If the server does not answer the cancellation within the
+// statement timeout, Lock closes the connection and returns; the server then
+// drops the wait when it notices.)
+//
+// The wait runs on a session of its own while the Locker's other locks stay
+// on theirs, so PostgreSQL's deadlock detector cannot see a cycle that runs
+// through a Locker: take several locks in one global order, and give Lock a
+// deadline.
 //
 // ctx bounds the acquisition only: the lock is held until [Lock.Release], until
 // [Locker.Close], or until it is lost ([Lock.Done]).
@@ -310,26 +320,41 @@ func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) 
 // acquireServer takes e's key on the server for a goroutine that has e in
 // stateAcquiring.
 func (l *Locker) acquireServer(ctx context.Context, e *entry, o lockConfig, wait bool) (*Lock, error) {
-	h, err := l.serverLock(ctx, e.key, o, wait)
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if err != nil {
-		e.state = stateIdle
+	for attempt := 1; ; attempt++ {
+		h, err := l.serverLock(ctx, e.key, o, wait)
+		l.mu.Lock()
+		if err == nil && h.dead {
+			// Another goroutine's statement on h failed between our grant
+			// and now, and h's session was closed: the server freed the
+			// lock with it. Nobody has seen it held, so take it again.
+			h.users--
+			err = fmt.Errorf("%w: its session was closed as it was granted", ErrLockLost)
+			if attempt < 3 && ctx.Err() == nil && !l.closed {
+				l.mu.Unlock()
+				continue
+			}
+		}
+		if err != nil {
+			e.state = stateIdle
+			l.dispatch(e)
+			l.gc(e)
+			l.mu.Unlock()
+			return nil, lockError(e.key, err)
+		}
+		h.users--
+		e.state, e.h = stateHeld, h
+		h.entries[e] = struct{}{}
+		if l.closed {
+			// Close is waiting for us; it releases everything its holders hold.
+			l.mu.Unlock()
+			return nil, lockError(e.key, ErrClosed)
+		}
+		lk := l.newLockLocked(e)
 		l.dispatch(e)
-		l.gc(e)
-		return nil, lockError(e.key, err)
+		l.mu.Unlock()
+		l.cfg.logger.Debug("pglocks: acquired", "key", e.key, "shared", o.shared)
+		return lk, nil
 	}
-	h.users--
-	e.state, e.h = stateHeld, h
-	h.entries[e] = struct{}{}
-	if l.closed {
-		// Close is waiting for us; it releases everything its holders hold.
-		return nil, lockError(e.key, ErrClosed)
-	}
-	lk := l.newLockLocked(e)
-	l.dispatch(e)
-	l.cfg.logger.Debug("pglocks: acquired", "key", e.key, "shared", o.shared)
-	return lk, nil
 }
 
 // serverLock takes key on the server: first with a try on the primary

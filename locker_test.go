@@ -165,6 +165,25 @@ func TestLockDeadline(t *testing.T) {
 		mustRelease(t, lk)
 		mustRelease(t, <-lb)
 
+		// A deadline beyond lock_timeout's range (about 24.8 days) still
+		// waits, and gets the lock when it is free.
+		far, cancelFar := context.WithTimeout(t.Context(), 30*24*time.Hour)
+		defer cancelFar()
+		lk = mustLock(t, a, key)
+		farGot := make(chan error)
+		go func() {
+			lb, err := b.Lock(far, key)
+			if err == nil {
+				err = lb.Release(context.Background())
+			}
+			farGot <- err
+		}()
+		waitFor(t, 10*time.Second, "b to wait with a far deadline", func() bool { return e.waiting(bigint(key)) })
+		mustRelease(t, lk)
+		if err := <-farGot; err != nil {
+			t.Fatalf("Lock with a 30-day deadline: %v", err)
+		}
+
 		// A deadline already past fails before touching the server.
 		past, cancel2 := context.WithDeadline(t.Context(), time.Now().Add(-time.Second))
 		defer cancel2()

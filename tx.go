@@ -47,10 +47,11 @@ func TryLockTx(ctx context.Context, tx pgx.Tx, key Key, opts ...LockOption) erro
 // LockSQLTx is [LockTx] for a database/sql transaction. A deadline is
 // enforced by the server and leaves the transaction usable, as in LockTx. A
 // wait cancelled before its deadline is stopped by the driver, which ends the
-// transaction's connection: lib/pq first sends a cancel request, so the
-// server stops waiting at once; pgx's stdlib driver just closes the
-// connection, and the server notices only when the wait ends (the lock is
-// granted or lock_timeout expires). Prefer deadlines with database/sql.
+// transaction's connection: lib/pq sends a cancel request and waits for it,
+// so the server has stopped waiting when LockSQLTx returns; pgx's stdlib
+// driver closes the connection and sends its cancel request in the
+// background, so the server stops waiting shortly after. Prefer deadlines
+// with database/sql.
 func LockSQLTx(ctx context.Context, tx *sql.Tx, key Key, opts ...LockOption) error {
 	if tx == nil {
 		return lockError(key, errors.New("nil tx"))

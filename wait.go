@@ -2,8 +2,8 @@ package pglocks
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"time"
 )
@@ -29,6 +29,9 @@ type waitSpec struct {
 // the backend before the statement starts is ignored by the server.
 const cancelRetry = 50 * time.Millisecond
 
+// cancelTimeout bounds one attempt to send a cancel request.
+const cancelTimeout = time.Second
+
 // waitLock runs the wait statement of s. The wait happens inside the server,
 // in its lock queue. ctx's deadline is enforced by the server (lock_timeout
 // set for this statement only); if ctx is cancelled, or the Locker closes,
@@ -50,11 +53,17 @@ func waitLock(ctx context.Context, s waitSpec) error {
 			return context.DeadlineExceeded
 		}
 		ms := (left + time.Millisecond - 1) / time.Millisecond // lock_timeout 0 would mean "no limit"
-		q, args = stmt(s.timeoutKind, s.key, s.shared)
-		args = append(args, strconv.FormatInt(int64(ms), 10))
-		var dcancel context.CancelFunc
-		qctx, dcancel = context.WithDeadline(qctx, deadline.Add(s.grace))
-		defer dcancel()
+		if ms > math.MaxInt32 {
+			// Beyond lock_timeout's range (24.8 days): the client cancels
+			// the wait when the deadline comes, as for a cancelled ctx.
+			hasDeadline = false
+		} else {
+			q, args = stmt(s.timeoutKind, s.key, s.shared)
+			args = append(args, strconv.FormatInt(int64(ms), 10))
+			var dcancel context.CancelFunc
+			qctx, dcancel = context.WithDeadline(qctx, deadline.Add(s.grace))
+			defer dcancel()
+		}
 	}
 	done := make(chan error, 1)
 	go func() { done <- s.exec(qctx, q, args...) }()
@@ -83,7 +92,7 @@ func waitLock(ctx context.Context, s waitSpec) error {
 	// stays queued there.
 	give := time.NewTimer(s.grace)
 	defer give.Stop()
-	if errors.Is(stop, context.DeadlineExceeded) {
+	if hasDeadline && ctx.Err() == context.DeadlineExceeded {
 		// The server's lock_timeout fires at the same moment.
 		var err error
 		select {
@@ -105,9 +114,16 @@ func waitLock(ctx context.Context, s waitSpec) error {
 	retry := time.NewTicker(cancelRetry)
 	defer retry.Stop()
 	for {
-		cctx, ccancel := context.WithTimeout(context.Background(), s.grace)
-		_ = s.cancel(cctx)
+		cctx, ccancel := context.WithTimeout(context.Background(), cancelTimeout)
+		err := s.cancel(cctx)
 		ccancel()
+		if err != nil {
+			// The cancel could not be sent (with database/sql it needs a
+			// spare pooled connection): leave it to the driver.
+			qcancel()
+			<-done
+			return stop
+		}
 		select {
 		case <-done:
 			return stop
