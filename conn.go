@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"net"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -20,13 +21,17 @@ type source interface {
 
 // conn is one server session, used by one goroutine at a time.
 type conn interface {
-	queryBool(ctx context.Context, q string, args ...any) (bool, error)
+	query(ctx context.Context, q string, args []any, dest ...any) error
 	exec(ctx context.Context, q string, args ...any) error
-	// prepareCancel readies cancel; it is called before a wait starts.
-	prepareCancel(ctx context.Context) error
-	// cancel asks the server to cancel the statement running on the session.
-	// It may be called while another goroutine runs that statement.
+	// cancel sends a cancel request for the statement running on the
+	// session. It may be called while another goroutine runs that
+	// statement. Only pgx connections can: for others it returns
+	// errNoCancelRequest.
 	cancel(ctx context.Context) error
+	// pgConn returns pgx's connection under this session, or nil if the
+	// driver is not pgx. It gives the socket and the pid of the
+	// BackendKeyData, which differs from pg_backend_pid() behind a proxy.
+	pgConn() *pgconn.PgConn
 	// destroy closes the session, which frees every lock it holds.
 	destroy()
 	// release gives the session back to its pool. Only a session that holds
@@ -53,9 +58,8 @@ type pgxConn struct {
 	c  *pgx.Conn // kept: pc.Conn() panics once pc is hijacked
 }
 
-func (c *pgxConn) queryBool(ctx context.Context, q string, args ...any) (b bool, err error) {
-	err = c.c.QueryRow(ctx, q, args...).Scan(&b)
-	return b, err
+func (c *pgxConn) query(ctx context.Context, q string, args []any, dest ...any) error {
+	return c.c.QueryRow(ctx, q, args...).Scan(dest...)
 }
 
 func (c *pgxConn) exec(ctx context.Context, q string, args ...any) error {
@@ -63,9 +67,9 @@ func (c *pgxConn) exec(ctx context.Context, q string, args ...any) error {
 	return err
 }
 
-func (c *pgxConn) prepareCancel(context.Context) error { return nil }
-
 func (c *pgxConn) cancel(ctx context.Context) error { return c.c.PgConn().CancelRequest(ctx) }
+
+func (c *pgxConn) pgConn() *pgconn.PgConn { return c.c.PgConn() }
 
 func (c *pgxConn) destroy() {
 	ctx, cancel := context.WithTimeout(context.Background(), destroyTimeout)
@@ -82,22 +86,28 @@ func (s sqlSource) acquire(ctx context.Context) (conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &sqlConn{db: s.db, c: c}, nil
+	sc := &sqlConn{c: c}
+	_ = c.Raw(func(dc any) error {
+		if p, ok := dc.(interface{ Conn() *pgx.Conn }); ok {
+			sc.pg = p.Conn().PgConn()
+		}
+		return nil
+	})
+	return sc, nil
 }
 
 // sqlConn is a session taken from a *sql.DB, with any PostgreSQL driver.
 type sqlConn struct {
-	db  *sql.DB
-	c   *sql.Conn
-	pid int64 // the backend's pid, once prepareCancel has run
-	// pg is the driver's connection when it is pgx's stdlib, whose cancel
-	// request needs no pooled connection.
+	c *sql.Conn
+	// pg is the driver's connection when it is pgx's stdlib. database/sql
+	// says not to use it outside Raw; pglocks only reads its socket and
+	// pid and sends cancel requests, which pgx itself does from another
+	// goroutine.
 	pg *pgconn.PgConn
 }
 
-func (c *sqlConn) queryBool(ctx context.Context, q string, args ...any) (b bool, err error) {
-	err = c.c.QueryRowContext(ctx, q, args...).Scan(&b)
-	return b, err
+func (c *sqlConn) query(ctx context.Context, q string, args []any, dest ...any) error {
+	return c.c.QueryRowContext(ctx, q, args...).Scan(dest...)
 }
 
 func (c *sqlConn) exec(ctx context.Context, q string, args ...any) error {
@@ -105,36 +115,19 @@ func (c *sqlConn) exec(ctx context.Context, q string, args ...any) error {
 	return err
 }
 
-func (c *sqlConn) prepareCancel(ctx context.Context) error {
-	if c.pid != 0 || c.pg != nil {
-		return nil
-	}
-	_ = c.c.Raw(func(dc any) error {
-		if p, ok := dc.(interface{ Conn() *pgx.Conn }); ok {
-			c.pg = p.Conn().PgConn()
-		}
-		return nil
-	})
-	if c.pg != nil {
-		return nil
-	}
-	return c.c.QueryRowContext(ctx, sqlBackendPID).Scan(&c.pid)
-}
-
-// cancel sends pgx's cancel request for pgx's stdlib driver, which is safe
-// while the connection runs a statement (pgx's own context watcher does the
-// same). database/sql has no driver-independent cancel, so for other drivers
-// it runs pg_cancel_backend on another pooled session.
+// cancel sends pgx's cancel request for pgx's stdlib driver. database/sql
+// has no driver-independent cancel request.
 func (c *sqlConn) cancel(ctx context.Context) error {
 	if c.pg != nil {
 		return c.pg.CancelRequest(ctx)
 	}
-	if c.pid == 0 {
-		return errors.New("pglocks: backend pid unknown")
-	}
-	_, err := c.db.ExecContext(ctx, sqlCancel, c.pid)
-	return err
+	return errNoCancelRequest
 }
+
+// errNoCancelRequest says a driver cannot send a cancel request.
+var errNoCancelRequest = errors.New("the driver cannot send a cancel request")
+
+func (c *sqlConn) pgConn() *pgconn.PgConn { return c.pg }
 
 func (c *sqlConn) destroy() {
 	// Returning driver.ErrBadConn from Raw makes database/sql close the
@@ -144,3 +137,17 @@ func (c *sqlConn) destroy() {
 }
 
 func (c *sqlConn) release() { _ = c.c.Close() }
+
+// tcpConn returns the TCP connection under a pgx connection, or nil (a Unix
+// socket, or a driver that does not show it).
+func tcpConn(pg *pgconn.PgConn) *net.TCPConn {
+	if pg == nil {
+		return nil
+	}
+	nc := pg.Conn()
+	if u, ok := nc.(interface{ NetConn() net.Conn }); ok { // TLS
+		nc = u.NetConn()
+	}
+	tc, _ := nc.(*net.TCPConn)
+	return tc
+}

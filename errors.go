@@ -29,6 +29,31 @@ var ErrInvalidKey = errors.New("invalid key (the zero Key)")
 // server freed the lock, and another session may hold it now.
 var ErrLockLost = errors.New("lock lost: its server session ended")
 
+// ErrStandby is returned when the server is a standby (in recovery): a hot
+// standby grants advisory locks that the primary never sees, so they would
+// exclude nothing.
+var ErrStandby = errors.New("server is a standby: its advisory locks are not seen by the primary")
+
+// ErrDeadlock is returned when the server detected a deadlock (SQLSTATE
+// 40P01) and chose this wait to fail. The error wraps the driver's error.
+var ErrDeadlock = errors.New("deadlock detected by the server")
+
+// ErrLockTableFull is returned when the server's shared lock table is full
+// (SQLSTATE 53200, "out of shared memory"). Nothing was taken. Hold fewer
+// locks, or raise max_locks_per_transaction on the server.
+var ErrLockTableFull = errors.New("the server's lock table is full")
+
+// ErrTooManyLocks is returned when the Locker already holds as many locks as
+// [WithMaxLocks] allows.
+var ErrTooManyLocks = errors.New("the Locker holds as many locks as WithMaxLocks allows")
+
+// ErrTransactionPooling is returned, or reported by [Lock.Err] joined with
+// [ErrLockLost], when the Locker's session is shared with other clients by a
+// proxy in transaction pooling mode (PgBouncer's pool_mode=transaction):
+// session locks there stay on a server session that other clients then use.
+// Use transaction locks ([LockTx]) through such a proxy, or session pooling.
+var ErrTransactionPooling = errors.New("session locks do not work through a transaction-pooling proxy")
+
 // errNotHeld is the cause when the server says a lock we hold was not held.
 var errNotHeld = errors.New("the server says the lock was not held")
 
@@ -49,8 +74,20 @@ func sqlState(err error) string {
 // SQLSTATEs the library reacts to.
 const (
 	stateLockNotAvailable = "55P03" // lock_timeout expired
-	stateQueryCanceled    = "57014" // our cancel request arrived
+	stateDeadlock         = "40P01"
+	stateOutOfMemory      = "53200" // out of shared memory: the lock table is full
 )
+
+// classify wraps a server error that has a sentinel of its own.
+func classify(err error) error {
+	switch sqlState(err) {
+	case stateDeadlock:
+		return fmt.Errorf("%w: %w", ErrDeadlock, err)
+	case stateOutOfMemory:
+		return fmt.Errorf("%w: %w", ErrLockTableFull, err)
+	}
+	return err
+}
 
 // ctxError returns the error to report when ctx ended an operation: ctx.Err()
 // (so errors.Is works for context.Canceled and context.DeadlineExceeded), with

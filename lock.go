@@ -16,17 +16,33 @@ type Lock struct {
 	ctx    context.Context // done once the lock is released or lost
 	cancel context.CancelCauseFunc
 	done   bool // guarded by l.mu: released, lost or closed
+	token  int64
 }
 
 func (l *Locker) newLockLocked(e *entry) *Lock {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	lk := &Lock{l: l, e: e, ctx: ctx, cancel: cancel}
+	lk := &Lock{l: l, e: e, ctx: ctx, cancel: cancel, token: e.token}
 	e.locks = append(e.locks, lk)
 	return lk
 }
 
 // Key returns the lock's key.
 func (lk *Lock) Key() Key { return lk.e.key }
+
+// Token returns the lock's fencing token, or 0 unless the Locker was made
+// with [WithFencingTokens]. Tokens increase strictly from one holder of a key
+// to the next (they are the server's pg_current_xact_id(), read just after
+// the lock was granted), so a resource that remembers the highest token it
+// has seen for a key can refuse a write that carries a lower one:
+//
+//	UPDATE jobs SET result = $1, token = $2 WHERE id = $3 AND token < $2
+//
+// A lock alone cannot stop a holder that was paused (a long GC, a stopped
+// VM) or cut off while its lock was freed and taken by another: when it
+// resumes it still believes it holds the lock. The token lets the resource
+// reject it. Goroutines of one Locker that share a lock in [Shared] mode
+// share its token.
+func (lk *Lock) Token() int64 { return lk.token }
 
 // Done returns a channel that is closed once the lock is no longer held:
 // released, released by [Locker.Close], or lost because its server session
@@ -84,9 +100,10 @@ func (lk *Lock) Release(ctx context.Context) error {
 	defer l.calls.Done()
 	l.mu.Unlock()
 
-	q, args := stmt(stmtUnlock, e.key, e.shared)
+	q, args := stmt(stmtUnlock, e.key, e.shared, false)
 	err := l.do(context.WithoutCancel(ctx), h, func(sctx context.Context) error {
-		ok, err := h.c.queryBool(sctx, q, args...)
+		var ok bool
+		err := h.c.query(sctx, q, args, &ok)
 		if err == nil && !ok {
 			err = errNotHeld
 		}
@@ -95,14 +112,14 @@ func (lk *Lock) Release(ctx context.Context) error {
 
 	l.mu.Lock()
 	delete(h.entries, e)
-	e.state, e.h = stateIdle, nil
+	l.setIdle(e)
 	lk.cancel(ErrReleased)
 	l.dispatch(e)
 	l.gc(e)
 	idle := l.unuseLocked(h)
 	l.mu.Unlock()
 	if idle {
-		l.giveBack(h.c)
+		l.giveBack(h)
 	}
 	if err != nil {
 		return lockError(e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))

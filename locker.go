@@ -38,6 +38,7 @@ type Locker struct {
 	closeCtx context.Context // cancelled by Close
 	closeNow context.CancelFunc
 	calls    sync.WaitGroup // acquisitions and releases in flight
+	bg       sync.WaitGroup // the heartbeat and its probes
 
 	mu      sync.Mutex
 	closed  bool
@@ -45,6 +46,7 @@ type Locker struct {
 	primary *holder       // where new locks are tried first
 	making  chan struct{} // closed when the goroutine making primary is done
 	holders map[*holder]struct{}
+	nserver int // keys held, or being taken or released, on the server
 }
 
 // entryState is where a key stands in this process.
@@ -59,12 +61,14 @@ const (
 
 // entry is one key that this Locker holds or that goroutines wait for.
 type entry struct {
-	key    Key
-	state  entryState
-	shared bool    // the mode held or being acquired
-	h      *holder // the session holding it, in stateHeld and stateReleasing
-	locks  []*Lock // the handles sharing the server's hold: one, or several shared
-	queue  []*waiter
+	key     Key
+	state   entryState
+	shared  bool    // the mode held or being acquired
+	counted bool    // counted in Locker.nserver
+	token   int64   // the fencing token of the server's hold, or 0
+	h       *holder // the session holding it, in stateHeld and stateReleasing
+	locks   []*Lock // the handles sharing the server's hold: one, or several shared
+	queue   []*waiter
 }
 
 // waiter is a goroutine waiting in this process for a key.
@@ -75,54 +79,28 @@ type waiter struct {
 	ready chan *Lock
 }
 
-// holder is a server session that holds (or is about to hold) locks.
-type holder struct {
-	c   conn
-	sem chan struct{} // one statement at a time
-	// broken and its cause are guarded by sem.
-	broken error
-
-	// guarded by Locker.mu
-	entries map[*entry]struct{}
-	users   int  // goroutines about to run statements on it
-	dead    bool // closed, or given back to the pool
-}
-
-func newHolder(c conn) *holder {
-	return &holder{c: c, sem: make(chan struct{}, 1), entries: make(map[*entry]struct{})}
-}
-
 // New returns a Locker that takes its connections from pool. The pool stays
 // the caller's: the Locker never closes it, and Close leaves it usable.
 func New(pool *pgxpool.Pool, opts ...Option) (*Locker, error) {
 	if pool == nil {
 		return nil, errors.New("pglocks: New: nil pool")
 	}
-	l, err := newLocker(pgxSource{pool}, opts)
-	if l != nil {
-		l.pgx = pool
-	}
-	return l, err
+	return newLocker(&Locker{src: pgxSource{pool}, pgx: pool}, opts)
 }
 
 // NewDB returns a Locker that takes its connections from db, which must be a
 // PostgreSQL database (pgx's stdlib driver and lib/pq are tested). The Locker
 // never closes db, and Close leaves it usable. With drivers other than pgx's
-// stdlib, cancelling a wait runs pg_cancel_backend on another connection of
-// db, so leave db room for one more connection than the Locker uses, or a
-// cancelled wait falls back to the driver's own cancellation.
+// stdlib, which cannot send a cancel request, a cancelled wait is stopped with
+// pg_cancel_backend from a session the Locker holds.
 func NewDB(db *sql.DB, opts ...Option) (*Locker, error) {
 	if db == nil {
 		return nil, errors.New("pglocks: NewDB: nil db")
 	}
-	l, err := newLocker(sqlSource{db}, opts)
-	if l != nil {
-		l.db = db
-	}
-	return l, err
+	return newLocker(&Locker{src: sqlSource{db}, db: db}, opts)
 }
 
-func newLocker(src source, opts []Option) (*Locker, error) {
+func newLocker(l *Locker, opts []Option) (*Locker, error) {
 	cfg := defaultConfig()
 	for _, o := range opts {
 		if o == nil {
@@ -133,16 +111,18 @@ func newLocker(src source, opts []Option) (*Locker, error) {
 	if cfg.err != nil {
 		return nil, cfg.err
 	}
-	closeCtx, closeNow := context.WithCancel(context.Background())
-	return &Locker{
-		src:      src,
-		cfg:      cfg,
-		closing:  closeCtx.Done(),
-		closeCtx: closeCtx,
-		closeNow: closeNow,
-		keys:     make(map[Key]*entry),
-		holders:  make(map[*holder]struct{}),
-	}, nil
+	if cfg.hbInterval+cfg.hbTimeout >= cfg.serverBound() {
+		return nil, fmt.Errorf("pglocks: heartbeat interval+timeout (%v) must be shorter than the server keepalive bound (%v), or the server could give a lock away before its holder hears of the loss",
+			cfg.hbInterval+cfg.hbTimeout, cfg.serverBound())
+	}
+	l.cfg = cfg
+	l.closeCtx, l.closeNow = context.WithCancel(context.Background())
+	l.closing = l.closeCtx.Done()
+	l.keys = make(map[Key]*entry)
+	l.holders = make(map[*holder]struct{})
+	l.bg.Add(1)
+	go l.heartbeat()
+	return l, nil
 }
 
 // Lock takes key, waiting as long as ctx allows while another session or
@@ -209,7 +189,8 @@ func (l *Locker) Close() error {
 	l.closeNow()
 	l.mu.Unlock()
 
-	l.calls.Wait() // nothing else touches holders after this
+	l.calls.Wait()
+	l.bg.Wait() // nothing else touches holders after this
 
 	l.mu.Lock()
 	holders := l.holders
@@ -230,7 +211,7 @@ func (l *Locker) Close() error {
 			h.c.destroy()
 			continue
 		}
-		l.giveBack(h.c)
+		l.giveBack(h)
 	}
 	l.mu.Lock()
 	for _, e := range keys {
@@ -309,7 +290,7 @@ func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) 
 		_ = lk.Release(context.WithoutCancel(ctx))
 	} else {
 		l.mu.Lock()
-		e.state = stateIdle
+		l.setIdle(e)
 		l.dispatch(e)
 		l.gc(e)
 		l.mu.Unlock()
@@ -320,8 +301,19 @@ func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) 
 // acquireServer takes e's key on the server for a goroutine that has e in
 // stateAcquiring.
 func (l *Locker) acquireServer(ctx context.Context, e *entry, o lockConfig, wait bool) (*Lock, error) {
+	l.mu.Lock()
+	if l.nserver >= l.cfg.maxLocks {
+		l.setIdle(e)
+		l.dispatch(e)
+		l.gc(e)
+		l.mu.Unlock()
+		return nil, lockError(e.key, fmt.Errorf("%w (%d)", ErrTooManyLocks, l.cfg.maxLocks))
+	}
+	l.nserver++
+	e.counted = true
+	l.mu.Unlock()
 	for attempt := 1; ; attempt++ {
-		h, err := l.serverLock(ctx, e.key, o, wait)
+		h, token, err := l.serverLock(ctx, e.key, o, wait)
 		l.mu.Lock()
 		if err == nil && h.dead {
 			// Another goroutine's statement on h failed between our grant
@@ -335,14 +327,14 @@ func (l *Locker) acquireServer(ctx context.Context, e *entry, o lockConfig, wait
 			}
 		}
 		if err != nil {
-			e.state = stateIdle
+			l.setIdle(e)
 			l.dispatch(e)
 			l.gc(e)
 			l.mu.Unlock()
 			return nil, lockError(e.key, err)
 		}
 		h.users--
-		e.state, e.h = stateHeld, h
+		e.state, e.h, e.token = stateHeld, h, token
 		h.entries[e] = struct{}{}
 		if l.closed {
 			// Close is waiting for us; it releases everything its holders hold.
@@ -357,23 +349,53 @@ func (l *Locker) acquireServer(ctx context.Context, e *entry, o lockConfig, wait
 	}
 }
 
+// cancelBackend runs pg_cancel_backend(pid) on the primary holder.
+func (l *Locker) cancelBackend(ctx context.Context, pid int32) error {
+	h, err := l.primaryHolder(ctx)
+	if err != nil {
+		return err
+	}
+	defer l.unuse(h)
+	return l.do(ctx, h, func(sctx context.Context) error {
+		var ok bool
+		return h.c.query(sctx, sqlCancel, []any{pid}, &ok)
+	})
+}
+
+// setIdle puts e back in stateIdle, no longer counted against WithMaxLocks.
+// It runs with l.mu held.
+func (l *Locker) setIdle(e *entry) {
+	if e.counted {
+		l.nserver--
+		e.counted = false
+	}
+	e.state, e.h, e.token = stateIdle, nil, 0
+}
+
 // serverLock takes key on the server: first with a try on the primary
 // holder, then, if it is held elsewhere and wait is set, by waiting on a
-// connection of its own. It returns the holder with users incremented.
-func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait bool) (*holder, error) {
-	q, args := stmt(stmtTry, key, o.shared)
+// connection of its own. It returns the holder with users incremented, and
+// the fencing token.
+func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait bool) (*holder, int64, error) {
+	q, args := stmt(stmtTry, key, o.shared, l.cfg.fencing)
 	for retried := false; ; retried = true {
 		h, err := l.primaryHolder(ctx)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		var ok bool
-		err = l.do(ctx, h, func(sctx context.Context) (err error) {
-			ok, err = h.c.queryBool(sctx, q, args...)
+		var token int64
+		err = l.do(ctx, h, func(sctx context.Context) error {
+			err := h.c.query(sctx, q, args, &ok, &token)
+			if sqlState(err) == stateOutOfMemory {
+				// The lock table is full: nothing was granted, and the
+				// session is fine.
+				return keepConn{classify(err)}
+			}
 			return err
 		})
 		if err == nil && ok {
-			return h, nil
+			return h, token, nil
 		}
 		l.mu.Lock()
 		broke := h.dead && err != nil
@@ -385,162 +407,44 @@ func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait boo
 			continue
 		}
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		break
 	}
 	if !wait {
-		return nil, ErrLocked
+		return nil, 0, ErrLocked
 	}
 
-	c, err := l.take(ctx)
+	w, err := l.take(ctx)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	// Not ctx: lib/pq answers a cancelled ctx with a cancel request that may
-	// land on the next statement.
-	pctx, pcancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.stmtTime)
-	err = c.prepareCancel(pctx)
-	pcancel()
-	if err == nil {
-		err = waitLock(ctx, waitSpec{
-			kind: stmtWait, timeoutKind: stmtWaitTimeout, key: key, shared: o.shared,
-			exec: c.exec, cancel: c.cancel, grace: l.cfg.stmtTime, closing: l.closing,
-		})
+	cancel := w.c.cancel
+	if w.c.pgConn() == nil {
+		// database/sql without pgx: no cancel request, so cancel from a
+		// session we own. (Leaving it to the driver would close the
+		// connection before we can clear it of a lock granted as the wait
+		// was cancelled.)
+		cancel = func(ctx context.Context) error { return l.cancelBackend(ctx, w.pid) }
 	}
+	var token int64
+	err = waitLock(ctx, waitSpec{
+		kind: stmtWait, timeoutKind: stmtWaitTimeout, key: key, shared: o.shared, fenced: l.cfg.fencing,
+		run: func(ctx context.Context, q string, args []any) error {
+			var s1, s2 string
+			return w.c.query(ctx, q, args, &s1, &s2, &token)
+		},
+		cancel: cancel, grace: l.cfg.stmtTime, closing: l.closing,
+	})
 	if err != nil {
-		l.discard(c)
-		return nil, err
+		l.discard(w)
+		return nil, 0, classify(err)
 	}
-	w := newHolder(c)
 	w.users = 1
 	l.mu.Lock()
 	l.holders[w] = struct{}{}
 	l.mu.Unlock()
-	return w, nil
-}
-
-// primaryHolder returns the holder where locks are tried first, taking a
-// connection from the pool if there is none, with users incremented. One
-// goroutine at a time takes that connection; the others wait for it.
-func (l *Locker) primaryHolder(ctx context.Context) (*holder, error) {
-	for {
-		l.mu.Lock()
-		if h := l.primary; h != nil {
-			h.users++
-			l.mu.Unlock()
-			return h, nil
-		}
-		if wait := l.making; wait != nil {
-			l.mu.Unlock()
-			select {
-			case <-wait:
-				continue
-			case <-ctx.Done():
-				return nil, ctxError(ctx)
-			}
-		}
-		made := make(chan struct{})
-		l.making = made
-		l.mu.Unlock()
-
-		c, err := l.take(ctx)
-		l.mu.Lock()
-		l.making = nil
-		close(made)
-		if err != nil {
-			l.mu.Unlock()
-			return nil, err
-		}
-		h := newHolder(c)
-		h.users = 1
-		l.primary = h
-		l.holders[h] = struct{}{}
-		l.mu.Unlock()
-		return h, nil
-	}
-}
-
-// do runs f, one statement, on h. ctx bounds only the wait for h's turn: the
-// statement itself runs under the statement timeout, because cancelling it
-// would close the connection and lose every lock on it. If f fails, the
-// connection is closed and every lock on it is reported lost.
-func (l *Locker) do(ctx context.Context, h *holder, f func(ctx context.Context) error) error {
-	select {
-	case h.sem <- struct{}{}:
-	case <-ctx.Done():
-		return ctxError(ctx)
-	}
-	defer func() { <-h.sem }()
-	if h.broken != nil {
-		return h.broken
-	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.stmtTime)
-	err := f(sctx)
-	cancel()
-	if err != nil {
-		h.broken = fmt.Errorf("connection closed after an error: %w", err)
-		l.lose(h, err)
-		h.c.destroy()
-	}
-	return err
-}
-
-// lose marks h dead and reports every lock held on it lost.
-func (l *Locker) lose(h *holder, cause error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if h.dead {
-		return
-	}
-	h.dead = true
-	delete(l.holders, h)
-	if l.primary == h {
-		l.primary = nil
-	}
-	n := 0
-	for e := range h.entries {
-		if e.state != stateHeld {
-			continue // being released: the releasing goroutine finishes it
-		}
-		for _, lk := range e.locks {
-			lk.done = true
-			lk.cancel(fmt.Errorf("pglocks: lock %v: %w: %w", e.key, ErrLockLost, cause))
-			n++
-		}
-		e.locks = nil
-		e.state, e.h = stateIdle, nil
-		delete(h.entries, e)
-		l.dispatch(e)
-		l.gc(e)
-	}
-	l.cfg.logger.Warn("pglocks: connection closed; its locks are lost", "locks", n, "err", cause)
-}
-
-// unuse ends a use of h begun by primaryHolder or serverLock, and gives h's
-// connection back to the pool if it holds nothing and nobody uses it.
-func (l *Locker) unuse(h *holder) {
-	l.mu.Lock()
-	idle := l.unuseLocked(h)
-	l.mu.Unlock()
-	if idle {
-		l.giveBack(h.c)
-	}
-}
-
-// unuseLocked is unuse with l.mu held; it reports whether the caller must
-// give h's connection back.
-func (l *Locker) unuseLocked(h *holder) bool {
-	h.users--
-	if h.users > 0 || len(h.entries) > 0 || h.dead || l.closed {
-		return false
-	}
-	h.dead = true
-	delete(l.holders, h)
-	if l.primary == h {
-		l.primary = nil
-	}
-	return true
+	return w, token, nil
 }
 
 // dispatch lets the waiters at the front of e's queue go, as far as the
@@ -568,55 +472,4 @@ func (l *Locker) gc(e *entry) {
 	if e.state == stateIdle && len(e.queue) == 0 && l.keys[e.key] == e {
 		delete(l.keys, e.key)
 	}
-}
-
-// take gets a connection from the pool for the Locker's own use.
-func (l *Locker) take(ctx context.Context) (conn, error) {
-	// A wait for a pooled connection ends when the Locker closes.
-	actx, cancel := context.WithCancel(ctx)
-	stop := context.AfterFunc(l.closeCtx, cancel)
-	c, err := l.src.acquire(actx)
-	stop()
-	cancel()
-	if err != nil {
-		switch {
-		case ctx.Err() != nil:
-			return nil, ctxError(ctx)
-		case l.closeCtx.Err() != nil:
-			return nil, ErrClosed
-		}
-		return nil, fmt.Errorf("connect: %w", err)
-	}
-	if l.cfg.appName != "" {
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.stmtTime)
-		defer cancel()
-		if err := c.exec(sctx, sqlSetAppName, l.cfg.appName); err != nil {
-			c.destroy()
-			return nil, fmt.Errorf("set application_name: %w", err)
-		}
-	}
-	return c, nil
-}
-
-// giveBack returns a connection that holds no lock to the pool.
-func (l *Locker) giveBack(c conn) {
-	if l.cfg.appName != "" {
-		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
-		defer cancel()
-		if err := c.exec(ctx, sqlResetAppName); err != nil {
-			c.destroy()
-			return
-		}
-	}
-	c.release()
-}
-
-// discard closes a connection after a failed wait. It first unlocks
-// everything on it, so that a lock granted just as the wait was cancelled is
-// free before the caller hears of the failure.
-func (l *Locker) discard(c conn) {
-	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
-	_ = c.exec(ctx, sqlUnlockAll)
-	cancel()
-	c.destroy()
 }

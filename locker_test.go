@@ -528,6 +528,9 @@ func TestObservability(t *testing.T) {
 			t.Errorf("the logger got nothing: %q", buf.String())
 		}
 		// Back in the pool, the session has its own name again.
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
 		for _, name := range e.appNames() {
 			if name == "pglocks-test-holder" {
 				t.Errorf("a pooled session kept the Locker's application_name")

@@ -8,17 +8,36 @@ import (
 
 // config is what the Options set.
 type config struct {
-	logger   *slog.Logger
-	appName  string
-	stmtTime time.Duration
-	err      error
+	logger     *slog.Logger
+	appName    string
+	stmtTime   time.Duration
+	hbInterval time.Duration
+	hbTimeout  time.Duration
+	kaIdle     time.Duration
+	kaInterval time.Duration
+	kaCount    int
+	fencing    bool
+	maxLocks   int
+	err        error
 }
 
 func defaultConfig() config {
 	return config{
-		logger:   slog.New(slog.DiscardHandler),
-		stmtTime: 10 * time.Second,
+		logger:     slog.New(slog.DiscardHandler),
+		stmtTime:   10 * time.Second,
+		hbInterval: time.Second,
+		hbTimeout:  time.Second,
+		kaIdle:     5 * time.Second,
+		kaInterval: 2 * time.Second,
+		kaCount:    3,
+		maxLocks:   1000,
 	}
+}
+
+// serverBound is how long the server may take to notice a silent client:
+// its keepalive probes, and its TCP user timeout for unacknowledged data.
+func (c *config) serverBound() time.Duration {
+	return c.kaIdle + time.Duration(c.kaCount)*c.kaInterval
 }
 
 // Option configures a [Locker]. Options with invalid values make [New] and
@@ -60,13 +79,13 @@ func WithApplicationName(name string) Option {
 	}
 }
 
-// WithStatementTimeout bounds every statement the Locker sends on a connection
-// that holds locks (taking, releasing, checking them), and how long it waits
-// for the server to confirm that a cancelled wait has stopped. If a statement
-// does not finish in time, the connection is closed, which frees its locks on
-// the server, and the locks it held are reported lost. Waiting for a lock is
-// not a statement in this sense: it is bounded by the caller's context. The
-// default is 10 seconds; d must be positive.
+// WithStatementTimeout bounds the Locker's housekeeping statements (readying a
+// connection, releasing everything at Close), and how long it waits for the
+// server to confirm that a cancelled wait has stopped before it closes the
+// connection instead. Statements on connections that hold locks are bounded
+// by the heartbeat timeout ([WithHeartbeat]) instead. Waiting for a lock is
+// bounded by the caller's context. The default is 10 seconds; d must be
+// positive.
 func WithStatementTimeout(d time.Duration) Option {
 	return func(c *config) {
 		if d <= 0 {
@@ -74,6 +93,71 @@ func WithStatementTimeout(d time.Duration) Option {
 			return
 		}
 		c.stmtTime = d
+	}
+}
+
+// WithHeartbeat sets how often each connection that holds locks is checked
+// (interval), and how long the check, or any statement on such a connection,
+// may take (timeout). When a check fails or times out, or the session turns
+// out to be another one (a transaction-pooling proxy), the connection is
+// closed and every lock on it is reported lost through [Lock.Done]. A loss is
+// therefore reported at most interval+timeout after the server stops
+// answering: 2 seconds with the defaults of 1 second each. Both must be
+// positive, and their sum shorter than the server-side bound of
+// [WithServerKeepalive], so that the holder always learns of a loss before
+// the server can give the lock to someone else.
+func WithHeartbeat(interval, timeout time.Duration) Option {
+	return func(c *config) {
+		if interval <= 0 || timeout <= 0 {
+			c.fail(errors.New("pglocks: WithHeartbeat: interval and timeout must be positive"))
+			return
+		}
+		c.hbInterval, c.hbTimeout = interval, timeout
+	}
+}
+
+// WithServerKeepalive sets how soon the server gives up on a holder that has
+// gone silent (a crashed machine, a network partition), and so frees its
+// locks. The Locker sets tcp_keepalives_idle, tcp_keepalives_interval and
+// tcp_keepalives_count on the sessions that hold its locks, tcp_user_timeout
+// to idle+interval×count, and the same keepalive and user timeout on its own
+// sockets (pgx drivers, Linux). The server then frees a silent holder's locks
+// about idle+interval×count after the last exchange: 11 seconds with the
+// defaults of 5 s, 2 s and 3 (PostgreSQL's defaults leave them held for over
+// two hours). idle and interval are whole seconds of at least one; count is
+// at least one. The settings are put back when a connection returns to the
+// pool.
+func WithServerKeepalive(idle, interval time.Duration, count int) Option {
+	return func(c *config) {
+		if idle < time.Second || interval < time.Second || idle%time.Second != 0 || interval%time.Second != 0 || count < 1 {
+			c.fail(errors.New("pglocks: WithServerKeepalive: idle and interval must be whole seconds of at least 1s, count at least 1"))
+			return
+		}
+		c.kaIdle, c.kaInterval, c.kaCount = idle, interval, count
+	}
+}
+
+// WithFencingTokens gives every lock a fencing token ([Lock.Token]): the
+// server's pg_current_xact_id() read right after the lock is granted, which
+// increases strictly from one holder of a key to the next. It costs a
+// transaction id and a commit record (a WAL flush, under synchronous_commit)
+// per acquisition, so it is off by default and Token returns 0.
+func WithFencingTokens() Option { return func(c *config) { c.fencing = true } }
+
+// WithMaxLocks caps how many locks the Locker holds on the server at once
+// (locks shared by several goroutines of the Locker count once). Beyond it,
+// Lock and TryLock fail with [ErrTooManyLocks] before asking the server. The
+// server's shared lock table is small (about 12,800 locks on default
+// settings, for all sessions together) and a full table stops every session
+// from taking any lock, so the cap protects the whole server from one runaway
+// process. The default is 1000; n must be at least 1.
+func WithMaxLocks(n int) Option {
+	return func(c *config) {
+		if n < 1 {
+			c.fail(errors.New("pglocks: WithMaxLocks: n must be at least 1"))
+			return
+		}
+		c.maxLocks = n
 	}
 }
 

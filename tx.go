@@ -150,7 +150,7 @@ func (l *Locker) txCheck(ctx context.Context, key Key, driverOK bool, driverMsg 
 
 // txConn is the part of a transaction that lockTx uses.
 type txConn interface {
-	queryBool(ctx context.Context, q string, args ...any) (bool, error)
+	query(ctx context.Context, q string, args []any, dest ...any) error
 	exec(ctx context.Context, q string, args ...any) error
 	// canceler returns a function that sends a cancel request, or nil.
 	canceler() func(ctx context.Context) error
@@ -165,12 +165,15 @@ func lockTx(ctx context.Context, tx txConn, key Key, o lockConfig, wait bool) er
 	}
 	// A try never waits in the server's queue, and never jumps it either: it
 	// fails while a conflicting request is queued.
-	q, args := stmt(stmtXactTry, key, o.shared)
-	ok, err := tx.queryBool(ctx, q, args...)
-	if err != nil {
-		return lockError(key, err)
+	q, args := stmt(stmtXactTry, key, o.shared, false)
+	var ok sql.NullBool
+	if err := tx.query(ctx, q, args, &ok); err != nil {
+		return lockError(key, classify(err))
 	}
-	if ok {
+	if !ok.Valid {
+		return lockError(key, ErrStandby)
+	}
+	if ok.Bool {
 		return nil
 	}
 	if !wait {
@@ -179,9 +182,10 @@ func lockTx(ctx context.Context, tx txConn, key Key, o lockConfig, wait bool) er
 	if err := tx.exec(ctx, sqlSavepoint); err != nil {
 		return lockError(key, err)
 	}
-	err = waitLock(ctx, waitSpec{
+	err := waitLock(ctx, waitSpec{
 		kind: stmtXactWait, timeoutKind: stmtXactWaitTimeout, key: key, shared: o.shared,
-		exec: tx.exec, cancel: tx.canceler(), grace: txGrace,
+		run:    func(ctx context.Context, q string, args []any) error { return tx.exec(ctx, q, args...) },
+		cancel: tx.canceler(), grace: txGrace,
 	})
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), txGrace)
 	defer cancel()
@@ -191,7 +195,7 @@ func lockTx(ctx context.Context, tx txConn, key Key, o lockConfig, wait bool) er
 		if rerr := tx.exec(rctx, sqlRollbackSavepoint); rerr == nil {
 			_ = tx.exec(rctx, sqlReleaseSavepoint)
 		}
-		return lockError(key, err)
+		return lockError(key, classify(err))
 	}
 	if err := tx.exec(rctx, sqlReleaseSavepoint); err != nil {
 		return lockError(key, err)
@@ -201,9 +205,8 @@ func lockTx(ctx context.Context, tx txConn, key Key, o lockConfig, wait bool) er
 
 type pgxTx struct{ tx pgx.Tx }
 
-func (t pgxTx) queryBool(ctx context.Context, q string, args ...any) (b bool, err error) {
-	err = t.tx.QueryRow(ctx, q, args...).Scan(&b)
-	return b, err
+func (t pgxTx) query(ctx context.Context, q string, args []any, dest ...any) error {
+	return t.tx.QueryRow(ctx, q, args...).Scan(dest...)
 }
 
 func (t pgxTx) exec(ctx context.Context, q string, args ...any) error {
@@ -221,9 +224,8 @@ func (t pgxTx) canceler() func(ctx context.Context) error {
 
 type sqlTx struct{ tx *sql.Tx }
 
-func (t sqlTx) queryBool(ctx context.Context, q string, args ...any) (b bool, err error) {
-	err = t.tx.QueryRowContext(ctx, q, args...).Scan(&b)
-	return b, err
+func (t sqlTx) query(ctx context.Context, q string, args []any, dest ...any) error {
+	return t.tx.QueryRowContext(ctx, q, args...).Scan(dest...)
 }
 
 func (t sqlTx) exec(ctx context.Context, q string, args ...any) error {

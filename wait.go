@@ -13,8 +13,9 @@ import (
 type waitSpec struct {
 	kind, timeoutKind stmtKind
 	key               Key
-	shared            bool
-	exec              func(ctx context.Context, q string, args ...any) error
+	shared, fenced    bool
+	// run runs the statement, scanning what it returns.
+	run func(ctx context.Context, q string, args []any) error
 	// cancel asks the server to stop the statement; nil leaves it to the
 	// driver, which is told through the statement's context.
 	cancel func(ctx context.Context) error
@@ -43,7 +44,7 @@ const cancelTimeout = time.Second
 // After an error the lock may still have been granted (a cancel can race with
 // the grant): the caller must discard the connection or roll back.
 func waitLock(ctx context.Context, s waitSpec) error {
-	q, args := stmt(s.kind, s.key, s.shared)
+	q, args := stmt(s.kind, s.key, s.shared, s.fenced)
 	deadline, hasDeadline := ctx.Deadline()
 	qctx, qcancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer qcancel()
@@ -58,7 +59,7 @@ func waitLock(ctx context.Context, s waitSpec) error {
 			// the wait when the deadline comes, as for a cancelled ctx.
 			hasDeadline = false
 		} else {
-			q, args = stmt(s.timeoutKind, s.key, s.shared)
+			q, args = stmt(s.timeoutKind, s.key, s.shared, s.fenced)
 			args = append(args, strconv.FormatInt(int64(ms), 10))
 			var dcancel context.CancelFunc
 			qctx, dcancel = context.WithDeadline(qctx, deadline.Add(s.grace))
@@ -66,7 +67,7 @@ func waitLock(ctx context.Context, s waitSpec) error {
 		}
 	}
 	done := make(chan error, 1)
-	go func() { done <- s.exec(qctx, q, args...) }()
+	go func() { done <- s.run(qctx, q, args) }()
 
 	var stop error
 	select {

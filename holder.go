@@ -1,0 +1,346 @@
+package pglocks
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+)
+
+// holder is a server session that holds (or is about to hold) locks.
+type holder struct {
+	c    conn
+	pid  int32     // pg_backend_pid() when the session was readied
+	orig [5]string // settings sqlInitSession replaced, for sqlRestoreSession
+	sem  chan struct{}
+	// broken is why the session was closed; guarded by sem.
+	broken error
+
+	// guarded by Locker.mu
+	entries   map[*entry]struct{}
+	users     int       // goroutines about to run statements on it
+	dead      bool      // closed, or given back to the pool
+	idleSince time.Time // when the primary last became idle
+}
+
+// primaryLinger is how long an idle primary holder is kept before it goes
+// back to the pool, so that a busy Locker does not ready a session for
+// every lock.
+const primaryLinger = 5 * time.Second
+
+// take gets a connection from the pool and readies it for holding locks
+// (sqlInitSession). It refuses a standby, and a session that a
+// transaction-pooling proxy shares with other clients.
+func (l *Locker) take(ctx context.Context) (*holder, error) {
+	// A wait for a pooled connection ends when the Locker closes.
+	actx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(l.closeCtx, cancel)
+	c, err := l.src.acquire(actx)
+	stop()
+	cancel()
+	if err != nil {
+		switch {
+		case ctx.Err() != nil:
+			return nil, ctxError(ctx)
+		case l.closeCtx.Err() != nil:
+			return nil, ErrClosed
+		}
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	h := &holder{c: c, sem: make(chan struct{}, 1), entries: make(map[*entry]struct{})}
+
+	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.stmtTime)
+	defer scancel()
+	var app any
+	if l.cfg.appName != "" {
+		app = l.cfg.appName
+	}
+	var recovery bool
+	var set [5]string
+	err = c.query(sctx, sqlInitSession, []any{
+		seconds(l.cfg.kaIdle), seconds(l.cfg.kaInterval), strconv.Itoa(l.cfg.kaCount),
+		strconv.FormatInt(l.cfg.serverBound().Milliseconds(), 10), app,
+	}, &h.pid, &recovery, &h.orig[0], &h.orig[1], &h.orig[2], &h.orig[3], &h.orig[4],
+		&set[0], &set[1], &set[2], &set[3], &set[4])
+	if err != nil {
+		c.destroy()
+		return nil, fmt.Errorf("ready connection: %w", err)
+	}
+	if recovery {
+		l.giveBack(h)
+		return nil, ErrStandby
+	}
+	pg := c.pgConn()
+	if tc := tcpConn(pg); tc != nil {
+		_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{
+			Enable: true, Idle: l.cfg.kaIdle, Interval: l.cfg.kaInterval, Count: l.cfg.kaCount,
+		})
+		_ = setUserTimeout(tc, l.cfg.serverBound())
+	}
+	if pg != nil && pg.PID() != uint32(h.pid) {
+		// The BackendKeyData is not the backend's: a proxy is in between.
+		if err := l.checkPooling(sctx, h); err != nil {
+			l.giveBack(h)
+			return nil, err
+		}
+	}
+	return h, nil
+}
+
+// checkPooling tells session pooling from transaction pooling behind a
+// proxy. Under transaction pooling h's server session goes back to the
+// proxy's pool between statements, and the proxy hands its most recently
+// used session (PgBouncer's default) to the next client: so a second client
+// that lands on h's pid proves that h does not own its session. If no second
+// connection can be had, it cannot tell; the heartbeat still notices when
+// h's statements run on another session.
+func (l *Locker) checkPooling(ctx context.Context, h *holder) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	c2, err := l.src.acquire(ctx)
+	if err != nil {
+		return nil
+	}
+	var pid int32
+	err = c2.query(ctx, sqlBackendPID, nil, &pid)
+	c2.release()
+	if err == nil && pid == h.pid {
+		return ErrTransactionPooling
+	}
+	return nil
+}
+
+func seconds(d time.Duration) string { return strconv.FormatInt(int64(d/time.Second), 10) }
+
+// giveBack returns a connection that holds no lock to the pool, with the
+// settings that take changed put back.
+func (l *Locker) giveBack(h *holder) {
+	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
+	defer cancel()
+	o := h.orig
+	if err := h.c.exec(ctx, sqlRestoreSession, o[0], o[1], o[2], o[3], o[4]); err != nil {
+		h.c.destroy()
+		return
+	}
+	h.c.release()
+}
+
+// discard closes a connection after a failed wait. It first unlocks
+// everything on it, so that a lock granted just as the wait was cancelled is
+// free before the caller hears of the failure.
+func (l *Locker) discard(h *holder) {
+	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
+	_ = h.c.exec(ctx, sqlUnlockAll)
+	cancel()
+	h.c.destroy()
+}
+
+// primaryHolder returns the holder where locks are tried first, taking a
+// connection from the pool if there is none, with users incremented. One
+// goroutine at a time takes that connection; the others wait for it.
+func (l *Locker) primaryHolder(ctx context.Context) (*holder, error) {
+	for {
+		l.mu.Lock()
+		if h := l.primary; h != nil {
+			h.users++
+			l.mu.Unlock()
+			return h, nil
+		}
+		if wait := l.making; wait != nil {
+			l.mu.Unlock()
+			select {
+			case <-wait:
+				continue
+			case <-ctx.Done():
+				return nil, ctxError(ctx)
+			}
+		}
+		made := make(chan struct{})
+		l.making = made
+		l.mu.Unlock()
+
+		h, err := l.take(ctx)
+		l.mu.Lock()
+		l.making = nil
+		close(made)
+		if err != nil {
+			l.mu.Unlock()
+			return nil, err
+		}
+		h.users = 1
+		l.primary = h
+		l.holders[h] = struct{}{}
+		l.mu.Unlock()
+		return h, nil
+	}
+}
+
+// keepConn marks a statement error after which the session is known to be
+// intact and to hold exactly what it held before.
+type keepConn struct{ err error }
+
+func (k keepConn) Error() string { return k.err.Error() }
+func (k keepConn) Unwrap() error { return k.err }
+
+// do runs f, one statement, on h. ctx bounds only the wait for h's turn: the
+// statement itself runs under the heartbeat timeout, because cancelling it
+// would close the connection and lose every lock on it. If f fails (unless
+// with keepConn), the connection is closed and every lock on it is reported
+// lost.
+func (l *Locker) do(ctx context.Context, h *holder, f func(ctx context.Context) error) error {
+	select {
+	case h.sem <- struct{}{}:
+	case <-ctx.Done():
+		return ctxError(ctx)
+	}
+	defer func() { <-h.sem }()
+	if h.broken != nil {
+		return h.broken
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.hbTimeout)
+	err := f(sctx)
+	cancel()
+	if k, ok := err.(keepConn); ok {
+		return k.err
+	}
+	if err != nil {
+		l.fail(h, err)
+	}
+	return err
+}
+
+// fail closes h's session after err, reporting its locks lost first: the
+// holder must hear of the loss before the server can free the locks. The
+// caller holds h.sem.
+func (l *Locker) fail(h *holder, err error) {
+	h.broken = fmt.Errorf("connection closed after an error: %w", err)
+	l.lose(h, err)
+	h.c.destroy()
+}
+
+// lose marks h dead and reports every lock held on it lost.
+func (l *Locker) lose(h *holder, cause error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if h.dead {
+		return
+	}
+	h.dead = true
+	delete(l.holders, h)
+	if l.primary == h {
+		l.primary = nil
+	}
+	n := 0
+	for e := range h.entries {
+		if e.state != stateHeld {
+			continue // being released: the releasing goroutine finishes it
+		}
+		for _, lk := range e.locks {
+			lk.done = true
+			lk.cancel(fmt.Errorf("pglocks: lock %v: %w: %w", e.key, ErrLockLost, cause))
+			n++
+		}
+		e.locks = nil
+		l.setIdle(e)
+		delete(h.entries, e)
+		l.dispatch(e)
+		l.gc(e)
+	}
+	l.cfg.logger.Warn("pglocks: connection closed; its locks are lost", "locks", n, "err", cause)
+}
+
+// unuse ends a use of h begun by primaryHolder, serverLock or the heartbeat,
+// and gives h's connection back to the pool if it is done with.
+func (l *Locker) unuse(h *holder) {
+	l.mu.Lock()
+	idle := l.unuseLocked(h)
+	l.mu.Unlock()
+	if idle {
+		l.giveBack(h)
+	}
+}
+
+// unuseLocked is unuse with l.mu held; it reports whether the caller must
+// give h's connection back. The primary stays (the heartbeat retires it
+// after primaryLinger); other holders go back once they hold nothing.
+func (l *Locker) unuseLocked(h *holder) bool {
+	h.users--
+	if h.users > 0 || len(h.entries) > 0 || h.dead || l.closed {
+		return false
+	}
+	if h == l.primary {
+		h.idleSince = time.Now()
+		return false
+	}
+	h.dead = true
+	delete(l.holders, h)
+	return true
+}
+
+// heartbeat checks every holder that holds locks once per interval, and
+// retires an idle primary. It runs until Close.
+func (l *Locker) heartbeat() {
+	defer l.bg.Done()
+	t := time.NewTicker(l.cfg.hbInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.closing:
+			return
+		case <-t.C:
+		}
+		var probe []*holder
+		var retire *holder
+		l.mu.Lock()
+		for h := range l.holders {
+			if !h.dead && len(h.entries) > 0 {
+				h.users++
+				probe = append(probe, h)
+			}
+		}
+		if p := l.primary; p != nil && p.users == 0 && len(p.entries) == 0 && time.Since(p.idleSince) >= primaryLinger {
+			p.dead = true
+			delete(l.holders, p)
+			l.primary = nil
+			retire = p
+		}
+		l.mu.Unlock()
+		if retire != nil {
+			l.giveBack(retire)
+		}
+		for _, h := range probe {
+			l.bg.Add(1)
+			go func() {
+				defer l.bg.Done()
+				l.probe(h)
+				l.unuse(h)
+			}()
+		}
+	}
+}
+
+// probe checks that h's session is alive and is still the one its locks
+// were taken on. A statement already running on h is as good a check: it is
+// bounded by the same timeout.
+func (l *Locker) probe(h *holder) {
+	select {
+	case h.sem <- struct{}{}:
+	default:
+		return
+	}
+	defer func() { <-h.sem }()
+	if h.broken != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.hbTimeout)
+	var pid int32
+	err := h.c.query(ctx, sqlBackendPID, nil, &pid)
+	cancel()
+	if err == nil && pid != h.pid {
+		err = fmt.Errorf("%w: the locks were taken on server session %d, the connection now reaches session %d", ErrTransactionPooling, h.pid, pid)
+	}
+	if err != nil {
+		l.fail(h, fmt.Errorf("heartbeat: %w", err))
+	}
+}
