@@ -14,8 +14,10 @@ type holder struct {
 	pid  int32     // pg_backend_pid() when the session was readied
 	orig [5]string // settings sqlInitSession replaced, for sqlRestoreSession
 	sem  chan struct{}
-	// broken is why the session was closed; guarded by sem.
+	// broken is why the session was closed; stuck yields when a statement
+	// abandoned by runStmt ends. Both are guarded by sem.
 	broken error
+	stuck  <-chan error
 
 	// guarded by Locker.mu
 	entries   map[*entry]struct{}
@@ -199,7 +201,7 @@ func (l *Locker) do(ctx context.Context, h *holder, f func(ctx context.Context) 
 		return h.broken
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.hbTimeout)
-	err := f(sctx)
+	err := l.runStmt(sctx, h, f)
 	cancel()
 	if k, ok := err.(keepConn); ok {
 		return k.err
@@ -216,7 +218,42 @@ func (l *Locker) do(ctx context.Context, h *holder, f func(ctx context.Context) 
 func (l *Locker) fail(h *holder, err error) {
 	h.broken = fmt.Errorf("connection closed after an error: %w", err)
 	l.lose(h, err)
+	if h.stuck != nil {
+		go func() {
+			<-h.stuck
+			h.c.destroy()
+		}()
+		return
+	}
 	h.c.destroy()
+}
+
+// abandonAfter is how long past its deadline a statement may run before
+// runStmt gives up on it.
+const abandonAfter = 100 * time.Millisecond
+
+// runStmt runs f on h's session with ctx's deadline. Drivers built on pgx
+// stop a statement at its deadline by closing the socket. lib/pq instead
+// sends a cancel request and waits for the server's answer, which a silent
+// network never brings: for such drivers f runs in a goroutine that is
+// abandoned shortly after the deadline, leaving h.stuck set. The caller holds
+// h.sem.
+func (l *Locker) runStmt(ctx context.Context, h *holder, f func(ctx context.Context) error) error {
+	if h.c.pgConn() != nil {
+		return f(ctx)
+	}
+	res := make(chan error, 1)
+	go func() { res <- f(ctx) }()
+	dl, _ := ctx.Deadline()
+	t := time.NewTimer(time.Until(dl) + abandonAfter)
+	defer t.Stop()
+	select {
+	case err := <-res:
+		return err
+	case <-t.C:
+		h.stuck = res
+		return fmt.Errorf("statement did not end at its deadline: %w", context.DeadlineExceeded)
+	}
 }
 
 // lose marks h dead and reports every lock held on it lost.
@@ -335,7 +372,7 @@ func (l *Locker) probe(h *holder) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.hbTimeout)
 	var pid int32
-	err := h.c.query(ctx, sqlBackendPID, nil, &pid)
+	err := l.runStmt(ctx, h, func(ctx context.Context) error { return h.c.query(ctx, sqlBackendPID, nil, &pid) })
 	cancel()
 	if err == nil && pid != h.pid {
 		err = fmt.Errorf("%w: the locks were taken on server session %d, the connection now reaches session %d", ErrTransactionPooling, h.pid, pid)

@@ -428,6 +428,7 @@ func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait boo
 		cancel = func(ctx context.Context) error { return l.cancelBackend(ctx, w.pid) }
 	}
 	var token int64
+	var stuck <-chan error
 	err = waitLock(ctx, waitSpec{
 		kind: stmtWait, timeoutKind: stmtWaitTimeout, key: key, shared: o.shared, fenced: l.cfg.fencing,
 		run: func(ctx context.Context, q string, args []any) error {
@@ -435,9 +436,19 @@ func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait boo
 			return w.c.query(ctx, q, args, &s1, &s2, &token)
 		},
 		cancel: cancel, grace: l.cfg.stmtTime, closing: l.closing,
+		abandon: func(done <-chan error) { stuck = done },
 	})
 	if err != nil {
-		l.discard(w)
+		if stuck != nil {
+			// The driver is still in the statement: discard the connection
+			// when it comes back.
+			go func() {
+				<-stuck
+				l.discard(w)
+			}()
+		} else {
+			l.discard(w)
+		}
 		return nil, 0, classify(err)
 	}
 	w.users = 1

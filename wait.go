@@ -24,6 +24,12 @@ type waitSpec struct {
 	// client waits for the server's lock_timeout before giving up on it.
 	grace   time.Duration
 	closing <-chan struct{} // nil, or closed when the Locker closes
+	// abandon, if set, is called when waitLock returns although the
+	// statement is still running, because the driver did not stop it within
+	// grace of being told to (lib/pq on a silent network). The caller must
+	// not touch the connection until done yields. If abandon is nil,
+	// waitLock waits for the statement however long it takes.
+	abandon func(done <-chan error)
 }
 
 // cancelRetry is how often a cancel request is repeated: one that reaches
@@ -99,8 +105,9 @@ func waitLock(ctx context.Context, s waitSpec) error {
 		select {
 		case err = <-done:
 		case <-give.C:
-			qcancel()
-			err = <-done
+			if !s.giveUp(qcancel, done) {
+				return stop
+			}
 		}
 		if err != nil {
 			return fmt.Errorf("%w: %w", stop, err)
@@ -108,8 +115,7 @@ func waitLock(ctx context.Context, s waitSpec) error {
 		return stop
 	}
 	if s.cancel == nil {
-		qcancel()
-		<-done
+		s.giveUp(qcancel, done)
 		return stop
 	}
 	retry := time.NewTicker(cancelRetry)
@@ -119,10 +125,8 @@ func waitLock(ctx context.Context, s waitSpec) error {
 		err := s.cancel(cctx)
 		ccancel()
 		if err != nil {
-			// The cancel could not be sent (with database/sql it needs a
-			// spare pooled connection): leave it to the driver.
-			qcancel()
-			<-done
+			// The cancel could not be sent: leave it to the driver.
+			s.giveUp(qcancel, done)
 			return stop
 		}
 		select {
@@ -130,9 +134,28 @@ func waitLock(ctx context.Context, s waitSpec) error {
 			return stop
 		case <-retry.C:
 		case <-give.C:
-			qcancel()
-			<-done
+			s.giveUp(qcancel, done)
 			return stop
 		}
+	}
+}
+
+// giveUp cancels the statement's context, which makes the driver stop it, and
+// waits for it to end: at most s.grace if s.abandon is set. It reports
+// whether the statement ended.
+func (s waitSpec) giveUp(qcancel context.CancelFunc, done <-chan error) bool {
+	qcancel()
+	if s.abandon == nil {
+		<-done
+		return true
+	}
+	t := time.NewTimer(s.grace)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		s.abandon(done)
+		return false
 	}
 }

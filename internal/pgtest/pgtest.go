@@ -46,27 +46,61 @@ type Server struct {
 	// pg_locks.
 	Admin *pgxpool.Pool
 
-	dir   string // data directory; "" for an existing server
+	dir   string // holds the data directory and socket; "" for an existing server
 	bin   string
 	cred  *syscall.Credential
+	port  int
+	opts  Options
 	dbSeq atomic.Int64
 }
 
 // Start starts a throwaway server, or connects to the one that
 // PGLOCKS_TEST_DATABASE_URL names.
 func Start() (*Server, error) {
-	s := &Server{}
 	if url := os.Getenv(EnvURL); url != "" {
-		s.URL = url
-	} else if err := s.startLocal(); err != nil {
+		s := &Server{URL: url}
+		return s, s.connectAdmin()
+	}
+	return StartLocal(Options{})
+}
+
+// Options configure a local server.
+type Options struct {
+	// Settings are extra server settings, "name=value".
+	Settings []string
+	// NetNS runs the server in that network namespace (root only); Listen
+	// is then its address there.
+	NetNS  string
+	Listen string
+}
+
+// StartLocal starts a throwaway server from the local installation, whatever
+// PGLOCKS_TEST_DATABASE_URL says: for tests that restart or kill it.
+func StartLocal(o Options) (*Server, error) {
+	s := &Server{opts: o}
+	if err := s.initdb(); err != nil {
 		return nil, err
 	}
+	port, err := freePort()
+	if err != nil {
+		s.Stop()
+		return nil, err
+	}
+	s.port = port
+	if err := s.Start(); err != nil {
+		s.Stop()
+		return nil, err
+	}
+	return s, s.connectAdmin()
+}
+
+func (s *Server) connectAdmin() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cfg, err := pgxpool.ParseConfig(s.URL)
 	if err != nil {
 		s.Stop()
-		return nil, fmt.Errorf("pgtest: %w", err)
+		return fmt.Errorf("pgtest: %w", err)
 	}
 	cfg.MaxConns = 4
 	s.Admin, err = pgxpool.NewWithConfig(ctx, cfg)
@@ -75,12 +109,12 @@ func Start() (*Server, error) {
 	}
 	if err != nil {
 		s.Stop()
-		return nil, fmt.Errorf("pgtest: connect to %s: %w", s.URL, err)
+		return fmt.Errorf("pgtest: connect to %s: %w", s.URL, err)
 	}
-	return s, nil
+	return nil
 }
 
-func (s *Server) startLocal() error {
+func (s *Server) initdb() error {
 	bin, err := findBin()
 	if err != nil {
 		return err
@@ -105,42 +139,150 @@ func (s *Server) startLocal() error {
 			return fmt.Errorf("pgtest: %w", err)
 		}
 	}
-	data := filepath.Join(dir, "data")
-	if out, err := s.run("initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"); err != nil {
+	if out, err := s.run("initdb", "-D", s.data(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"); err != nil {
 		s.Stop()
 		return fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
 	}
-	port, err := freePort()
-	if err != nil {
-		s.Stop()
-		return err
+	return nil
+}
+
+func (s *Server) data() string { return filepath.Join(s.dir, "data") }
+
+// SocketDir is the directory of the server's Unix socket.
+func (s *Server) SocketDir() string { return s.dir }
+
+// Port is the server's port.
+func (s *Server) Port() int { return s.port }
+
+// Start starts the (stopped) local server.
+func (s *Server) Start() error {
+	listen := s.opts.Listen
+	if listen == "" {
+		listen = "127.0.0.1"
 	}
-	opts := strings.Join([]string{
-		"-p " + strconv.Itoa(port),
-		"-c listen_addresses=127.0.0.1",
-		"-c unix_socket_directories=" + dir,
+	opts := []string{
+		"-p " + strconv.Itoa(s.port),
+		"-c listen_addresses=" + listen,
+		"-c unix_socket_directories=" + s.dir,
 		"-c fsync=off",
 		"-c synchronous_commit=off",
 		"-c full_page_writes=off",
 		"-c max_connections=300",
 		"-c shared_buffers=64MB",
-	}, " ")
-	if out, err := s.run("pg_ctl", "-D", data, "-l", filepath.Join(dir, "log"), "-o", opts, "-w", "-t", "60", "start"); err != nil {
-		log, _ := os.ReadFile(filepath.Join(dir, "log"))
-		s.Stop()
+	}
+	for _, set := range s.opts.Settings {
+		opts = append(opts, "-c "+set)
+	}
+	var out []byte
+	var err error
+	// After a kill -9 the old backends may still hold the shared memory
+	// for a moment: try again.
+	for try := 0; try < 50; try++ {
+		out, err = s.run("pg_ctl", "-D", s.data(), "-l", filepath.Join(s.dir, "log"), "-o", strings.Join(opts, " "), "-w", "-t", "60", "start")
+		if err == nil {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err != nil {
+		log, _ := os.ReadFile(filepath.Join(s.dir, "log"))
 		return fmt.Errorf("pgtest: pg_ctl start: %w\n%s\n%s", err, out, log)
 	}
-	s.URL = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
+	s.URL = fmt.Sprintf("postgres://postgres@%s:%d/postgres?sslmode=disable", listen, s.port)
 	return nil
 }
 
-// run runs one of the server's programs, as the server's user.
+// Restart restarts the local server with pg_ctl's shutdown mode ("fast",
+// "immediate").
+func (s *Server) Restart(mode string) error {
+	if out, err := s.run("pg_ctl", "-D", s.data(), "-m", mode, "-w", "stop"); err != nil {
+		return fmt.Errorf("pgtest: pg_ctl stop -m %s: %w\n%s", mode, err, out)
+	}
+	return s.restarted(s.Start())
+}
+
+// restarted drops the admin pool's connections to the old server.
+func (s *Server) restarted(err error) error {
+	if err == nil && s.Admin != nil {
+		s.Admin.Reset()
+	}
+	return err
+}
+
+// Kill kills the postmaster with SIGKILL, as the OOM killer would, and starts
+// the server again.
+func (s *Server) Kill() error {
+	b, err := os.ReadFile(filepath.Join(s.data(), "postmaster.pid"))
+	if err != nil {
+		return fmt.Errorf("pgtest: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.SplitN(string(b), "\n", 2)[0])
+	if err != nil {
+		return fmt.Errorf("pgtest: postmaster.pid: %w", err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		return fmt.Errorf("pgtest: kill postmaster: %w", err)
+	}
+	// Wait until it is gone (or a zombie nobody reaps), at most 10 s.
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil || strings.Contains(string(stat), ") Z ") {
+			break
+		}
+	}
+	return s.restarted(s.Start())
+}
+
+// StartStandby starts a streaming standby of the local server s
+// (pg_basebackup -R), on a port of its own.
+func (s *Server) StartStandby() (*Server, error) {
+	st := &Server{bin: s.bin, cred: s.cred}
+	dir, err := os.MkdirTemp("", "pglocks-standby-")
+	if err != nil {
+		return nil, fmt.Errorf("pgtest: %w", err)
+	}
+	st.dir = dir
+	if s.cred != nil {
+		if err := os.Chown(dir, int(s.cred.Uid), int(s.cred.Gid)); err != nil {
+			st.Stop()
+			return nil, fmt.Errorf("pgtest: %w", err)
+		}
+	}
+	if out, err := st.run("pg_basebackup", "-D", st.data(), "-R", "-X", "stream", "-h", s.dir, "-p", strconv.Itoa(s.port), "-U", "postgres"); err != nil {
+		st.Stop()
+		return nil, fmt.Errorf("pgtest: pg_basebackup: %w\n%s", err, out)
+	}
+	if st.port, err = freePort(); err != nil {
+		st.Stop()
+		return nil, err
+	}
+	if err := st.Start(); err != nil {
+		st.Stop()
+		return nil, err
+	}
+	return st, st.connectAdmin()
+}
+
+// run runs one of the server's programs, as the server's user (and in its
+// network namespace).
 func (s *Server) run(prog string, args ...string) ([]byte, error) {
-	cmd := exec.Command(filepath.Join(s.bin, prog), args...)
+	path := filepath.Join(s.bin, prog)
+	cred := s.cred
+	if s.opts.NetNS != "" {
+		// Entering the namespace needs root; drop to the server's user inside.
+		pre := []string{"netns", "exec", s.opts.NetNS}
+		if cred != nil {
+			pre = append(pre, "setpriv", "--reuid="+strconv.Itoa(int(cred.Uid)), "--regid="+strconv.Itoa(int(cred.Gid)), "--clear-groups")
+			cred = nil
+		}
+		args = append(append(pre, path), args...)
+		path = "ip"
+	}
+	cmd := exec.Command(path, args...)
 	cmd.Dir = s.dir
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
-	if s.cred != nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
+	if cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
 	}
 	return cmd.CombinedOutput()
 }
@@ -154,7 +296,7 @@ func (s *Server) Stop() {
 		return
 	}
 	if s.URL != "" {
-		_, _ = s.run("pg_ctl", "-D", filepath.Join(s.dir, "data"), "-m", "immediate", "-w", "stop")
+		_, _ = s.run("pg_ctl", "-D", s.data(), "-m", "immediate", "-w", "stop")
 	}
 	_ = os.RemoveAll(s.dir)
 }

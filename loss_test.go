@@ -1,0 +1,175 @@
+package pglocks_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pglocks/pglocks"
+	"github.com/pglocks/pglocks/internal/pgtest"
+)
+
+// startServer starts a server of the test's own, for faults that would harm
+// the shared one.
+func startServer(t *testing.T, o pgtest.Options) *pgtest.Server {
+	t.Helper()
+	s, err := pgtest.StartLocal(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// serverLocks returns the advisory locks on s, in any database.
+func serverLocks(t *testing.T, s *pgtest.Server) []lockRow {
+	t.Helper()
+	rows, err := s.Admin.Query(context.Background(), `
+		SELECT pid, CASE objsubid WHEN 1 THEN 'bigint ' || ((classid::bigint << 32) | objid::bigint)
+		                        ELSE 'pair ' || classid::int4 || ',' || objid::bigint::bit(32)::int4 END,
+		       mode, granted
+		FROM pg_locks WHERE locktype = 'advisory' ORDER BY 1, 2`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (x lockRow, err error) {
+		err = r.Scan(&x.pid, &x.key, &x.mode, &x.granted)
+		return x, err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// heldOn returns the pid holding key on s, or 0.
+func heldOn(t *testing.T, s *pgtest.Server, key pglocks.Key) int {
+	for _, r := range serverLocks(t, s) {
+		if r.key == bigint(key) && r.granted {
+			return r.pid
+		}
+	}
+	return 0
+}
+
+// withHostPort returns dsn with its host:port replaced.
+func withHostPort(dsn, hostPort string) string {
+	at := strings.Index(dsn, "@") + 1
+	slash := strings.Index(dsn[at:], "/") + at
+	return dsn[:at] + hostPort + dsn[slash:]
+}
+
+// 1 and 2. The holder is told when its session ends, for every way a
+// session ends; Do's fn sees its ctx cancelled with cause ErrLockLost; every
+// lock on the lost session is reported.
+func TestLossDetection(t *testing.T) {
+	t.Parallel()
+	for _, d := range drivers {
+		t.Run(d.name, func(t *testing.T) {
+			t.Parallel()
+			fs := startServer(t, pgtest.Options{})
+			proxy, err := pgtest.NewProxy(fmt.Sprintf("127.0.0.1:%d", fs.Port()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer proxy.Close()
+			faults := []struct {
+				name   string
+				dsn    func() string
+				inject func(t *testing.T, pid int)
+				after  func()
+			}{
+				{name: "pg_terminate_backend", inject: func(t *testing.T, pid int) {
+					if _, err := fs.Admin.Exec(t.Context(), "SELECT pg_terminate_backend($1)", pid); err != nil {
+						t.Fatal(err)
+					}
+				}},
+				{name: "idle_session_timeout",
+					dsn: func() string { return fs.URL + "&options=-c%20idle_session_timeout%3D300" },
+					// The heartbeat keeps the session busier than that, so
+					// the Locker must be slowed down to let it expire.
+				},
+				{name: "network partition",
+					dsn:    func() string { return withHostPort(fs.URL, proxy.Addr()) },
+					inject: func(*testing.T, int) { proxy.Freeze() },
+					after:  proxy.Cut},
+				{name: "restart fast", inject: func(t *testing.T, _ int) { mustDo(t, fs.Restart("fast")) }},
+				{name: "restart immediate", inject: func(t *testing.T, _ int) { mustDo(t, fs.Restart("immediate")) }},
+				{name: "postmaster kill -9", inject: func(t *testing.T, _ int) { mustDo(t, fs.Kill()) }},
+			}
+			for i, f := range faults {
+				t.Run(f.name, func(t *testing.T) {
+					dsn := fs.URL
+					if f.dsn != nil {
+						dsn = f.dsn()
+					}
+					newLocker, closePool := d.pool(t, dsn, 4)
+					defer closePool()
+					opts := []pglocks.Option{}
+					if f.inject == nil {
+						// Heartbeats every 2 s leave the session idle long
+						// enough for idle_session_timeout=300ms.
+						opts = append(opts, pglocks.WithHeartbeat(2*time.Second, time.Second))
+					}
+					l, err := newLocker(opts...)
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer l.Close()
+					k0, k1 := pglocks.ID(int64(2*i)), pglocks.ID(int64(2*i+1))
+					lk0 := mustLock(t, l, k0)
+					inFn := make(chan struct{})
+					doErr := make(chan error, 1)
+					var fnCause error
+					go func() {
+						doErr <- l.Do(context.Background(), k1, func(ctx context.Context) error {
+							close(inFn)
+							<-ctx.Done()
+							fnCause = context.Cause(ctx)
+							return ctx.Err()
+						})
+					}()
+					<-inFn
+					pid := heldOn(t, fs, k0)
+					if pid == 0 || heldOn(t, fs, k1) != pid {
+						t.Fatalf("want both locks on one session: %v", serverLocks(t, fs))
+					}
+					start := time.Now()
+					if f.inject != nil {
+						f.inject(t, pid)
+					}
+					select {
+					case <-lk0.Done():
+					case <-time.After(30 * time.Second):
+						t.Fatal("the holder was not told within 30 s")
+					}
+					t.Logf("%s: loss reported after %v", f.name, time.Since(start).Round(time.Millisecond))
+					wantErr(t, lk0.Err(), pglocks.ErrLockLost)
+					err = <-doErr
+					wantErr(t, err, pglocks.ErrLockLost)
+					if !errors.Is(fnCause, pglocks.ErrLockLost) {
+						t.Errorf("fn's ctx cause: %v", fnCause)
+					}
+					if f.after != nil {
+						f.after()
+					}
+					// The Locker goes on with fresh sessions.
+					lk := mustLock(t, l, k0)
+					mustRelease(t, lk)
+				})
+			}
+		})
+	}
+}
+
+func mustDo(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
