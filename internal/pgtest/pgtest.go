@@ -304,7 +304,11 @@ func (s *Server) Stop() {
 // findBin returns the directory that holds initdb and pg_ctl.
 func findBin() (string, error) {
 	if p, err := exec.LookPath("initdb"); err == nil {
-		if _, err := exec.LookPath("pg_ctl"); err == nil {
+		// Follow links (Debian links only some programs into /usr/local/bin).
+		if real, err := filepath.EvalSymlinks(p); err == nil {
+			p = real
+		}
+		if _, err := os.Stat(filepath.Join(filepath.Dir(p), "pg_ctl")); err == nil {
 			return filepath.Dir(p), nil
 		}
 	}
