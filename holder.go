@@ -2,6 +2,7 @@ package pglocks
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -35,6 +36,25 @@ const primaryLinger = 5 * time.Second
 // (sqlInitSession). It refuses a standby, and a session that a
 // transaction-pooling proxy shares with other clients.
 func (l *Locker) take(ctx context.Context) (*holder, error) {
+	for try := 1; ; try++ {
+		h, err := l.take1(ctx)
+		var stale staleConn
+		if errors.As(err, &stale) && try < 3 && ctx.Err() == nil {
+			// A pooled connection whose session had ended (a restarted
+			// server, an idle timeout): pools hand those out. Take another.
+			continue
+		}
+		return h, err
+	}
+}
+
+// staleConn is a pooled connection that failed its first statement without
+// an error from the server.
+type staleConn struct{ error }
+
+func (s staleConn) Unwrap() error { return s.error }
+
+func (l *Locker) take1(ctx context.Context) (*holder, error) {
 	// A wait for a pooled connection ends when the Locker closes.
 	actx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(l.closeCtx, cancel)
@@ -67,7 +87,11 @@ func (l *Locker) take(ctx context.Context) (*holder, error) {
 		&set[0], &set[1], &set[2], &set[3], &set[4])
 	if err != nil {
 		c.destroy()
-		return nil, fmt.Errorf("ready connection: %w", err)
+		err = fmt.Errorf("ready connection: %w", err)
+		if sqlState(err) == "" {
+			err = staleConn{err}
+		}
+		return nil, err
 	}
 	if recovery {
 		l.giveBack(h)
@@ -80,11 +104,16 @@ func (l *Locker) take(ctx context.Context) (*holder, error) {
 		})
 		_ = setUserTimeout(tc, l.cfg.serverBound())
 	}
-	if pg != nil && pg.PID() != uint32(h.pid) {
-		// The BackendKeyData is not the backend's: a proxy is in between.
-		if err := l.checkPooling(sctx, h); err != nil {
+	if (pg == nil || pg.PID() != uint32(h.pid)) && !l.poolingOK.Load() {
+		// The BackendKeyData is not the backend's, so a proxy is in between;
+		// or the driver does not show it (lib/pq).
+		ok, err := l.checkPooling(sctx, h)
+		if err != nil {
 			l.giveBack(h)
 			return nil, err
+		}
+		if ok {
+			l.poolingOK.Store(true) // the same pool, the same answer
 		}
 	}
 	return h, nil
@@ -94,23 +123,27 @@ func (l *Locker) take(ctx context.Context) (*holder, error) {
 // proxy. Under transaction pooling h's server session goes back to the
 // proxy's pool between statements, and the proxy hands its most recently
 // used session (PgBouncer's default) to the next client: so a second client
-// that lands on h's pid proves that h does not own its session. If no second
-// connection can be had, it cannot tell; the heartbeat still notices when
-// h's statements run on another session.
-func (l *Locker) checkPooling(ctx context.Context, h *holder) error {
+// that lands on h's pid proves that h does not own its session. It reports
+// whether h owns its session; if no second connection can be had, it cannot
+// tell (false, nil), and the heartbeat still notices when h's statements run
+// on another session.
+func (l *Locker) checkPooling(ctx context.Context, h *holder) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	c2, err := l.src.acquire(ctx)
 	if err != nil {
-		return nil
+		return false, nil
 	}
 	var pid int32
 	err = c2.query(ctx, sqlBackendPID, nil, &pid)
 	c2.release()
-	if err == nil && pid == h.pid {
-		return ErrTransactionPooling
+	switch {
+	case err != nil:
+		return false, nil
+	case pid == h.pid:
+		return false, ErrTransactionPooling
 	}
-	return nil
+	return true, nil
 }
 
 func seconds(d time.Duration) string { return strconv.FormatInt(int64(d/time.Second), 10) }

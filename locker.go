@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -47,6 +48,8 @@ type Locker struct {
 	making  chan struct{} // closed when the goroutine making primary is done
 	holders map[*holder]struct{}
 	nserver int // keys held, or being taken or released, on the server
+
+	poolingOK atomic.Bool // a session of the pool was seen to be its own
 }
 
 // entryState is where a key stands in this process.
