@@ -1,0 +1,118 @@
+package pglocks_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglocks/pglocks"
+	"github.com/pglocks/pglocks/internal/pgtest"
+)
+
+// netns makes a network namespace joined to this one by a veth pair, with
+// hostAddr on this side and nsAddr inside, and returns a function that takes
+// the link down: packets are then dropped for real, in both directions, and
+// neither end is told. It needs root.
+func netns(t *testing.T, name, hostAddr, nsAddr string) (cut func()) {
+	t.Helper()
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	hostIf, nsIf := name+"h", name+"n"
+	_ = exec.Command("ip", "netns", "del", name).Run() // left by a killed run
+	ip("netns", "add", name)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", name).Run() })
+	ip("link", "add", hostIf, "type", "veth", "peer", "name", nsIf)
+	t.Cleanup(func() { _ = exec.Command("ip", "link", "del", hostIf).Run() })
+	ip("link", "set", nsIf, "netns", name)
+	ip("addr", "add", hostAddr+"/30", "dev", hostIf)
+	ip("link", "set", hostIf, "up")
+	ip("netns", "exec", name, "ip", "addr", "add", nsAddr+"/30", "dev", nsIf)
+	ip("netns", "exec", name, "ip", "link", "set", nsIf, "up")
+	ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
+	return func() { ip("link", "set", hostIf, "down") }
+}
+
+// 3. A holder cut off by a real network partition is told before the server
+// frees its lock, and the server frees it within its keepalive bound (the
+// Locker sets the session's TCP keepalives; PostgreSQL's defaults would keep
+// the lock for over two hours).
+func TestPartitionServerRelease(t *testing.T) {
+	t.Parallel()
+	if os.Geteuid() != 0 {
+		t.Skip("this test drops packets between two network namespaces, which needs root; run it as root (bash .ci/run does)")
+	}
+	const hostAddr, nsAddr = "10.213.7.1", "10.213.7.2" // the test's own hosts, inside its own namespace
+	cut := netns(t, fmt.Sprintf("pgl%d", os.Getpid()%100000), hostAddr, nsAddr)
+	fs := startServer(t, pgtest.Options{NetNS: fmt.Sprintf("pgl%d", os.Getpid()%100000), Listen: nsAddr})
+
+	pool, err := pgxpool.New(t.Context(), fs.URL) // over the veth pair
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	l, err := pglocks.New(pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	key := pglocks.ID(42)
+	lk := mustLock(t, l, key)
+
+	// Another session, over the Unix socket that the partition leaves alone,
+	// waits for the key.
+	other, err := pgx.Connect(t.Context(), fs.SocketURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close(context.Background())
+	acquired := make(chan time.Time, 1)
+	go func() {
+		if _, err := other.Exec(context.Background(), "SELECT pg_advisory_lock(42)"); err != nil {
+			t.Error(err)
+		}
+		acquired <- time.Now()
+	}()
+	waitFor(t, 10*time.Second, "the other session to wait", func() bool {
+		for _, r := range serverLocks(t, fs) {
+			if r.key == bigint(key) && !r.granted {
+				return true
+			}
+		}
+		return false
+	})
+
+	start := time.Now()
+	cut()
+	var done, got time.Time
+	select {
+	case <-lk.Done():
+		done = time.Now()
+	case <-time.After(30 * time.Second):
+		t.Fatal("the holder was not told within 30 s")
+	}
+	wantErr(t, lk.Err(), pglocks.ErrLockLost)
+	select {
+	case got = <-acquired:
+	case <-time.After(60 * time.Second):
+		t.Fatal("the server did not free the lock within 60 s")
+	}
+	t.Logf("partition: holder told after %v; server freed the lock after %v",
+		done.Sub(start).Round(time.Millisecond), got.Sub(start).Round(time.Millisecond))
+	if !done.Before(got) {
+		t.Fatalf("the server freed the lock (%v) before the holder was told (%v)", got.Sub(start), done.Sub(start))
+	}
+	if _, err := other.Exec(context.Background(), "SELECT pg_advisory_unlock(42)"); err != nil {
+		t.Fatal(err)
+	}
+}
