@@ -1,0 +1,281 @@
+package pglocks_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglocks/pglocks"
+	"github.com/pglocks/pglocks/internal/pgtest"
+)
+
+// errStale is a write refused by the fence: a newer holder has written.
+var errStale = errors.New("stale token")
+
+// span is a stretch of time: a critical section as its worker saw it (from
+// the lock's grant to the call that ends it), or a fault.
+type span struct {
+	key        int
+	start, end time.Time
+}
+
+// spans collects spans from many goroutines.
+type spans struct {
+	mu sync.Mutex
+	s  []span
+}
+
+func (s *spans) add(x span) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.s = append(s.s, x)
+}
+
+// 9. Chaos: workers on a few keys, session locks and transaction locks,
+// while backends are terminated, the server restarts and the network is cut.
+// Every critical section is written through a fence (the classic use of
+// fencing tokens). At the end: no two accepted sections of a key overlap, and
+// nothing is left behind.
+func TestChaos(t *testing.T) {
+	t.Parallel()
+	const (
+		run     = 30 * time.Second
+		workers = 8
+		keys    = 3
+	)
+	fs := startServer(t, pgtest.Options{})
+	proxy, err := pgtest.NewProxy(fmt.Sprintf("127.0.0.1:%d", fs.Port()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proxy.Close()
+	_, err = fs.Admin.Exec(t.Context(), `
+		CREATE TABLE fences (key int PRIMARY KEY, token bigint NOT NULL);
+		INSERT INTO fences SELECT g, 0 FROM generate_series(0, 9) g;
+		CREATE TABLE sections (key int, token bigint, kind text, started timestamptz, ended timestamptz)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dsn := withHostPort(fs.URL, proxy.Addr()) + "&application_name=chaos"
+
+	ctx, stop := context.WithTimeout(context.Background(), run)
+	defer stop()
+	var sessionOK, txOK, stale, lost, failed atomic.Int64
+	var seen, faultSpans spans
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			pool, err := pgxpool.New(context.Background(), dsn)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer pool.Close()
+			l, err := pglocks.New(pool, pglocks.WithFencingTokens())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer l.Close()
+			r := rand.New(rand.NewPCG(uint64(w), 9))
+			for ctx.Err() == nil {
+				key := r.IntN(keys)
+				var err error
+				if r.IntN(2) == 0 {
+					err = sessionSection(ctx, l, pool, key, r, &seen)
+					if err == nil {
+						sessionOK.Add(1)
+					}
+				} else {
+					err = txSection(ctx, l, key, r, &seen)
+					if err == nil {
+						txOK.Add(1)
+					}
+				}
+				switch {
+				case err == nil:
+				case errors.Is(err, errStale):
+					stale.Add(1)
+				case errors.Is(err, pglocks.ErrLockLost):
+					lost.Add(1)
+				default:
+					failed.Add(1)
+					time.Sleep(50 * time.Millisecond)
+				}
+			}
+		})
+	}
+
+	faults := map[string]int{}
+	r := rand.New(rand.NewPCG(99, 1))
+	for i := 0; ctx.Err() == nil; i++ {
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Duration(1500+r.IntN(1500)) * time.Millisecond):
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		fault := span{start: time.Now()}
+		switch i % 4 {
+		case 0, 2:
+			tag, err := fs.Admin.Exec(context.Background(),
+				"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'chaos' AND random() < 0.5")
+			if err == nil {
+				faults["backends terminated"] += int(tag.RowsAffected())
+			}
+		case 1:
+			proxy.Freeze()
+			time.Sleep(3 * time.Second)
+			proxy.Cut()
+			faults["network partitions (3 s, then cut)"]++
+		case 3:
+			if err := fs.Restart("fast"); err != nil {
+				t.Fatal(err)
+			}
+			faults["server restarts"]++
+		}
+		fault.end = time.Now()
+		faultSpans.add(fault)
+	}
+	wg.Wait()
+
+	// Without a fault, the lock alone excludes: sections that overlap as their
+	// workers saw them must each be near a fault (within the loss-detection
+	// bound), where only the fence keeps them apart.
+	const slack = 3 * time.Second
+	nearFault := func(x span) bool {
+		for _, f := range faultSpans.s {
+			if x.start.Before(f.end.Add(slack)) && f.start.Before(x.end) {
+				return true
+			}
+		}
+		return false
+	}
+	unexplained := 0
+	for i, a := range seen.s {
+		for _, b := range seen.s[i+1:] {
+			if a.key == b.key && a.start.Before(b.end) && b.start.Before(a.end) && !nearFault(a) && !nearFault(b) {
+				unexplained++
+			}
+		}
+	}
+	if unexplained != 0 {
+		t.Errorf("%d pairs of critical sections overlapped with no fault near them", unexplained)
+	}
+
+	var overlaps, accepted int
+	err = fs.Admin.QueryRow(context.Background(), `
+		SELECT (SELECT count(*) FROM sections a JOIN sections b ON a.key = b.key AND a.token < b.token
+		        WHERE a.ended IS NOT NULL AND b.ended IS NOT NULL AND a.started < b.ended AND b.started < a.ended),
+		       (SELECT count(*) FROM sections WHERE ended IS NOT NULL)`).Scan(&overlaps, &accepted)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("faults: %v", faults)
+	t.Logf("sections: %d session-lock and %d transaction-lock sections done, %d accepted by the fence; %d refused as stale, %d ended by a lost lock, %d failed (faults)",
+		sessionOK.Load(), txOK.Load(), accepted, stale.Load(), lost.Load(), failed.Load())
+	if overlaps != 0 {
+		t.Errorf("%d pairs of accepted critical sections overlap", overlaps)
+	}
+	if sessionOK.Load() == 0 || txOK.Load() == 0 {
+		t.Error("a kind of critical section never completed: the test did not exercise it")
+	}
+	waitFor(t, 30*time.Second, "no locks and no worker sessions on the server", func() bool {
+		var n int
+		_ = fs.Admin.QueryRow(context.Background(), "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'chaos'").Scan(&n)
+		return n == 0 && len(serverLocks(t, fs)) == 0
+	})
+}
+
+// sessionSection runs one critical section under a session lock, writing
+// its start and end through the fence.
+func sessionSection(ctx context.Context, l *pglocks.Locker, pool *pgxpool.Pool, key int, r *rand.Rand, seen *spans) error {
+	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	lk, err := l.Lock(lctx, pglocks.ID(int64(key)))
+	if err != nil {
+		return err
+	}
+	sec := span{key: key, start: time.Now()}
+	defer func() {
+		sec.end = time.Now()
+		seen.add(sec)
+		_ = lk.Release(context.Background())
+	}()
+	tok := lk.Token()
+	wctx, wcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer wcancel()
+	err = pgx.BeginFunc(wctx, pool, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(wctx, "UPDATE fences SET token = $2 WHERE key = $1 AND token < $2", key, tok)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return errStale
+		}
+		_, err = tx.Exec(wctx, "INSERT INTO sections VALUES ($1, $2, 'session', clock_timestamp(), NULL)", key, tok)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	select {
+	case <-time.After(time.Duration(r.IntN(20)) * time.Millisecond): // the work
+	case <-lk.Done():
+		return lk.Err()
+	}
+	return pgx.BeginFunc(wctx, pool, func(tx pgx.Tx) error {
+		// The row lock on the fence orders this against a newer holder's start.
+		tag, err := tx.Exec(wctx, "UPDATE fences SET token = token WHERE key = $1 AND token = $2", key, tok)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return errStale
+		}
+		_, err = tx.Exec(wctx, "UPDATE sections SET ended = clock_timestamp() WHERE key = $1 AND token = $2", key, tok)
+		return err
+	})
+}
+
+// txSection runs one critical section as a transaction under a transaction
+// lock; its token is the transaction's own id, from the same sequence as the
+// session locks' tokens.
+func txSection(ctx context.Context, l *pglocks.Locker, key int, r *rand.Rand, seen *spans) error {
+	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return l.DoTx(lctx, pglocks.ID(int64(key)), func(ctx context.Context, tx pgx.Tx) error {
+		// The transaction holds the lock from here until after its commit.
+		sec := span{key: key, start: time.Now()}
+		defer func() {
+			sec.end = time.Now()
+			seen.add(sec)
+		}()
+		var tok int64
+		if err := tx.QueryRow(ctx, "SELECT pg_current_xact_id()::text::bigint").Scan(&tok); err != nil {
+			return err
+		}
+		tag, err := tx.Exec(ctx, "UPDATE fences SET token = $2 WHERE key = $1 AND token < $2", key, tok)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return errStale
+		}
+		if _, err := tx.Exec(ctx, "INSERT INTO sections VALUES ($1, $2, 'tx', clock_timestamp(), NULL)", key, tok); err != nil {
+			return err
+		}
+		time.Sleep(time.Duration(r.IntN(20)) * time.Millisecond) // the work
+		_, err = tx.Exec(ctx, "UPDATE sections SET ended = clock_timestamp() WHERE key = $1 AND token = $2", key, tok)
+		return err
+	})
+}
