@@ -54,19 +54,42 @@
 //   - Transaction locks end with their transaction, including a rollback to a
 //     savepoint taken before them. A failed transaction-lock wait is rolled
 //     back to a savepoint of its own and leaves lock_timeout as it was.
+//   - A holder is told when its lock is gone. Every session that holds locks
+//     is checked by a heartbeat ([WithHeartbeat]); when its session ends (the
+//     backend is terminated, the server restarts or is killed, an idle
+//     timeout, a network partition) every lock on it is reported through
+//     [Lock.Done] and [Lock.Err] (matching [ErrLockLost]) at most
+//     interval+timeout (2 s by default) after the server stops answering, and
+//     [Locker.Do] cancels fn's context with that cause.
+//   - A silent holder's locks are freed by the server in a bound, and the
+//     holder hears first. Holder sessions set TCP keepalives and a TCP user
+//     timeout on the server's side and on their own socket
+//     ([WithServerKeepalive]), so the server drops a vanished client after
+//     about 11 s instead of more than two hours; the Locker refuses settings
+//     under which it could learn of a loss after the server frees the lock.
+//   - Fencing tokens ([WithFencingTokens], [Lock.Token]) increase strictly
+//     from one holder of a key to the next, so the resource a lock guards can
+//     refuse a stale holder's write.
+//   - Locks are refused on a standby ([ErrStandby]) and, as far as it can
+//     tell, through a transaction-pooling proxy ([ErrTransactionPooling]).
+//     A full server lock table fails one acquire with [ErrLockTableFull] and
+//     loses nothing else; [WithMaxLocks] caps what one Locker holds.
 //
 // # What is not guaranteed
 //
-//   - A lock is only as good as the session that holds it. If the session
-//     ends (the backend is terminated, the server restarts, the network
-//     fails), the server frees the lock and another process may take it while
-//     the old holder still runs. The Locker reports the loss through
-//     [Lock.Done] when it next uses that connection; it does not yet probe
-//     idle holder connections, so a loss can go unnoticed until then. Guard
-//     writes that must not happen twice with a check in the database itself.
-//   - Locks taken on a standby are not seen by the primary, and PgBouncer in
-//     transaction mode strands session locks: point the Locker at the
-//     primary, directly or through session pooling.
+//   - A lock is only as good as the session that holds it. When the session
+//     ends, the server frees the lock at once (a terminated backend, a
+//     restart) and another process may take it up to the heartbeat bound
+//     before the old holder hears of it; a holder that pauses (a GC, a stopped
+//     VM) hears nothing until it runs again. Use fencing tokens for writes
+//     that must not come from a stale holder.
+//   - Transaction pooling is detected from the outside: behind a proxy whose
+//     BackendKeyData differs from the backend's pid (or with lib/pq, which
+//     does not show it), a second client must land on the holder's server
+//     session, as PgBouncer's default reuse order makes it. Point the Locker
+//     at the primary, directly or through session pooling.
+//   - Deadlocks between transaction locks are detected by the server
+//     ([ErrDeadlock]).
 //   - The Locker must own the session locks on its connections. Do not take
 //     session advisory locks yourself on connections of the same pool and
 //     return them to it.
@@ -81,5 +104,9 @@
 //     wait for each other. Take locks in one global order and use deadlines.
 //   - If the server stops answering, a cancelled wait is abandoned after the
 //     statement timeout ([WithStatementTimeout]) by closing its connection;
-//     the server drops the wait when it notices.
+//     the server drops the wait when it notices. lib/pq cannot interrupt a
+//     statement on a silent network; pglocks then reports the loss on time
+//     and closes the connection when the driver returns.
+//   - Fencing tokens cost a transaction id and a commit (a WAL flush) per
+//     acquisition, which is why they are off by default.
 package pglocks
