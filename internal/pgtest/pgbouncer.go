@@ -13,7 +13,7 @@ import (
 
 // InstallPgBouncer says how to get PgBouncer when it is missing.
 const InstallPgBouncer = `pgtest: pgbouncer not found on PATH or in /usr/sbin.
-Install it (Debian/Ubuntu: apt-get install pgbouncer; macOS: brew install pgbouncer); bash .ci/run does.`
+Install it (Debian/Ubuntu: apt-get install pgbouncer; macOS: brew install pgbouncer): bash .ci/run does`
 
 // PgBouncer is a PgBouncer in front of a local Server.
 type PgBouncer struct {
