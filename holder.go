@@ -112,9 +112,8 @@ func (l *Locker) take1(ctx context.Context) (*holder, error) {
 			l.giveBack(h)
 			return nil, err
 		}
-		if ok {
-			l.poolingOK.Store(true) // the same pool, the same answer
-		}
+		_ = ok // owned, or could not tell: either way, do not ask again
+		l.poolingOK.Store(true)
 	}
 	return h, nil
 }
@@ -154,11 +153,27 @@ func (l *Locker) giveBack(h *holder) {
 	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
 	defer cancel()
 	o := h.orig
-	if err := h.c.exec(ctx, sqlRestoreSession, o[0], o[1], o[2], o[3], o[4]); err != nil {
-		h.c.destroy()
+	err := l.runStmt(ctx, h, func(ctx context.Context) error {
+		return h.c.exec(ctx, sqlRestoreSession, o[0], o[1], o[2], o[3], o[4])
+	})
+	if err != nil {
+		l.closeConn(h)
 		return
 	}
 	h.c.release()
+}
+
+// closeConn closes h's session, now or, if a statement abandoned by runStmt
+// still runs on it, when that statement ends.
+func (l *Locker) closeConn(h *holder) {
+	if h.stuck == nil {
+		h.c.destroy()
+		return
+	}
+	go func() {
+		<-h.stuck
+		h.c.destroy()
+	}()
 }
 
 // discard closes a connection after a failed wait. It first unlocks
@@ -166,9 +181,9 @@ func (l *Locker) giveBack(h *holder) {
 // free before the caller hears of the failure.
 func (l *Locker) discard(h *holder) {
 	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
-	_ = h.c.exec(ctx, sqlUnlockAll)
+	_ = l.runStmt(ctx, h, func(ctx context.Context) error { return h.c.exec(ctx, sqlUnlockAll) })
 	cancel()
-	h.c.destroy()
+	l.closeConn(h)
 }
 
 // primaryHolder returns the holder where locks are tried first, taking a
@@ -251,14 +266,7 @@ func (l *Locker) do(ctx context.Context, h *holder, f func(ctx context.Context) 
 func (l *Locker) fail(h *holder, err error) {
 	h.broken = fmt.Errorf("connection closed after an error: %w", err)
 	l.lose(h, err)
-	if h.stuck != nil {
-		go func() {
-			<-h.stuck
-			h.c.destroy()
-		}()
-		return
-	}
-	h.c.destroy()
+	l.closeConn(h)
 }
 
 // abandonAfter is how long past its deadline a statement may run before
@@ -377,7 +385,12 @@ func (l *Locker) heartbeat() {
 		}
 		l.mu.Unlock()
 		if retire != nil {
-			l.giveBack(retire)
+			// Not here: a silent network must not hold up the probes.
+			l.bg.Add(1)
+			go func() {
+				defer l.bg.Done()
+				l.giveBack(retire)
+			}()
 		}
 		for _, h := range probe {
 			l.bg.Add(1)

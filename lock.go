@@ -41,7 +41,9 @@ func (lk *Lock) Key() Key { return lk.e.key }
 // VM) or cut off while its lock was freed and taken by another: when it
 // resumes it still believes it holds the lock. The token lets the resource
 // reject it. Goroutines of one Locker that share a lock in [Shared] mode
-// share its token.
+// share its token. Shared holders in different sessions hold at the same
+// time, so their tokens order their grants, not their turns: fence only
+// exclusive holders this way.
 func (lk *Lock) Token() int64 { return lk.token }
 
 // Done returns a channel that is closed once the lock is no longer held:

@@ -180,7 +180,10 @@ func (l *Locker) TryDo(ctx context.Context, key Key, fn func(ctx context.Context
 // Close releases every lock the Locker holds, makes Lock calls still waiting
 // return [ErrClosed], waits for its goroutines to stop and gives its
 // connections back to the pool (a connection whose locks cannot be released is
-// closed instead). Handles of released locks report [ErrClosed] from Err.
+// closed instead). One exception: with a driver that cannot interrupt a
+// statement on a silent network (lib/pq), a connection whose statement was
+// abandoned is closed by a goroutine when the driver returns, which may be
+// after Close. Handles of released locks report [ErrClosed] from Err.
 // Every call after Close, Close included, returns an error matching ErrClosed.
 func (l *Locker) Close() error {
 	l.mu.Lock()
@@ -207,11 +210,11 @@ func (l *Locker) Close() error {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
-		err := h.c.exec(ctx, sqlUnlockAll)
+		err := l.runStmt(ctx, h, func(ctx context.Context) error { return h.c.exec(ctx, sqlUnlockAll) })
 		cancel()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("pglocks: close: unlock all: %w", err))
-			h.c.destroy()
+			l.closeConn(h)
 			continue
 		}
 		l.giveBack(h)
@@ -390,12 +393,22 @@ func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait boo
 		var token int64
 		err = l.do(ctx, h, func(sctx context.Context) error {
 			err := h.c.query(sctx, q, args, &ok, &token)
-			if sqlState(err) == stateOutOfMemory {
-				// The lock table is full: nothing was granted, and the
-				// session is fine.
-				return keepConn{classify(err)}
+			if sqlState(err) != stateOutOfMemory {
+				return err
 			}
-			return err
+			// The lock table is full. Without fencing nothing was granted.
+			// With it the lock may have taken the last slot and the token's
+			// transaction id found none: the session lock outlives the
+			// failed statement, so let it go (the Locker never holds a key
+			// twice on the server, so this unlock is exact).
+			if l.cfg.fencing {
+				uq, uargs := stmt(stmtUnlock, key, o.shared, false)
+				var unlocked bool
+				if uerr := h.c.query(sctx, uq, uargs, &unlocked); uerr != nil {
+					return uerr
+				}
+			}
+			return keepConn{classify(err)}
 		})
 		if err == nil && ok {
 			return h, token, nil

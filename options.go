@@ -66,7 +66,7 @@ func WithLogger(logger *slog.Logger) Option {
 // WithApplicationName sets the application_name of every server session the
 // Locker takes from the pool, for as long as it uses it, so that pg_locks
 // joined with pg_stat_activity shows who holds a lock. The session's own
-// value is restored (RESET) before the connection goes back to the pool. By
+// value is put back before the connection goes back to the pool. By
 // default the Locker leaves application_name as the pool set it. The server
 // cuts names to 63 bytes.
 func WithApplicationName(name string) Option {
