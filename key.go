@@ -52,6 +52,16 @@ func NameCRC32(name string) Key {
 	return ID(int64(int32(crc32.ChecksumIEEE([]byte(name)))))
 }
 
+// Int64 returns the bigint of a key in the bigint space ([ID], [Name],
+// [NameCRC32]); ok is false for a [Pair] key and the zero Key.
+func (k Key) Int64() (id int64, ok bool) { return k.v, k.kind == kindInt64 }
+
+// Int32s returns the two int4 of a [Pair] key; ok is false for other keys.
+func (k Key) Int32s() (a, b int32, ok bool) {
+	a, b = k.pair()
+	return a, b, k.kind == kindPair
+}
+
 // valid reports whether k was made by a constructor.
 func (k Key) valid() bool { return k.kind == kindInt64 || k.kind == kindPair }
 

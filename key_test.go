@@ -34,6 +34,24 @@ func TestKeyVectors(t *testing.T) {
 	}
 }
 
+func TestKeyAccessors(t *testing.T) {
+	if id, ok := pglocks.ID(-7).Int64(); !ok || id != -7 {
+		t.Errorf("ID(-7).Int64() = %d, %v", id, ok)
+	}
+	if _, ok := pglocks.Pair(1, 2).Int64(); ok {
+		t.Error("a pair key has an Int64")
+	}
+	if a, b, ok := pglocks.Pair(-1, 2).Int32s(); !ok || a != -1 || b != 2 {
+		t.Errorf("Pair(-1, 2).Int32s() = %d, %d, %v", a, b, ok)
+	}
+	if _, _, ok := pglocks.ID(1).Int32s(); ok {
+		t.Error("a bigint key has Int32s")
+	}
+	if _, ok := (pglocks.Key{}).Int64(); ok {
+		t.Error("the zero Key has an Int64")
+	}
+}
+
 func TestKeyIdentity(t *testing.T) {
 	if pglocks.ID(1) == pglocks.Pair(0, 1) {
 		t.Error("ID(1) == Pair(0, 1): the two key spaces must not collide")

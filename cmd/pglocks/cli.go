@@ -1,0 +1,210 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglocks/pglocks"
+)
+
+// Exit statuses.
+const (
+	exitConflict  = 1 // the lock was not had (-n, -w); -E changes it
+	exitUsage     = 2
+	exitDatabase  = 3 // cannot connect, or the server failed
+	exitLost      = 4 // the lock was lost while COMMAND ran
+	exitCannotRun = 126
+	exitNotFound  = 127
+)
+
+const usage = `Usage:
+  pglocks run [flags] NAME -- COMMAND [ARG...]   run COMMAND while holding the lock NAME
+  pglocks ls [flags]                             list the advisory locks in the database
+  pglocks key [-k SCHEME] NAME                   print NAME's key and the SQL that takes it
+  pglocks version                                print the version
+
+Run 'pglocks COMMAND --help' for a command's flags. The database is -d/--dsn,
+else DATABASE_URL, else the usual PGHOST, PGPORT, PGUSER, PGDATABASE, ...
+`
+
+// cli runs pglocks with args and returns its exit status.
+func cli(args []string, stdin *os.File, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitUsage
+	}
+	switch args[0] {
+	case "run":
+		return runCommand(args[1:], stdin, stdout, stderr)
+	case "ls":
+		return lsCommand(args[1:], stdout, stderr)
+	case "key":
+		return keyCommand(args[1:], stdout, stderr)
+	case "version", "--version":
+		v := "(devel)"
+		if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+			v = bi.Main.Version
+		}
+		fmt.Fprintf(stdout, "pglocks %s\n", v)
+		return 0
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "pglocks: unknown command %q\n%s", args[0], usage)
+	return exitUsage
+}
+
+// flagSet returns a FlagSet that prints its usage (head, then the flags) on
+// -h and reports errors itself.
+func flagSet(name, head string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), head)
+		fmt.Fprintln(fs.Output(), "\nFlags (one dash or two):")
+		printFlags(fs)
+	}
+	return fs
+}
+
+// printFlags prints each flag once, with its short and long names together.
+func printFlags(fs *flag.FlagSet) {
+	names := map[string][]string{} // usage -> names
+	var order []string
+	fs.VisitAll(func(f *flag.Flag) {
+		if _, ok := names[f.Usage]; !ok {
+			order = append(order, f.Usage)
+		}
+		names[f.Usage] = append(names[f.Usage], f.Name)
+	})
+	for _, u := range order {
+		ns := names[u]
+		sort.Slice(ns, func(i, j int) bool { return len(ns[i]) < len(ns[j]) })
+		var parts []string
+		for _, n := range ns {
+			if len(n) == 1 {
+				parts = append(parts, "-"+n)
+			} else {
+				parts = append(parts, "--"+n)
+			}
+		}
+		f := fs.Lookup(ns[0])
+		typ, _ := flag.UnquoteUsage(f)
+		def := ""
+		if f.DefValue != "" && f.DefValue != "false" && f.DefValue != "0" && f.DefValue != "0s" {
+			def = " (default " + f.DefValue + ")"
+		}
+		fmt.Fprintf(fs.Output(), "  %s %s\n    \t%s%s\n", strings.Join(parts, ", "), typ, u, def)
+	}
+}
+
+// parseFlags parses args; it returns -1 to go on, or the exit status. A bad
+// flag gets one line on stderr; -h or --help the whole usage on stdout.
+func parseFlags(fs *flag.FlagSet, args []string, stdout io.Writer) int {
+	usage, out := fs.Usage, fs.Output()
+	fs.Usage = func() {}
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	fs.Usage = usage
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		fs.SetOutput(stdout)
+		fs.Usage()
+		return 0
+	case err != nil:
+		return usageError(out, fs.Name(), "%v", err)
+	}
+	fs.SetOutput(out)
+	return -1
+}
+
+// usageError prints one line and returns the usage exit status.
+func usageError(stderr io.Writer, cmd, format string, args ...any) int {
+	fmt.Fprintf(stderr, "pglocks %s: %s (see 'pglocks %s --help')\n", cmd, fmt.Sprintf(format, args...), cmd)
+	return exitUsage
+}
+
+// schemes are the ways a NAME becomes a key.
+const schemes = "name (hashtextextended, the default), crc32 (django-pglocks), id (NAME is an int64), pair (NAME is A,B)"
+
+// parseKey turns name into a key by scheme.
+func parseKey(scheme, name string) (pglocks.Key, error) {
+	switch scheme {
+	case "name", "":
+		return pglocks.Name(name), nil
+	case "crc32":
+		return pglocks.NameCRC32(name), nil
+	case "id":
+		id, err := strconv.ParseInt(strings.TrimSpace(name), 10, 64)
+		if err != nil {
+			return pglocks.Key{}, fmt.Errorf("-k id: %q is not an int64", name)
+		}
+		return pglocks.ID(id), nil
+	case "pair":
+		a, b, ok := strings.Cut(name, ",")
+		x, err1 := strconv.ParseInt(strings.TrimSpace(a), 10, 32)
+		y, err2 := strconv.ParseInt(strings.TrimSpace(b), 10, 32)
+		if !ok || err1 != nil || err2 != nil {
+			return pglocks.Key{}, fmt.Errorf("-k pair: %q is not two int32 as A,B", name)
+		}
+		return pglocks.Pair(int32(x), int32(y)), nil
+	}
+	return pglocks.Key{}, fmt.Errorf("unknown key scheme %q; schemes: %s", scheme, schemes)
+}
+
+// poolConfig resolves the database: dsn, else DATABASE_URL, else libpq's
+// environment variables (which pgx reads for what the string leaves out).
+func poolConfig(dsn string) (*pgxpool.Config, error) {
+	if dsn == "" {
+		dsn = os.Getenv("DATABASE_URL")
+	}
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("bad connection string: %w", err)
+	}
+	return cfg, nil
+}
+
+// connect opens a pool and checks that the server answers.
+func connect(ctx context.Context, cfg *pgxpool.Config) (*pgxpool.Pool, error) {
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("cannot connect to %s:%d: %s", cfg.ConnConfig.Host, cfg.ConnConfig.Port, oneLine(err))
+	}
+	return pool, nil
+}
+
+// keyWhere is the pg_locks condition for key, with its three arguments.
+func keyWhere(key pglocks.Key) (string, []any) {
+	if id, ok := key.Int64(); ok {
+		return "l.objsubid = 1 AND l.classid::bigint = $1 AND l.objid::bigint = $2",
+			[]any{int64(uint32(id >> 32)), int64(uint32(id))}
+	}
+	a, b, _ := key.Int32s()
+	return "l.objsubid = 2 AND l.classid::bigint = $1 AND l.objid::bigint = $2",
+		[]any{int64(uint32(a)), int64(uint32(b))}
+}
+
+// oneLine is err's text on one line (pgx lists each address it tried on a
+// line of its own).
+func oneLine(err error) string {
+	return strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", " ")), " ")
+}

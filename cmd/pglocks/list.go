@@ -1,0 +1,210 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglocks/pglocks"
+)
+
+const lsHead = `Usage: pglocks ls [flags]
+
+Lists the advisory locks in the current database, held and awaited: the key
+(a bigint, or A,B for the int4-pair key space), its name when given with
+--name, mode, state, the session's pid, application and client, since when
+(the wait's start for a waiter; the session's start for a holder, as the
+server does not record when a lock was granted), and who blocks a waiter.
+`
+
+// lockInfo is one row of "pglocks ls".
+type lockInfo struct {
+	Key         string    `json:"key"`
+	Bigint      *int64    `json:"bigint"`
+	Pair        *[2]int32 `json:"pair"`
+	Name        string    `json:"name,omitempty"`
+	Mode        string    `json:"mode"`
+	Granted     bool      `json:"granted"`
+	PID         int       `json:"pid"`
+	Application string    `json:"application"`
+	Client      string    `json:"client"`
+	Since       time.Time `json:"since"`
+	BlockedBy   []int     `json:"blocked_by"`
+}
+
+// stringList is a repeatable string flag.
+type stringList []string
+
+func (s *stringList) String() string     { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+
+// lsCommand is "pglocks ls".
+func lsCommand(args []string, stdout, stderr io.Writer) int {
+	fs := flagSet("ls", lsHead, stderr)
+	var (
+		asJSON      bool
+		watch       time.Duration
+		names       stringList
+		scheme, dsn string
+	)
+	fs.BoolVar(&asJSON, "json", false, "print JSON")
+	fs.DurationVar(&watch, "watch", 0, "print again every DURATION until interrupted")
+	fs.Var(&names, "name", "label the lock of this NAME (repeatable)")
+	for _, n := range []string{"k", "key"} {
+		fs.StringVar(&scheme, n, "name", "how --name values become keys: "+schemes)
+	}
+	for _, n := range []string{"d", "dsn"} {
+		fs.StringVar(&dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
+	}
+	if code := parseFlags(fs, args, stdout); code >= 0 {
+		return code
+	}
+	if fs.NArg() != 0 {
+		return usageError(stderr, "ls", "unexpected argument %q", fs.Arg(0))
+	}
+	if watch < 0 {
+		return usageError(stderr, "ls", "--watch must be positive")
+	}
+	labels := map[string]string{}
+	for _, n := range names {
+		key, err := parseKey(scheme, n)
+		if err != nil {
+			return usageError(stderr, "ls", "%v", err)
+		}
+		labels[keyLabel(key)] = n
+	}
+	cfg, err := poolConfig(dsn)
+	if err != nil {
+		return usageError(stderr, "ls", "%v", err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cfg.MaxConns = 1
+	pool, err := connect(ctx, cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks ls: %v\n", err)
+		return exitDatabase
+	}
+	defer pool.Close()
+	for {
+		locks, err := listLocks(ctx, pool, labels)
+		if err != nil {
+			if ctx.Err() != nil {
+				return 0
+			}
+			fmt.Fprintf(stderr, "pglocks ls: %v\n", err)
+			return exitDatabase
+		}
+		if asJSON {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			_ = enc.Encode(locks)
+		} else {
+			printLocks(stdout, locks)
+		}
+		if watch == 0 {
+			return 0
+		}
+		select {
+		case <-ctx.Done():
+			return 0
+		case <-time.After(watch):
+		}
+		if !asJSON {
+			fmt.Fprintln(stdout)
+		}
+	}
+}
+
+// keyLabel is how ls writes a key.
+func keyLabel(key pglocks.Key) string {
+	if id, ok := key.Int64(); ok {
+		return strconv.FormatInt(id, 10)
+	}
+	a, b, _ := key.Int32s()
+	return fmt.Sprintf("%d,%d", a, b)
+}
+
+func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[string]string) ([]lockInfo, error) {
+	rows, err := pool.Query(ctx, `
+		SELECT l.objsubid, l.classid::bigint, l.objid::bigint, l.mode, l.granted, l.pid,
+		       coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local socket'),
+		       coalesce(l.waitstart, a.backend_start), pg_blocking_pids(l.pid)
+		FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+		WHERE l.locktype = 'advisory'
+		  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+		ORDER BY l.classid, l.objid, l.objsubid, l.granted DESC, l.pid`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (li lockInfo, err error) {
+		var sub int16
+		var classid, objid int64
+		var blocking []int32
+		if err := r.Scan(&sub, &classid, &objid, &li.Mode, &li.Granted, &li.PID, &li.Application, &li.Client, &li.Since, &blocking); err != nil {
+			return li, err
+		}
+		var key pglocks.Key
+		if sub == 1 {
+			key = pglocks.ID(classid<<32 | objid)
+			id, _ := key.Int64()
+			li.Bigint = &id
+		} else {
+			key = pglocks.Pair(int32(classid), int32(objid))
+			li.Pair = &[2]int32{int32(classid), int32(objid)}
+		}
+		li.Key = keyLabel(key)
+		li.Name = labels[li.Key]
+		li.Mode = strings.TrimSuffix(strings.ToLower(li.Mode), "lock")
+		li.BlockedBy = []int{}
+		if !li.Granted {
+			for _, p := range blocking {
+				li.BlockedBy = append(li.BlockedBy, int(p))
+			}
+		}
+		return li, nil
+	})
+}
+
+func printLocks(w io.Writer, locks []lockInfo) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "KEY\tNAME\tMODE\tSTATE\tPID\tAPPLICATION\tCLIENT\tSINCE\tBLOCKED BY")
+	for _, l := range locks {
+		state := "held"
+		if !l.Granted {
+			state = "waiting"
+		}
+		var by []string
+		for _, p := range l.BlockedBy {
+			by = append(by, strconv.Itoa(p))
+		}
+		key := l.Key
+		if l.Pair != nil {
+			key = "(" + key + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", key, dash(l.Name), l.Mode, state, l.PID,
+			dash(l.Application), l.Client, l.Since.Local().Format("2006-01-02 15:04:05"), dash(strings.Join(by, ",")))
+	}
+	tw.Flush()
+	if len(locks) == 0 {
+		fmt.Fprintln(w, "(no advisory locks)")
+	}
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

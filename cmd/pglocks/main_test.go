@@ -1,0 +1,439 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/goleak"
+
+	"github.com/pglocks/pglocks"
+	"github.com/pglocks/pglocks/internal/pgtest"
+)
+
+var (
+	srv *pgtest.Server
+	bin string // the pglocks binary under test
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "pglocks-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin = filepath.Join(dir, "pglocks")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building pglocks: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	pgtest.Main(m, &srv, func(code int) int {
+		os.RemoveAll(dir)
+		if code == 0 {
+			if err := goleak.Find(); err != nil {
+				fmt.Fprintln(os.Stderr, "goroutines left behind:", err)
+				return 1
+			}
+		}
+		return code
+	})
+}
+
+// syncBuffer collects a process's output while it runs.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// proc is a running pglocks.
+type proc struct {
+	cmd            *exec.Cmd
+	stdout, stderr syncBuffer
+	done           chan struct{}
+	code           int
+}
+
+// start starts pglocks with args against dsn.
+func start(t *testing.T, dsn string, args ...string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command(bin, args...), done: make(chan struct{})}
+	p.cmd.Env = append(os.Environ(), "DATABASE_URL="+dsn)
+	p.cmd.Stdout, p.cmd.Stderr = &p.stdout, &p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		_ = p.cmd.Wait()
+		p.code = p.cmd.ProcessState.ExitCode()
+		if ws, ok := p.cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			p.code = 128 + int(ws.Signal())
+		}
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	})
+	return p
+}
+
+// wait waits for p to exit and returns its status.
+func (p *proc) wait(t *testing.T) int {
+	t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(60 * time.Second):
+		t.Fatalf("pglocks did not exit; stderr:\n%s", p.stderr.String())
+	}
+	return p.code
+}
+
+// pglocksRun runs pglocks to the end.
+func pglocksRun(t *testing.T, dsn string, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	p := start(t, dsn, args...)
+	code = p.wait(t)
+	return p.stdout.String(), p.stderr.String(), code
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+	}
+}
+
+// lockRow is one advisory lock in a test database.
+type lockRow struct {
+	pid     int
+	key     int64
+	granted bool
+}
+
+func locks(t *testing.T, db string) []lockRow {
+	t.Helper()
+	rows, err := srv.Admin.Query(context.Background(), `
+		SELECT l.pid, (l.classid::bigint << 32) | l.objid::bigint, l.granted
+		FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+		WHERE l.locktype = 'advisory' AND d.datname = $1`, db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (x lockRow, err error) {
+		err = r.Scan(&x.pid, &x.key, &x.granted)
+		return x, err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func dbName(dsn string) string { return dsn[strings.LastIndex(dsn, "/")+1 : strings.Index(dsn, "?")] }
+
+func holderPID(t *testing.T, db string, key pglocks.Key) int {
+	id, _ := key.Int64()
+	for _, r := range locks(t, db) {
+		if r.key == id && r.granted {
+			return r.pid
+		}
+	}
+	return 0
+}
+
+func waiting(t *testing.T, db string) bool {
+	for _, r := range locks(t, db) {
+		if !r.granted {
+			return true
+		}
+	}
+	return false
+}
+
+// testDB returns a fresh database and a check, run at cleanup, that nothing
+// is held or awaited in it.
+func testDB(t *testing.T) (dsn, db string) {
+	dsn = srv.DB(t)
+	return dsn, dbName(dsn)
+}
+
+// holdSQL holds NAME's lock from a plain session, as psql would.
+func holdSQL(t *testing.T, dsn, name string) *pgx.Conn {
+	t.Helper()
+	c, err := pgx.Connect(context.Background(), dsn+"&application_name=holder-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	if _, err := c.Exec(context.Background(), "SELECT pg_advisory_lock(hashtextextended($1, 0))", name); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestRunContending(t *testing.T) {
+	t.Parallel()
+	dsn, db := testDB(t)
+	out := filepath.Join(t.TempDir(), "order")
+	first := start(t, dsn, "run", "job", "--", "sh", "-c", "echo start1 >> "+out+"; sleep 2; echo end1 >> "+out)
+	waitFor(t, "the first to hold the lock", func() bool { return holderPID(t, db, pglocks.Name("job")) != 0 })
+	second := start(t, dsn, "run", "job", "--", "sh", "-c", "echo start2 >> "+out)
+	want := fmt.Sprintf("[%d]", first.cmd.Process.Pid)
+	waitFor(t, "the second to name the first", func() bool {
+		s := second.stderr.String()
+		return strings.Contains(s, "waiting for job, held by pid") && strings.Contains(s, "pglocks run job on") && strings.Contains(s, want)
+	})
+	if !waiting(t, db) {
+		t.Error("the second does not wait in the server")
+	}
+	if c := first.wait(t); c != 0 {
+		t.Fatalf("first: exit %d\n%s", c, first.stderr.String())
+	}
+	if c := second.wait(t); c != 0 {
+		t.Fatalf("second: exit %d\n%s", c, second.stderr.String())
+	}
+	got, _ := os.ReadFile(out)
+	if string(got) != "start1\nend1\nstart2\n" {
+		t.Fatalf("order of work: %q", got)
+	}
+	t.Logf("second's stderr: %s", second.stderr.String())
+}
+
+func TestRunConflictCodes(t *testing.T) {
+	t.Parallel()
+	dsn, db := testDB(t)
+	holdSQL(t, dsn, "job")
+	for _, tt := range []struct {
+		args []string
+		code int
+	}{
+		{[]string{"run", "-n", "job", "--", "true"}, 1},
+		{[]string{"run", "--no-wait", "-E", "7", "job", "--", "true"}, 7},
+		{[]string{"run", "-w", "300ms", "job", "--", "true"}, 1},
+		{[]string{"run", "--timeout", "300ms", "--conflict-exit-code", "9", "job", "--", "true"}, 9},
+	} {
+		_, stderr, code := pglocksRun(t, dsn, tt.args...)
+		if code != tt.code {
+			t.Errorf("%v: exit %d, want %d\n%s", tt.args, code, tt.code, stderr)
+		}
+		if !strings.Contains(stderr, "job is held by pid") || !strings.Contains(stderr, "holder-app") {
+			t.Errorf("%v: stderr does not name the holder: %q", tt.args, stderr)
+		}
+		// pglocks exits only after the server dropped its wait.
+		if waiting(t, db) {
+			t.Errorf("%v: a wait is still queued after pglocks exited", tt.args)
+		}
+	}
+}
+
+func TestRunExitStatus(t *testing.T) {
+	t.Parallel()
+	dsn, _ := testDB(t)
+	for script, want := range map[string]int{"exit 0": 0, "exit 42": 42, "kill -TERM $$": 143} {
+		if _, stderr, code := pglocksRun(t, dsn, "run", "job", "--", "sh", "-c", script); code != want {
+			t.Errorf("%q: exit %d, want %d\n%s", script, code, want, stderr)
+		}
+	}
+}
+
+func TestRunForwardsSignals(t *testing.T) {
+	t.Parallel()
+	dsn, db := testDB(t)
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP} {
+		p := start(t, dsn, "run", "job", "--", "sh", "-c",
+			`trap 'echo got-signal; exit 3' TERM INT HUP; echo ready; while :; do sleep 0.05; done`)
+		waitFor(t, "the child to start", func() bool { return strings.Contains(p.stdout.String(), "ready") })
+		_ = p.cmd.Process.Signal(sig)
+		if code := p.wait(t); code != 3 {
+			t.Errorf("%v: exit %d, want the child's 3\n%s", sig, code, p.stderr.String())
+		}
+		if !strings.Contains(p.stdout.String(), "got-signal") {
+			t.Errorf("%v: the child did not get it: %q", sig, p.stdout.String())
+		}
+		if len(locks(t, db)) != 0 {
+			t.Errorf("%v: the lock is still held after pglocks exited", sig)
+		}
+	}
+}
+
+func TestRunLockLost(t *testing.T) {
+	t.Parallel()
+	dsn, db := testDB(t)
+	for name, script := range map[string]string{
+		"child stops on SIGTERM": `trap 'echo got-TERM; exit 0' TERM; echo ready; while :; do sleep 0.05; done`,
+		"child ignores SIGTERM":  `trap '' TERM; echo ready; while :; do sleep 0.05; done`,
+	} {
+		p := start(t, dsn, "run", "--kill-after", "500ms", "job", "--", "sh", "-c", script)
+		waitFor(t, "the child to start", func() bool { return strings.Contains(p.stdout.String(), "ready") })
+		pid := holderPID(t, db, pglocks.Name("job"))
+		if _, err := srv.Admin.Exec(t.Context(), "SELECT pg_terminate_backend($1)", pid); err != nil {
+			t.Fatal(err)
+		}
+		if code := p.wait(t); code != 4 {
+			t.Errorf("%s: exit %d, want 4\n%s", name, code, p.stderr.String())
+		}
+		if !strings.Contains(p.stderr.String(), "lock lost while sh ran") {
+			t.Errorf("%s: stderr does not say so: %q", name, p.stderr.String())
+		}
+		if strings.Contains(script, "''") && !strings.Contains(p.stderr.String(), "sending SIGKILL") {
+			t.Errorf("%s: no SIGKILL: %q", name, p.stderr.String())
+		}
+	}
+}
+
+func TestLs(t *testing.T) {
+	t.Parallel()
+	dsn, _ := testDB(t)
+	holder := holdSQL(t, dsn, "job")
+	var holderPid int
+	if err := holder.QueryRow(t.Context(), "SELECT pg_backend_pid()").Scan(&holderPid); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := holder.Exec(t.Context(), "SELECT pg_advisory_lock(1, 2)"); err != nil {
+		t.Fatal(err)
+	}
+	waiter, err := pgx.Connect(t.Context(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer waiter.Close(context.Background())
+	granted := make(chan struct{})
+	go func() {
+		defer close(granted)
+		_, _ = waiter.Exec(context.Background(), "SELECT pg_advisory_lock(hashtextextended('job', 0))")
+	}()
+	_, db := dsn, dbName(dsn)
+	waitFor(t, "the waiter", func() bool { return waiting(t, db) })
+
+	stdout, stderr, code := pglocksRun(t, dsn, "ls", "--name", "job")
+	if code != 0 {
+		t.Fatalf("ls: exit %d: %s", code, stderr)
+	}
+	for _, want := range []string{"KEY", "job", "held", "waiting", "holder-app", "(1,2)", fmt.Sprint(holderPid)} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("ls output lacks %q:\n%s", want, stdout)
+		}
+	}
+	stdout, _, code = pglocksRun(t, dsn, "ls", "--json", "--name", "job")
+	if code != 0 {
+		t.Fatal(code)
+	}
+	var got []lockInfo
+	if err := json.Unmarshal([]byte(stdout), &got); err != nil {
+		t.Fatalf("--json: %v\n%s", err, stdout)
+	}
+	jobID, _ := pglocks.Name("job").Int64()
+	var held, wait, pair bool
+	for _, l := range got {
+		switch {
+		case l.Bigint != nil && *l.Bigint == jobID && l.Granted:
+			held = l.PID == holderPid && l.Name == "job" && l.Application == "holder-app" && l.Mode == "exclusive"
+		case l.Bigint != nil && *l.Bigint == jobID:
+			wait = len(l.BlockedBy) == 1 && l.BlockedBy[0] == holderPid
+		case l.Pair != nil:
+			pair = *l.Pair == [2]int32{1, 2} && l.Key == "1,2"
+		}
+	}
+	if !held || !wait || !pair {
+		t.Errorf("--json: held=%v waiting=%v pair=%v in %+v", held, wait, pair, got)
+	}
+	// Let the waiter through before the database goes.
+	if _, err := holder.Exec(t.Context(), "SELECT pg_advisory_unlock_all()"); err != nil {
+		t.Fatal(err)
+	}
+	<-granted
+	if _, err := waiter.Exec(t.Context(), "SELECT pg_advisory_unlock_all()"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestKey(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		args []string
+		want pglocks.Key
+		sql  string
+	}{
+		{[]string{"key", "some lock"}, pglocks.Name("some lock"), "hashtextextended('some lock', 0)"},
+		{[]string{"key", "-k", "crc32", "some lock"}, pglocks.NameCRC32("some lock"), "pg_advisory_lock(-205618829)"},
+		{[]string{"key", "-k", "id", "42"}, pglocks.ID(42), "pg_advisory_lock(42)"},
+		{[]string{"key", "--key", "pair", "1,-2"}, pglocks.Pair(1, -2), "pg_advisory_lock(1, -2)"},
+	} {
+		stdout, stderr, code := pglocksRun(t, "", tt.args...)
+		if code != 0 || !strings.Contains(stdout, tt.sql) {
+			t.Errorf("%v: exit %d, %q %q", tt.args, code, stdout, stderr)
+		}
+		stdout, _, _ = pglocksRun(t, "", append([]string{"key", "--json"}, tt.args[1:]...)...)
+		var ki keyInfo
+		if err := json.Unmarshal([]byte(stdout), &ki); err != nil {
+			t.Fatalf("%v --json: %v", tt.args, err)
+		}
+		var got pglocks.Key
+		if ki.Bigint != nil {
+			got = pglocks.ID(*ki.Bigint)
+		} else if ki.Pair != nil {
+			got = pglocks.Pair(ki.Pair[0], ki.Pair[1])
+		}
+		if got != tt.want {
+			t.Errorf("%v --json: key %v, want %v", tt.args, got, tt.want)
+		}
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	t.Parallel()
+	dsn, db := testDB(t)
+	for _, tt := range []struct {
+		name string
+		args []string
+		code int
+		msg  string
+	}{
+		{"unknown command", []string{"frob"}, 2, "unknown command"},
+		{"unknown flag", []string{"run", "--frob", "job", "--", "true"}, 2, "flag provided but not defined"},
+		{"missing --", []string{"run", "job", "true"}, 2, "missing --"},
+		{"missing COMMAND", []string{"run", "job", "--"}, 2, "missing COMMAND"},
+		{"missing NAME", []string{"run"}, 2, "missing NAME"},
+		{"id that does not parse", []string{"run", "-k", "id", "x1", "--", "true"}, 2, "not an int64"},
+		{"pair that does not parse", []string{"run", "-k", "pair", "1", "--", "true"}, 2, "not two int32"},
+		{"unknown scheme", []string{"run", "-k", "rot13", "job", "--", "true"}, 2, "unknown key scheme"},
+		{"DSN that does not parse", []string{"run", "-d", "postgres://a b@:x", "job", "--", "true"}, 2, "bad connection string"},
+		{"server down", []string{"run", "-d", "postgres://postgres@127.0.0.1:1/postgres?connect_timeout=2", "job", "--", "true"}, 3, "cannot connect"},
+		{"command not found", []string{"run", "job", "--", "pglocks-no-such-command"}, 127, "command not found"},
+		{"ls with an argument", []string{"ls", "x"}, 2, "unexpected argument"},
+		{"key without NAME", []string{"key"}, 2, "want exactly one NAME"},
+	} {
+		_, stderr, code := pglocksRun(t, dsn, tt.args...)
+		lines := strings.Split(strings.TrimRight(stderr, "\n"), "\n")
+		if code != tt.code || !strings.Contains(stderr, tt.msg) || (tt.code != 2 || tt.name != "unknown command") && len(lines) != 1 {
+			t.Errorf("%s: exit %d, stderr %q; want exit %d and one line with %q", tt.name, code, stderr, tt.code, tt.msg)
+		}
+		if l := locks(t, db); len(l) != 0 {
+			t.Errorf("%s: left %v", tt.name, l)
+		}
+	}
+}

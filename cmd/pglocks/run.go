@@ -1,0 +1,315 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglocks/pglocks"
+)
+
+const runHead = `Usage: pglocks run [flags] NAME -- COMMAND [ARG...]
+
+Takes the advisory lock NAME, runs COMMAND, and releases the lock when
+COMMAND exits, like flock(1) for a whole fleet. While it waits it says who
+holds the lock. SIGINT, SIGTERM and SIGHUP go to COMMAND. If the lock is lost
+while COMMAND runs, COMMAND gets SIGTERM, then SIGKILL after --kill-after.
+
+Exit status: COMMAND's own (128+N if killed by signal N); -E's value (1) when
+the lock was not had; 2 usage; 3 database unreachable or failing; 4 lock lost
+while COMMAND ran; 126 COMMAND cannot run; 127 COMMAND not found.
+`
+
+// runCommand is "pglocks run".
+func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
+	fs := flagSet("run", runHead, stderr)
+	var (
+		shared, noWait, quiet bool
+		timeout, killAfter    time.Duration
+		conflictCode          int
+		scheme, dsn           string
+	)
+	for _, n := range []string{"s", "shared"} {
+		fs.BoolVar(&shared, n, false, "take the lock in shared mode")
+	}
+	for _, n := range []string{"n", "no-wait"} {
+		fs.BoolVar(&noWait, n, false, "fail at once if the lock is held")
+	}
+	for _, n := range []string{"w", "timeout"} {
+		fs.DurationVar(&timeout, n, 0, "give up waiting after this long (e.g. 30s; 0 waits for ever)")
+	}
+	for _, n := range []string{"E", "conflict-exit-code"} {
+		fs.IntVar(&conflictCode, n, exitConflict, "exit status when the lock is not had")
+	}
+	for _, n := range []string{"k", "key"} {
+		fs.StringVar(&scheme, n, "name", "how NAME becomes a key: "+schemes)
+	}
+	for _, n := range []string{"d", "dsn"} {
+		fs.StringVar(&dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
+	}
+	for _, n := range []string{"q", "quiet"} {
+		fs.BoolVar(&quiet, n, false, "do not say who holds the lock while waiting")
+	}
+	fs.DurationVar(&killAfter, "kill-after", 10*time.Second, "after the lock is lost, SIGKILL COMMAND this long after SIGTERM")
+	if code := parseFlags(fs, args, stdout); code >= 0 {
+		return code
+	}
+	rest := fs.Args()
+	switch {
+	case len(rest) == 0:
+		return usageError(stderr, "run", "missing NAME")
+	case len(rest) == 1 || rest[1] != "--":
+		return usageError(stderr, "run", "missing -- between NAME and COMMAND")
+	case len(rest) == 2:
+		return usageError(stderr, "run", "missing COMMAND after --")
+	case timeout < 0 || killAfter <= 0:
+		return usageError(stderr, "run", "--timeout and --kill-after must be positive")
+	case conflictCode < 0 || conflictCode > 255:
+		return usageError(stderr, "run", "-E must be 0..255")
+	}
+	name, argv := rest[0], rest[2:]
+	key, err := parseKey(scheme, name)
+	if err != nil {
+		return usageError(stderr, "run", "%v", err)
+	}
+	path, err := exec.LookPath(argv[0])
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks run: %s: command not found\n", argv[0])
+		return exitNotFound
+	}
+	cfg, err := poolConfig(dsn)
+	if err != nil {
+		return usageError(stderr, "run", "%v", err)
+	}
+
+	// Signals: before COMMAND starts they stop the wait; afterwards they go
+	// to COMMAND.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+
+	cfg.MaxConns = 4
+	pool, err := connect(ctx, cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks run: %v\n", err)
+		return exitDatabase
+	}
+	defer pool.Close()
+	host, _ := os.Hostname()
+	app := fmt.Sprintf("pglocks run %s on %s[%d]", name, host, os.Getpid())
+	if len(app) > 63 {
+		app = app[:63]
+	}
+	locker, err := pglocks.New(pool, pglocks.WithApplicationName(app))
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks run: %v\n", err)
+		return exitUsage
+	}
+	defer locker.Close()
+
+	var opts []pglocks.LockOption
+	if shared {
+		opts = append(opts, pglocks.Shared())
+	}
+	lk, code := acquire(ctx, cancel, sigs, locker, pool, key, name, opts, noWait, timeout, quiet, stderr)
+	if lk == nil {
+		if code < 0 {
+			return conflictCode
+		}
+		return code
+	}
+	defer lk.Release(context.Background())
+	return runChild(path, argv, stdin, stdout, stderr, lk, sigs, killAfter)
+}
+
+// acquire takes the lock, telling stderr who holds it while it waits. It
+// returns the lock, or nil and the exit status.
+func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.Signal, locker *pglocks.Locker, pool *pgxpool.Pool,
+	key pglocks.Key, name string, opts []pglocks.LockOption, noWait bool, timeout time.Duration, quiet bool, stderr io.Writer) (*pglocks.Lock, int) {
+	type result struct {
+		lk  *pglocks.Lock
+		err error
+	}
+	lctx := ctx
+	if timeout > 0 {
+		var c context.CancelFunc
+		lctx, c = context.WithTimeout(ctx, timeout)
+		defer c()
+	}
+	res := make(chan result, 1)
+	go func() {
+		var r result
+		if noWait {
+			r.lk, r.err = locker.TryLock(lctx, key, opts...)
+		} else {
+			r.lk, r.err = locker.Lock(lctx, key, opts...)
+		}
+		res <- r
+	}()
+	status := &holderStatus{w: stderr, tty: isTerminal(os.Stderr) && stderr == io.Writer(os.Stderr), name: name}
+	tick := time.NewTimer(300 * time.Millisecond) // a quick grant needs no word
+	defer tick.Stop()
+	var sig os.Signal
+	for {
+		select {
+		case r := <-res:
+			status.done()
+			switch {
+			case r.err == nil:
+				return r.lk, 0
+			case sig != nil:
+				fmt.Fprintf(stderr, "pglocks run: %v while waiting for %s; gave up\n", sig, name)
+				return nil, 128 + int(sig.(syscall.Signal))
+			case errors.Is(r.err, pglocks.ErrLocked) || errors.Is(r.err, context.DeadlineExceeded):
+				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired\n", name, holders(pool, key))
+				return nil, -1 // the caller's conflict code
+			}
+			fmt.Fprintf(stderr, "pglocks run: %v\n", r.err)
+			return nil, exitDatabase
+		case s := <-sigs:
+			sig = s
+			cancel(fmt.Errorf("%v", s))
+		case <-tick.C:
+			if !quiet {
+				status.show(holders(pool, key))
+			}
+			tick.Reset(time.Second)
+		}
+	}
+}
+
+// holders describes who holds key, as ", by pid 123 (app) from 10.0.0.1,
+// connected 5s ago", or "" if that cannot be told.
+func holders(pool *pgxpool.Pool, key pglocks.Key) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	where, args := keyWhere(key)
+	rows, err := pool.Query(ctx, `
+		SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local socket'), now() - a.backend_start
+		FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+		WHERE l.locktype = 'advisory' AND l.granted AND `+where+`
+		  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+		ORDER BY a.pid`, args...)
+	if err != nil {
+		return ""
+	}
+	defer rows.Close()
+	var parts []string
+	for rows.Next() {
+		var pid int
+		var app, client string
+		var age time.Duration
+		if err := rows.Scan(&pid, &app, &client, &age); err != nil {
+			return ""
+		}
+		if app == "" {
+			app = "no application_name"
+		}
+		parts = append(parts, fmt.Sprintf("pid %d (%s) from %s, connected %v ago", pid, app, client, age.Round(time.Second)))
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return " by " + strings.Join(parts, "; ")
+}
+
+// holderStatus keeps one line on stderr current while waiting: rewritten in
+// place on a terminal, printed again only when it changes otherwise.
+type holderStatus struct {
+	w     io.Writer
+	tty   bool
+	name  string
+	shown string
+}
+
+func (s *holderStatus) show(by string) {
+	line := fmt.Sprintf("pglocks run: waiting for %s, held%s", s.name, by)
+	if by == "" {
+		line = fmt.Sprintf("pglocks run: waiting for %s", s.name)
+	}
+	switch {
+	case s.tty:
+		fmt.Fprintf(s.w, "\r\033[K%s", line)
+		s.shown = line
+	case line != s.shown:
+		fmt.Fprintln(s.w, line)
+		s.shown = line
+	}
+}
+
+func (s *holderStatus) done() {
+	if s.tty && s.shown != "" {
+		fmt.Fprint(s.w, "\r\033[K")
+	}
+}
+
+// runChild runs COMMAND while lk is held, forwards signals to it, and stops
+// it if the lock is lost.
+func runChild(path string, argv []string, stdin *os.File, stdout, stderr io.Writer, lk *pglocks.Lock,
+	sigs chan os.Signal, killAfter time.Duration) int {
+	cmd := exec.Command(path, argv[1:]...)
+	cmd.Args[0] = argv[0]
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, stdout, stderr
+	// Unless COMMAND shares our terminal, it gets a process group of its
+	// own: signals reach it only through us, once.
+	interactive := isTerminal(stdin)
+	cmd.SysProcAttr = childAttr(!interactive)
+	runtime.LockOSThread() // Pdeathsig follows the thread that starts COMMAND
+	defer runtime.UnlockOSThread()
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintf(stderr, "pglocks run: %s: %v\n", argv[0], err)
+		return exitCannotRun
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	lost := false
+	var kill <-chan time.Time
+	for {
+		select {
+		case s := <-sigs:
+			if interactive && s == syscall.SIGINT {
+				continue // the terminal sent it to COMMAND too
+			}
+			_ = cmd.Process.Signal(s)
+		case <-lk.Done():
+			if lost {
+				continue
+			}
+			lost = true
+			fmt.Fprintf(stderr, "pglocks run: lock lost while %s ran (%v); sending SIGTERM, SIGKILL in %v\n", argv[0], lk.Err(), killAfter)
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			kill = time.After(killAfter)
+		case <-kill:
+			fmt.Fprintf(stderr, "pglocks run: %s did not stop; sending SIGKILL\n", argv[0])
+			_ = cmd.Process.Kill()
+		case err := <-exited:
+			if lost {
+				return exitLost
+			}
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+					return 128 + int(ws.Signal())
+				}
+				return ee.ExitCode()
+			}
+			if err != nil {
+				fmt.Fprintf(stderr, "pglocks run: %v\n", err)
+				return exitCannotRun
+			}
+			return 0
+		}
+	}
+}
