@@ -361,6 +361,14 @@ func TestLs(t *testing.T) {
 	if !held || !wait || !pair {
 		t.Errorf("--json: held=%v waiting=%v pair=%v in %+v", held, wait, pair, got)
 	}
+	// --watch prints again until interrupted.
+	w := start(t, dsn, "ls", "--watch", "100ms")
+	waitFor(t, "a second table", func() bool { return strings.Count(w.stdout.String(), "KEY") >= 2 })
+	_ = w.cmd.Process.Signal(syscall.SIGINT)
+	if code := w.wait(t); code != 0 {
+		t.Errorf("ls --watch: exit %d after SIGINT", code)
+	}
+
 	// Let the waiter through before the database goes.
 	if _, err := holder.Exec(t.Context(), "SELECT pg_advisory_unlock_all()"); err != nil {
 		t.Fatal(err)
