@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"sync/atomic"
 	"time"
 )
 
@@ -19,6 +20,9 @@ type holder struct {
 	// abandoned by runStmt ends. Both are guarded by sem.
 	broken error
 	stuck  <-chan error
+	// busySince is when the statement running under do started (UnixNano),
+	// or 0.
+	busySince atomic.Int64
 
 	// guarded by Locker.mu
 	entries   map[*entry]struct{}
@@ -36,6 +40,16 @@ const primaryLinger = 5 * time.Second
 // (sqlInitSession). It refuses a standby, and a session that a
 // transaction-pooling proxy shares with other clients.
 func (l *Locker) take(ctx context.Context) (*holder, error) {
+	l.mu.Lock()
+	if n := len(l.spare); n > 0 {
+		// Handed out as a fresh one: registered again once it is used.
+		h := l.spare[n-1]
+		l.spare = l.spare[:n-1]
+		delete(l.holders, h)
+		l.mu.Unlock()
+		return h, nil
+	}
+	l.mu.Unlock()
 	for try := 1; ; try++ {
 		h, err := l.take1(ctx)
 		var stale staleConn
@@ -248,9 +262,19 @@ func (l *Locker) do(ctx context.Context, h *holder, f func(ctx context.Context) 
 	if h.broken != nil {
 		return h.broken
 	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.hbTimeout)
-	err := l.runStmt(sctx, h, f)
-	cancel()
+	var err error
+	if h.c.pgConn() != nil {
+		// No deadline on the hot path: a cancellable context costs pgx a
+		// goroutine per statement. The heartbeat closes the socket under a
+		// statement that runs longer than the heartbeat timeout instead.
+		h.busySince.Store(time.Now().UnixNano())
+		err = f(context.WithoutCancel(ctx))
+		h.busySince.Store(0)
+	} else {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.hbTimeout)
+		err = l.runStmt(sctx, h, f)
+		cancel()
+	}
 	if k, ok := err.(keepConn); ok {
 		return k.err
 	}
@@ -351,10 +375,21 @@ func (l *Locker) unuseLocked(h *holder) bool {
 		h.idleSince = time.Now()
 		return false
 	}
+	if len(l.spare) < maxSpare {
+		// Kept ready for the next wait; the heartbeat retires it after
+		// primaryLinger.
+		h.idleSince = time.Now()
+		l.spare = append(l.spare, h)
+		return false
+	}
 	h.dead = true
 	delete(l.holders, h)
 	return true
 }
+
+// maxSpare is how many idle, readied sessions besides the primary the Locker
+// keeps for waits.
+const maxSpare = 2
 
 // heartbeat checks every holder that holds locks once per interval, and
 // retires an idle primary. It runs until Close.
@@ -368,11 +403,10 @@ func (l *Locker) heartbeat() {
 			return
 		case <-t.C:
 		}
-		var probe []*holder
-		var retire *holder
+		var probe, retire []*holder
 		l.mu.Lock()
 		for h := range l.holders {
-			if !h.dead && len(h.entries) > 0 {
+			if !h.dead && (len(h.entries) > 0 || h.users > 0) {
 				h.users++
 				probe = append(probe, h)
 			}
@@ -381,15 +415,22 @@ func (l *Locker) heartbeat() {
 			p.dead = true
 			delete(l.holders, p)
 			l.primary = nil
-			retire = p
+			retire = append(retire, p)
+		}
+		for len(l.spare) > 0 && time.Since(l.spare[0].idleSince) >= primaryLinger {
+			p := l.spare[0]
+			l.spare = l.spare[1:]
+			p.dead = true
+			delete(l.holders, p)
+			retire = append(retire, p)
 		}
 		l.mu.Unlock()
-		if retire != nil {
+		for _, h := range retire {
 			// Not here: a silent network must not hold up the probes.
 			l.bg.Add(1)
 			go func() {
 				defer l.bg.Done()
-				l.giveBack(retire)
+				l.giveBack(h)
 			}()
 		}
 		for _, h := range probe {
@@ -410,6 +451,13 @@ func (l *Locker) probe(h *holder) {
 	select {
 	case h.sem <- struct{}{}:
 	default:
+		// A statement is running: it is the check, unless it has run too
+		// long, in which case closing the socket under it makes it fail.
+		if since := h.busySince.Load(); since != 0 && time.Since(time.Unix(0, since)) > l.cfg.hbTimeout {
+			if pg := h.c.pgConn(); pg != nil {
+				_ = pg.Conn().Close()
+			}
+		}
 		return
 	}
 	defer func() { <-h.sem }()

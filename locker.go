@@ -47,6 +47,7 @@ type Locker struct {
 	primary *holder       // where new locks are tried first
 	making  chan struct{} // closed when the goroutine making primary is done
 	holders map[*holder]struct{}
+	spare   []*holder // idle readied sessions, oldest first; also in holders
 	nserver int // keys held, or being taken or released, on the server
 
 	poolingOK atomic.Bool // a session of the pool was seen to be its own
@@ -201,7 +202,7 @@ func (l *Locker) Close() error {
 	l.mu.Lock()
 	holders := l.holders
 	keys := l.keys
-	l.holders, l.keys, l.primary = nil, nil, nil
+	l.holders, l.keys, l.primary, l.spare = nil, nil, nil, nil
 	l.mu.Unlock()
 
 	var errs []error
@@ -431,6 +432,19 @@ func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait boo
 		return nil, 0, ErrLocked
 	}
 
+	for retried := false; ; retried = true {
+		w, token, err := l.waitOn(ctx, key, o)
+		if err != nil && !retried && ctx.Err() == nil && sqlState(err) == "" && !errors.Is(err, ErrClosed) {
+			// A session kept ready (or taken from the pool) may have ended
+			// meanwhile (a server restart): try once more on another.
+			continue
+		}
+		return w, token, err
+	}
+}
+
+// waitOn waits for key on a session of its own.
+func (l *Locker) waitOn(ctx context.Context, key Key, o lockConfig) (*holder, int64, error) {
 	w, err := l.take(ctx)
 	if err != nil {
 		return nil, 0, err

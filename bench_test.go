@@ -1,0 +1,335 @@
+package pglocks_test
+
+import (
+	"context"
+	"fmt"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglocks/pglocks"
+)
+
+// The benchmarks measure pglocks against hand-written pgx doing the same
+// work, in the same run, on the test harness's server:
+//
+//	go test -run '^$' -bench . -count 6 . | tee new.txt && benchstat new.txt
+//
+// Each reports what the issue asks for as extra metrics.
+
+func benchPool(b *testing.B, dsn string, max int32) *pgxpool.Pool {
+	b.Helper()
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg.MaxConns = max
+	p, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(p.Close)
+	return p
+}
+
+func benchLocker(b *testing.B, p *pgxpool.Pool, opts ...pglocks.Option) *pglocks.Locker {
+	b.Helper()
+	l, err := pglocks.New(p, opts...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = l.Close() })
+	return l
+}
+
+// backendsOf counts the server sessions connected to database db.
+func backendsOf(b *testing.B, db string) int {
+	var n int
+	if err := srv.Admin.QueryRow(context.Background(),
+		"SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'", db).Scan(&n); err != nil {
+		b.Fatal(err)
+	}
+	return n
+}
+
+func dbOf(dsn string) string { return dsn[strings.LastIndex(dsn, "/")+1 : strings.Index(dsn, "?")] }
+
+// B1: one goroutine, Lock+Release of one key.
+func BenchmarkUncontended(b *testing.B) {
+	b.Run("raw", func(b *testing.B) {
+		p := benchPool(b, srv.DB(b), 4)
+		c, err := p.Acquire(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Release()
+		ctx := context.Background()
+		for b.Loop() {
+			if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", int64(1)); err != nil {
+				b.Fatal(err)
+			}
+			var ok bool
+			if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1)", int64(1)).Scan(&ok); err != nil || !ok {
+				b.Fatal(ok, err)
+			}
+		}
+	})
+	b.Run("pglocks", func(b *testing.B) {
+		l := benchLocker(b, benchPool(b, srv.DB(b), 4))
+		ctx := context.Background()
+		for b.Loop() {
+			lk, err := l.Lock(ctx, pglocks.ID(1))
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := lk.Release(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// B2: 8 sessions hand one key over. Hand-over latency runs from the
+// holder's Release being called to the next holder's Lock returning.
+func BenchmarkHandover(b *testing.B) {
+	type session struct {
+		lock    func(ctx context.Context) error
+		release func(ctx context.Context) error
+	}
+	run := func(b *testing.B, newSession func(dsn string) session) {
+		const workers = 8
+		dsn := srv.DB(b)
+		sessions := make([]session, workers)
+		for i := range sessions {
+			sessions[i] = newSession(dsn)
+		}
+		var (
+			released atomic.Int64 // UnixNano of the last Release call
+			mu       sync.Mutex
+			handover []time.Duration
+			counts   = make([]int, workers)
+			longest  time.Duration
+			left     atomic.Int64
+		)
+		left.Store(int64(b.N))
+		ctx := context.Background()
+		b.ResetTimer()
+		var wg sync.WaitGroup
+		for w := range workers {
+			wg.Go(func() {
+				s := sessions[w]
+				for left.Add(-1) >= 0 {
+					asked := time.Now()
+					if err := s.lock(ctx); err != nil {
+						b.Error(err)
+						return
+					}
+					got := time.Now()
+					mu.Lock()
+					if r := released.Load(); r != 0 {
+						handover = append(handover, got.Sub(time.Unix(0, r)))
+					}
+					counts[w]++
+					longest = max(longest, got.Sub(asked))
+					mu.Unlock()
+					released.Store(time.Now().UnixNano())
+					if err := s.release(ctx); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		b.StopTimer()
+		slices.Sort(handover)
+		if len(handover) > 0 {
+			b.ReportMetric(float64(handover[len(handover)/2].Microseconds()), "p50-handover-µs")
+			b.ReportMetric(float64(handover[len(handover)*99/100].Microseconds()), "p99-handover-µs")
+		}
+		if hi := slices.Max(counts); hi > 0 {
+			b.ReportMetric(float64(slices.Min(counts))/float64(hi), "fairness")
+		}
+		b.ReportMetric(float64(longest.Milliseconds()), "longest-wait-ms")
+	}
+	b.Run("raw", func(b *testing.B) {
+		run(b, func(dsn string) session {
+			c, err := pgx.Connect(context.Background(), dsn)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { c.Close(context.Background()) })
+			return session{
+				lock: func(ctx context.Context) error {
+					_, err := c.Exec(ctx, "SELECT pg_advisory_lock(7)")
+					return err
+				},
+				release: func(ctx context.Context) error {
+					_, err := c.Exec(ctx, "SELECT pg_advisory_unlock(7)")
+					return err
+				},
+			}
+		})
+	})
+	b.Run("pglocks", func(b *testing.B) {
+		run(b, func(dsn string) session {
+			l := benchLocker(b, benchPool(b, dsn, 4))
+			var lk *pglocks.Lock
+			return session{
+				lock: func(ctx context.Context) (err error) {
+					lk, err = l.Lock(ctx, pglocks.ID(7))
+					return err
+				},
+				release: func(ctx context.Context) error { return lk.Release(ctx) },
+			}
+		})
+	})
+}
+
+// B3: 32 goroutines, each on its own key: raw pins a connection each;
+// pglocks shares one Locker over a pool of at most 4.
+func BenchmarkParallelKeys(b *testing.B) {
+	const goroutines = 32
+	run := func(b *testing.B, dsn string, cycle func(ctx context.Context, g int) error) {
+		var left atomic.Int64
+		left.Store(int64(b.N))
+		peak := 0
+		var wg sync.WaitGroup
+		ctx := context.Background()
+		b.ResetTimer()
+		for g := range goroutines {
+			wg.Go(func() {
+				for i := 0; left.Add(-1) >= 0; i++ {
+					if err := cycle(ctx, g); err != nil {
+						b.Error(err)
+						return
+					}
+					if g == 0 && i%64 == 0 {
+						peak = max(peak, backendsOf(b, dbOf(dsn)))
+					}
+				}
+			})
+		}
+		wg.Wait()
+		b.StopTimer()
+		b.ReportMetric(float64(peak), "connections")
+	}
+	b.Run("raw", func(b *testing.B) {
+		dsn := srv.DB(b)
+		p := benchPool(b, dsn, goroutines)
+		conns := make([]*pgxpool.Conn, goroutines)
+		for i := range conns {
+			c, err := p.Acquire(context.Background())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Release()
+			conns[i] = c
+		}
+		run(b, dsn, func(ctx context.Context, g int) error {
+			c := conns[g]
+			if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", int64(g)); err != nil {
+				return err
+			}
+			_, err := c.Exec(ctx, "SELECT pg_advisory_unlock($1)", int64(g))
+			return err
+		})
+	})
+	b.Run("pglocks", func(b *testing.B) {
+		dsn := srv.DB(b)
+		l := benchLocker(b, benchPool(b, dsn, 4))
+		run(b, dsn, func(ctx context.Context, g int) error {
+			lk, err := l.Lock(ctx, pglocks.ID(int64(g)))
+			if err != nil {
+				return err
+			}
+			return lk.Release(ctx)
+		})
+	})
+}
+
+// B4: one Locker takes 10,000 distinct keys, holds them all, releases them.
+func BenchmarkManyHeld(b *testing.B) {
+	const n = 10000
+	b.Run("raw-one-round-trip-each", func(b *testing.B) {
+		c, err := benchPool(b, srv.DB(b), 1).Acquire(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Release()
+		ctx := context.Background()
+		for b.Loop() {
+			for i := range n {
+				if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", int64(i)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if _, err := c.Exec(ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/lock")
+	})
+	b.Run("pglocks", func(b *testing.B) {
+		dsn := srv.DB(b)
+		l := benchLocker(b, benchPool(b, dsn, 4), pglocks.WithMaxLocks(n))
+		ctx := context.Background()
+		locks := make([]*pglocks.Lock, n)
+		var conns int
+		var perLock float64
+		for b.Loop() {
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			// Many goroutines, as a server handling requests would.
+			var wg sync.WaitGroup
+			for g := range 64 {
+				wg.Go(func() {
+					for i := g; i < n; i += 64 {
+						lk, err := l.Lock(ctx, pglocks.ID(int64(i)))
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						locks[i] = lk
+					}
+				})
+			}
+			wg.Wait()
+			b.StopTimer()
+			runtime.GC()
+			runtime.ReadMemStats(&after)
+			perLock = float64(after.HeapAlloc-before.HeapAlloc) / n
+			conns = backendsOf(b, dbOf(dsn))
+			b.StartTimer()
+			for _, lk := range locks {
+				if err := lk.Release(ctx); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/lock")
+		b.ReportMetric(float64(conns), "connections")
+		b.ReportMetric(perLock, "heap-B/lock")
+	})
+}
+
+// B5: hashing names.
+func BenchmarkName(b *testing.B) {
+	for _, size := range []int{16, 1024} {
+		name := strings.Repeat("x", size)
+		b.Run(fmt.Sprintf("%dB", size), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				_ = pglocks.Name(name)
+			}
+		})
+	}
+}
