@@ -48,7 +48,7 @@ type Locker struct {
 	making  chan struct{} // closed when the goroutine making primary is done
 	holders map[*holder]struct{}
 	spare   []*holder // idle readied sessions, oldest first; also in holders
-	nserver int // keys held, or being taken or released, on the server
+	nserver int       // keys held, or being taken or released, on the server
 
 	poolingOK atomic.Bool // a session of the pool was seen to be its own
 }
