@@ -255,7 +255,8 @@ func BenchmarkParallelKeys(b *testing.B) {
 	})
 }
 
-// B4: one Locker takes 10,000 distinct keys, holds them all, releases them.
+// B4: one Locker takes 10,000 distinct keys and holds them all; ns/lock is
+// the time to take them (releasing is not timed).
 func BenchmarkManyHeld(b *testing.B) {
 	const n = 10000
 	b.Run("raw-one-round-trip-each", func(b *testing.B) {
@@ -271,9 +272,11 @@ func BenchmarkManyHeld(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+			b.StopTimer()
 			if _, err := c.Exec(ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
 				b.Fatal(err)
 			}
+			b.StartTimer()
 		}
 		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/lock")
 	})
@@ -308,12 +311,18 @@ func BenchmarkManyHeld(b *testing.B) {
 			runtime.ReadMemStats(&after)
 			perLock = float64(after.HeapAlloc-before.HeapAlloc) / n
 			conns = backendsOf(b, dbOf(dsn))
-			b.StartTimer()
-			for _, lk := range locks {
-				if err := lk.Release(ctx); err != nil {
-					b.Fatal(err)
-				}
+			for g := range 64 {
+				wg.Go(func() {
+					for i := g; i < n; i += 64 {
+						if err := locks[i].Release(ctx); err != nil {
+							b.Error(err)
+						}
+					}
+				})
 			}
+			wg.Wait()
+			clear(locks)
+			b.StartTimer()
 		}
 		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/lock")
 		b.ReportMetric(float64(conns), "connections")

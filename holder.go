@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -23,6 +24,12 @@ type holder struct {
 	// busySince is when the statement running under do started (UnixNano),
 	// or 0.
 	busySince atomic.Int64
+
+	// Statements waiting for a round trip, and whether a goroutine is
+	// sending them (see do).
+	qmu     sync.Mutex
+	queue   []*req
+	leading bool
 
 	// guarded by Locker.mu
 	entries   map[*entry]struct{}
@@ -246,43 +253,6 @@ type keepConn struct{ err error }
 
 func (k keepConn) Error() string { return k.err.Error() }
 func (k keepConn) Unwrap() error { return k.err }
-
-// do runs f, one statement, on h. ctx bounds only the wait for h's turn: the
-// statement itself runs under the heartbeat timeout, because cancelling it
-// would close the connection and lose every lock on it. If f fails (unless
-// with keepConn), the connection is closed and every lock on it is reported
-// lost.
-func (l *Locker) do(ctx context.Context, h *holder, f func(ctx context.Context) error) error {
-	select {
-	case h.sem <- struct{}{}:
-	case <-ctx.Done():
-		return ctxError(ctx)
-	}
-	defer func() { <-h.sem }()
-	if h.broken != nil {
-		return h.broken
-	}
-	var err error
-	if h.c.pgConn() != nil {
-		// No deadline on the hot path: a cancellable context costs pgx a
-		// goroutine per statement. The heartbeat closes the socket under a
-		// statement that runs longer than the heartbeat timeout instead.
-		h.busySince.Store(time.Now().UnixNano())
-		err = f(context.WithoutCancel(ctx))
-		h.busySince.Store(0)
-	} else {
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.hbTimeout)
-		err = l.runStmt(sctx, h, f)
-		cancel()
-	}
-	if k, ok := err.(keepConn); ok {
-		return k.err
-	}
-	if err != nil {
-		l.fail(h, err)
-	}
-	return err
-}
 
 // fail closes h's session after err, reporting its locks lost first: the
 // holder must hear of the loss before the server can free the locks. The

@@ -103,14 +103,14 @@ func (lk *Lock) Release(ctx context.Context) error {
 	l.mu.Unlock()
 
 	q, args := stmt(stmtUnlock, e.key, e.shared, false)
-	err := l.do(context.WithoutCancel(ctx), h, func(sctx context.Context) error {
-		var ok bool
-		err := h.c.query(sctx, q, args, &ok)
-		if err == nil && !ok {
-			err = errNotHeld
-		}
-		return err
-	})
+	var ok bool
+	err := l.do(context.WithoutCancel(ctx), h, &req{q: q, args: args, dest: []any{&ok},
+		check: func() error {
+			if !ok {
+				return errNotHeld
+			}
+			return nil
+		}})
 
 	l.mu.Lock()
 	delete(h.entries, e)

@@ -363,10 +363,8 @@ func (l *Locker) cancelBackend(ctx context.Context, pid int32) error {
 		return err
 	}
 	defer l.unuse(h)
-	return l.do(ctx, h, func(sctx context.Context) error {
-		var ok bool
-		return h.c.query(sctx, sqlCancel, []any{pid}, &ok)
-	})
+	var ok bool
+	return l.do(ctx, h, &req{q: sqlCancel, args: []any{pid}, dest: []any{&ok}})
 }
 
 // setIdle puts e back in stateIdle, no longer counted against WithMaxLocks.
@@ -392,25 +390,26 @@ func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait boo
 		}
 		var ok bool
 		var token int64
-		err = l.do(ctx, h, func(sctx context.Context) error {
-			err := h.c.query(sctx, q, args, &ok, &token)
-			if sqlState(err) != stateOutOfMemory {
-				return err
-			}
-			// The lock table is full. Without fencing nothing was granted.
-			// With it the lock may have taken the last slot and the token's
-			// transaction id found none: the session lock outlives the
-			// failed statement, so let it go (the Locker never holds a key
-			// twice on the server, so this unlock is exact).
-			if l.cfg.fencing {
-				uq, uargs := stmt(stmtUnlock, key, o.shared, false)
-				var unlocked bool
-				if uerr := h.c.query(sctx, uq, uargs, &unlocked); uerr != nil {
-					return uerr
+		err = l.do(ctx, h, &req{q: q, args: args, dest: []any{&ok, &token},
+			onErr: func(sctx context.Context, err error) error {
+				if sqlState(err) != stateOutOfMemory {
+					return err
 				}
-			}
-			return keepConn{classify(err)}
-		})
+				// The lock table is full. Without fencing nothing was
+				// granted. With it the lock may have taken the last slot
+				// and the token's transaction id found none: the session
+				// lock outlives the failed statement, so let it go (the
+				// Locker never holds a key twice on the server, so this
+				// unlock is exact).
+				if l.cfg.fencing {
+					uq, uargs := stmt(stmtUnlock, key, o.shared, false)
+					var unlocked bool
+					if uerr := h.c.query(sctx, uq, uargs, &unlocked); uerr != nil {
+						return uerr
+					}
+				}
+				return keepConn{classify(err)}
+			}})
 		if err == nil && ok {
 			return h, token, nil
 		}
