@@ -1,0 +1,76 @@
+// Chart reads `go test -bench` output and draws, as SVG, how pglocks
+// compares with hand-written pgx in each benchmark (medians over -count
+// runs). Lower cost is better, so each bar is raw's cost divided by
+// pglocks' cost: above 1 means pglocks is faster.
+//
+//	go test -run '^$' -bench . -count 5 . > bench/results.txt
+//	go run ./bench/chart < bench/results.txt > bench/chart.svg
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+func main() { os.Exit(run(os.Stdin, os.Stdout, os.Stderr)) }
+
+// comparisons: benchmark, the metric compared, and what the bar means.
+var comparisons = []struct{ bench, metric, raw, label string }{
+	{"Uncontended", "ns/op", "raw", "B1 uncontended Lock+Release"},
+	{"Handover", "p50-handover-µs", "raw", "B2 hand-over latency p50 (8 sessions)"},
+	{"ParallelKeys", "ns/op", "raw", "B3 32 goroutines, own keys (pglocks on 1-4 conns)"},
+	{"ManyHeld", "ns/lock", "raw-one-round-trip-each", "B4 taking 10,000 locks"},
+}
+
+func run(in io.Reader, out, errw io.Writer) int {
+	values := map[string][]float64{} // "bench/sub metric" -> samples
+	sc := bufio.NewScanner(in)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) < 4 || !strings.HasPrefix(f[0], "Benchmark") {
+			continue
+		}
+		name := strings.TrimPrefix(f[0], "Benchmark")
+		if i := strings.LastIndex(name, "-"); i > 0 {
+			name = name[:i] // the GOMAXPROCS suffix
+		}
+		for i := 2; i+1 < len(f); i += 2 {
+			if v, err := strconv.ParseFloat(f[i], 64); err == nil {
+				values[name+" "+f[i+1]] = append(values[name+" "+f[i+1]], v)
+			}
+		}
+	}
+	median := func(k string) (float64, bool) {
+		v := slices.Clone(values[k])
+		if len(v) == 0 {
+			return 0, false
+		}
+		slices.Sort(v)
+		return v[len(v)/2], true
+	}
+	const w, rowH, left = 760, 46, 330
+	fmt.Fprintf(out, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="13">`+"\n", w, 60+rowH*len(comparisons))
+	fmt.Fprintf(out, `<text x="10" y="22" font-size="15" font-weight="bold">pglocks vs hand-written pgx: raw cost ÷ pglocks cost (medians; &gt;1 = pglocks faster)</text>`+"\n")
+	scale := 40.0 // px per 1x
+	for i, c := range comparisons {
+		raw, ok1 := median(c.bench + "/" + c.raw + " " + c.metric)
+		pg, ok2 := median(c.bench + "/pglocks " + c.metric)
+		if !ok1 || !ok2 || pg == 0 {
+			fmt.Fprintf(errw, "chart: no %s %s in the input\n", c.bench, c.metric)
+			return 1
+		}
+		ratio := raw / pg
+		y := 45 + i*rowH
+		fmt.Fprintf(out, `<text x="10" y="%d">%s</text>`+"\n", y+18, c.label)
+		fmt.Fprintf(out, `<rect x="%d" y="%d" width="%.0f" height="24" fill="#4a7ebb"/>`+"\n", left, y, min(ratio*scale, w-left-60))
+		fmt.Fprintf(out, `<text x="%.0f" y="%d">%.2fx</text>`+"\n", float64(left)+min(ratio*scale, w-left-60)+6, y+17, ratio)
+	}
+	fmt.Fprintf(out, `<line x1="%.0f" y1="38" x2="%.0f" y2="%d" stroke="#c33" stroke-dasharray="4"/>`+"\n", left+scale, left+scale, 45+rowH*len(comparisons))
+	fmt.Fprintln(out, `</svg>`)
+	return 0
+}
