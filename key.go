@@ -1,6 +1,8 @@
 package pglocks
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
 	"hash/crc32"
 	"math/bits"
 	"strconv"
@@ -60,6 +62,15 @@ func (k Key) Int64() (id int64, ok bool) { return k.v, k.kind == kindInt64 }
 func (k Key) Int32s() (a, b int32, ok bool) {
 	a, b = k.pair()
 	return a, b, k.kind == kindPair
+}
+
+// NameNode returns the key that the npm package advisory-lock (2.x) uses
+// for a lock name: the SHA-256 of the name's UTF-8 bytes, read as two
+// little-endian int32 from bytes 0–3 and 4–7, taken as a pair key
+// (pg_advisory_lock(a, b)). Use it to share a lock with a Node.js process.
+func NameNode(name string) Key {
+	sum := sha256.Sum256([]byte(name))
+	return Pair(int32(binary.LittleEndian.Uint32(sum[0:4])), int32(binary.LittleEndian.Uint32(sum[4:8])))
 }
 
 // valid reports whether k was made by a constructor.
