@@ -73,6 +73,22 @@ func NameNode(name string) Key {
 	return Pair(int32(binary.LittleEndian.Uint32(sum[0:4])), int32(binary.LittleEndian.Uint32(sum[4:8])))
 }
 
+// NameRails returns the key that Ruby's with_advisory_lock gem (4.x to 7.x)
+// uses for a String lock name on PostgreSQL: the pair (CRC-32 of the name's
+// bytes & 0x7fffffff, prefix & 0x7fffffff), where the gem's prefix comes from
+// the WITH_ADVISORY_LOCK_PREFIX environment variable read as an integer (0
+// when unset). NameRails("foo", 0) is Pair(208889121, 0).
+func NameRails(name string, prefix int64) Key {
+	return IDRails(int64(crc32.ChecksumIEEE([]byte(name))), prefix)
+}
+
+// IDRails returns the key that with_advisory_lock uses for an Integer lock
+// name, which it does not hash: the pair (id & 0x7fffffff, prefix &
+// 0x7fffffff).
+func IDRails(id, prefix int64) Key {
+	return Pair(int32(id&0x7fffffff), int32(prefix&0x7fffffff))
+}
+
 // valid reports whether k was made by a constructor.
 func (k Key) valid() bool { return k.kind == kindInt64 || k.kind == kindPair }
 

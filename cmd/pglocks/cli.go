@@ -137,7 +137,7 @@ func usageError(stderr io.Writer, cmd, format string, args ...any) int {
 }
 
 // schemes are the ways a NAME becomes a key.
-const schemes = "name (hashtextextended, the default), crc32 (django-pglocks), id (NAME is an int64), pair (NAME is A,B)"
+const schemes = "name (hashtextextended, the default), crc32 (django-pglocks), rails (Ruby's with_advisory_lock; prefix from WITH_ADVISORY_LOCK_PREFIX), node (npm advisory-lock), id (NAME is an int64), pair (NAME is A,B)"
 
 // parseKey turns name into a key by scheme.
 func parseKey(scheme, name string) (pglocks.Key, error) {
@@ -146,6 +146,10 @@ func parseKey(scheme, name string) (pglocks.Key, error) {
 		return pglocks.Name(name), nil
 	case "crc32":
 		return pglocks.NameCRC32(name), nil
+	case "rails":
+		return pglocks.NameRails(name, rubyToI(os.Getenv("WITH_ADVISORY_LOCK_PREFIX"))), nil
+	case "node":
+		return pglocks.NameNode(name), nil
 	case "id":
 		id, err := strconv.ParseInt(strings.TrimSpace(name), 10, 64)
 		if err != nil {
@@ -162,6 +166,24 @@ func parseKey(scheme, name string) (pglocks.Key, error) {
 		return pglocks.Pair(int32(x), int32(y)), nil
 	}
 	return pglocks.Key{}, fmt.Errorf("unknown key scheme %q; schemes: %s", scheme, schemes)
+}
+
+// rubyToI reads s as Ruby's String#to_i does, which is how with_advisory_lock
+// reads its prefix: an optional sign and the leading digits, else 0.
+func rubyToI(s string) int64 {
+	s = strings.TrimLeft(s, " \t\n")
+	end := 0
+	if end < len(s) && (s[end] == '-' || s[end] == '+') {
+		end++
+	}
+	for end < len(s) && (s[end] >= '0' && s[end] <= '9' || s[end] == '_' && end > 0) {
+		end++
+	}
+	n, err := strconv.ParseInt(strings.ReplaceAll(s[:end], "_", ""), 10, 64)
+	if err != nil {
+		return 0
+	}
+	return n
 }
 
 // poolConfig resolves the database: dsn, else DATABASE_URL, else libpq's

@@ -390,6 +390,8 @@ func TestKey(t *testing.T) {
 		{[]string{"key", "-k", "crc32", "some lock"}, pglocks.NameCRC32("some lock"), "pg_advisory_lock(-205618829)"},
 		{[]string{"key", "-k", "id", "42"}, pglocks.ID(42), "pg_advisory_lock(42)"},
 		{[]string{"key", "--key", "pair", "1,-2"}, pglocks.Pair(1, -2), "pg_advisory_lock(1, -2)"},
+		{[]string{"key", "-k", "node", "some-lock-name"}, pglocks.Pair(1253560211, -1237456625), "pg_advisory_lock(1253560211, -1237456625)"},
+		{[]string{"key", "-k", "rails", "foo"}, pglocks.Pair(208889121, 0), "pg_advisory_lock(208889121, 0)"},
 	} {
 		stdout, stderr, code := pglocksRun(t, "", tt.args...)
 		if code != 0 || !strings.Contains(stdout, tt.sql) {
@@ -409,6 +411,14 @@ func TestKey(t *testing.T) {
 		if got != tt.want {
 			t.Errorf("%v --json: key %v, want %v", tt.args, got, tt.want)
 		}
+	}
+}
+
+func TestKeyRailsPrefix(t *testing.T) {
+	t.Setenv("WITH_ADVISORY_LOCK_PREFIX", "42abc") // Ruby's to_i reads 42
+	stdout, stderr, code := pglocksRun(t, "", "key", "-k", "rails", "foo")
+	if code != 0 || !strings.Contains(stdout, "pg_advisory_lock(208889121, 42)") {
+		t.Fatalf("exit %d: %q %q", code, stdout, stderr)
 	}
 }
 
