@@ -108,19 +108,13 @@ func TestLossDetection(t *testing.T) {
 					if f.dsn != nil {
 						dsn = f.dsn()
 					}
-					newLocker, closePool := d.pool(t, dsn, 4)
-					defer closePool()
 					opts := []pglocks.Option{}
 					if f.inject == nil {
 						// Heartbeats every 2 s leave the session idle long
 						// enough for idle_session_timeout=300ms.
 						opts = append(opts, pglocks.WithHeartbeat(2*time.Second, time.Second))
 					}
-					l, err := newLocker(opts...)
-					if err != nil {
-						t.Fatal(err)
-					}
-					defer l.Close()
+					l := lockerOn(t, d, dsn, opts...)
 					k0, k1 := pglocks.ID(int64(2*i)), pglocks.ID(int64(2*i+1))
 					lk0 := mustLock(t, l, k0)
 					inFn := make(chan struct{})

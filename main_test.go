@@ -221,6 +221,20 @@ func (e *env) locker(max int, opts ...pglocks.Option) *pglocks.Locker {
 	return l
 }
 
+// lockerOn opens a Locker through d on a pool of its own on dsn; both are
+// closed when t ends, the Locker first.
+func lockerOn(t *testing.T, d driver, dsn string, opts ...pglocks.Option) *pglocks.Locker {
+	t.Helper()
+	newLocker, closePool := d.pool(t, dsn, 4)
+	t.Cleanup(closePool)
+	l, err := newLocker(opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	return l
+}
+
 func waitNoLocks(e *env, d time.Duration) []string {
 	end := time.Now().Add(d)
 	for {

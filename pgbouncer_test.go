@@ -47,13 +47,7 @@ func TestPgBouncer(t *testing.T) {
 		defer b.Stop()
 		for _, d := range drivers {
 			t.Run(d.name, func(t *testing.T) {
-				newLocker, closePool := d.pool(t, bouncerURL(b, d), 4)
-				defer closePool()
-				l, err := newLocker()
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer l.Close()
+				l := lockerOn(t, d, bouncerURL(b, d))
 				_, err = l.Lock(t.Context(), pglocks.ID(1))
 				wantErr(t, err, pglocks.ErrTransactionPooling)
 				_, err = l.TryLock(t.Context(), pglocks.ID(1))
@@ -94,13 +88,7 @@ func TestPgBouncer(t *testing.T) {
 		defer b.Stop()
 		for _, d := range drivers {
 			t.Run(d.name, func(t *testing.T) {
-				newLocker, closePool := d.pool(t, bouncerURL(b, d), 4)
-				defer closePool()
-				l, err := newLocker()
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer l.Close()
+				l := lockerOn(t, d, bouncerURL(b, d))
 				lk := mustLock(t, l, pglocks.ID(3))
 				if tryDirect(t, 3) {
 					t.Error("a session lock through session pooling excluded nothing")

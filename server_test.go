@@ -88,13 +88,7 @@ func TestStandby(t *testing.T) {
 	}
 	for _, d := range drivers {
 		t.Run(d.name, func(t *testing.T) {
-			newLocker, closePool := d.pool(t, standby.URL, 4)
-			defer closePool()
-			l, err := newLocker()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer l.Close()
+			l := lockerOn(t, d, standby.URL)
 			_, err = l.Lock(t.Context(), pglocks.ID(1))
 			wantErr(t, err, pglocks.ErrStandby)
 			_, err = l.TryLock(t.Context(), pglocks.ID(1))
@@ -126,13 +120,7 @@ func TestLockTableFull(t *testing.T) {
 	fs := startServer(t, pgtest.Options{Settings: []string{"max_locks_per_transaction=10", "max_connections=20"}})
 	for _, d := range drivers {
 		t.Run(d.name, func(t *testing.T) {
-			newLocker, closePool := d.pool(t, fs.URL, 4)
-			defer closePool()
-			l, err := newLocker()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer l.Close()
+			l := lockerOn(t, d, fs.URL)
 			lk0 := mustLock(t, l, pglocks.ID(0))
 
 			filler, err := pgx.Connect(t.Context(), fs.URL)
