@@ -1,17 +1,18 @@
 package pglocks_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/pglocks/pglocks"
+	"github.com/pglocks/pglocks/internal/pgtest"
 )
 
 // 1. Exclusion between sessions, and shared locks.
@@ -509,7 +510,7 @@ func TestClose(t *testing.T) {
 // application_name is the pool's unless WithApplicationName says otherwise.
 func TestObservability(t *testing.T) {
 	forEachDriver(t, func(t *testing.T, e *env) {
-		var buf syncBuffer
+		var buf pgtest.Buffer
 		logger := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		l := e.locker(2, pglocks.WithLogger(logger), pglocks.WithApplicationName("pglocks-test-holder"))
 		plain := e.locker(2)
@@ -524,7 +525,7 @@ func TestObservability(t *testing.T) {
 		}
 		mustRelease(t, lk)
 		mustRelease(t, pl)
-		if !bytes.Contains(buf.Bytes(), []byte("pglocks: acquired")) {
+		if !strings.Contains(buf.String(), "pglocks: acquired") {
 			t.Errorf("the logger got nothing: %q", buf.String())
 		}
 		// Back in the pool, the session has its own name again.
@@ -590,26 +591,6 @@ func TestBadInput(t *testing.T) {
 		}
 	})
 }
-
-// syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) Bytes() []byte {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return bytes.Clone(s.b.Bytes())
-}
-
-func (s *syncBuffer) String() string { return string(s.Bytes()) }
 
 // A Lock whose try finds the holder session dead (say, after a server
 // restart) retries on a fresh session; the locks on the dead one are
