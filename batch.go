@@ -52,6 +52,34 @@ func (l *Locker) do(ctx context.Context, h *holder, r *req) error {
 	return r.err
 }
 
+// doMany runs rs on h as do runs one, queued together so that they share
+// round trips, and sets each one's err.
+func (l *Locker) doMany(ctx context.Context, h *holder, rs []*req) {
+	if err := ctx.Err(); err != nil {
+		for _, r := range rs {
+			r.err = ctxError(ctx)
+		}
+		return
+	}
+	for _, r := range rs {
+		r.done = make(chan struct{})
+	}
+	h.qmu.Lock()
+	h.queue = append(h.queue, rs...)
+	lead := !h.leading
+	h.leading = true
+	h.qmu.Unlock()
+	if lead {
+		l.lead(h)
+	}
+	for _, r := range rs {
+		<-r.done
+		if k, ok := r.err.(keepConn); ok {
+			r.err = k.err
+		}
+	}
+}
+
 // lead runs h's queued statements until none is left.
 func (l *Locker) lead(h *holder) {
 	for {
@@ -66,9 +94,9 @@ func (l *Locker) lead(h *holder) {
 		h.queue = h.queue[n:]
 		h.qmu.Unlock()
 
-		h.sem <- struct{}{} // not beside a heartbeat probe
+		h.enter() // not beside a heartbeat probe or a watcher
 		redo := l.runBatch(h, batch)
-		<-h.sem
+		h.leave()
 		if len(redo) > 0 {
 			h.qmu.Lock()
 			h.queue = append(redo, h.queue...)

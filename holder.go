@@ -24,6 +24,10 @@ type holder struct {
 	// busySince is when the statement running under do started (UnixNano),
 	// or 0.
 	busySince atomic.Int64
+	// The session's watcher, if one runs, and how many goroutines are
+	// about to take the session (see watch.go).
+	watcher atomic.Pointer[watcher]
+	want    atomic.Int32
 
 	// Statements waiting for a round trip, and whether a goroutine is
 	// sending them (see do).
@@ -174,9 +178,15 @@ func (l *Locker) giveBack(h *holder) {
 	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
 	defer cancel()
 	o := h.orig
+	h.enter()
+	if h.broken != nil {
+		h.leave() // closed already, by a watcher that saw the session end
+		return
+	}
 	err := l.runStmt(ctx, h, func(ctx context.Context) error {
 		return h.c.exec(ctx, sqlRestoreSession, o[0], o[1], o[2], o[3], o[4])
 	})
+	h.leave()
 	if err != nil {
 		l.closeConn(h)
 		return
@@ -202,7 +212,9 @@ func (l *Locker) closeConn(h *holder) {
 // free before the caller hears of the failure.
 func (l *Locker) discard(h *holder) {
 	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
+	h.enter()
 	_ = l.runStmt(ctx, h, func(ctx context.Context) error { return h.c.exec(ctx, sqlUnlockAll) })
+	h.leave()
 	cancel()
 	l.closeConn(h)
 }
@@ -418,9 +430,7 @@ func (l *Locker) heartbeat() {
 // were taken on. A statement already running on h is as good a check: it is
 // bounded by the same timeout.
 func (l *Locker) probe(h *holder) {
-	select {
-	case h.sem <- struct{}{}:
-	default:
+	if !h.tryEnter() {
 		// A statement is running: it is the check, unless it has run too
 		// long, in which case closing the socket under it makes it fail.
 		if since := h.busySince.Load(); since != 0 && time.Since(time.Unix(0, since)) > l.cfg.hbTimeout {
@@ -430,8 +440,8 @@ func (l *Locker) probe(h *holder) {
 		}
 		return
 	}
-	defer func() { <-h.sem }()
 	if h.broken != nil {
+		h.leave()
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.hbTimeout)
@@ -443,5 +453,8 @@ func (l *Locker) probe(h *holder) {
 	}
 	if err != nil {
 		l.fail(h, fmt.Errorf("heartbeat: %w", err))
+		h.leave()
+		return
 	}
+	l.watch(h) // until the next statement or probe
 }

@@ -167,3 +167,81 @@ func mustDo(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
+
+// A session that holds locks is watched while idle, so a session the server
+// ends (here, a terminated backend) is reported at once, long before the
+// heartbeat would notice: for a lock that was waited for, from the grant; for
+// locks on the shared session, from the first heartbeat on.
+// lib/pq does not show its socket: its sessions are checked by the heartbeat
+// only, which TestLossDetection covers.
+func TestLossSeenAtOnce(t *testing.T) {
+	t.Parallel()
+	for _, d := range drivers {
+		if d.name == "libpq" {
+			continue
+		}
+		t.Run(d.name, func(t *testing.T) {
+			t.Parallel()
+			lossSeenAtOnce(t, newEnv(t, d))
+		})
+	}
+}
+
+func lossSeenAtOnce(t *testing.T, e *env) {
+	const hb = 4 * time.Second
+	l := e.locker(4, pglocks.WithHeartbeat(hb, time.Second))
+	ctx := t.Context()
+	kw, kp := testKey(t, 0), testKey(t, 1)
+
+	// A lock that was waited for.
+	raw := e.rawConn(t)
+	if _, err := raw.Exec(ctx, "SELECT pg_advisory_lock($1)", mustInt64(kw)); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *pglocks.Lock, 1)
+	go func() {
+		lk, _ := l.Lock(ctx, kw)
+		got <- lk
+	}()
+	waitFor(t, 10*time.Second, "the wait", func() bool { return e.waiting(bigint(kw)) })
+	if _, err := raw.Exec(ctx, "SELECT pg_advisory_unlock($1)", mustInt64(kw)); err != nil {
+		t.Fatal(err)
+	}
+	lw := <-got
+	if lw == nil {
+		t.Fatal("Lock failed")
+	}
+	terminate := func(k pglocks.Key) {
+		pids := e.held(bigint(k))
+		if len(pids) != 1 {
+			t.Fatalf("holders of %v: %v", k, pids)
+		}
+		if _, err := srv.Admin.Exec(ctx, "SELECT pg_terminate_backend($1)", pids[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	terminate(kw)
+	select {
+	case <-lw.Done():
+		t.Logf("waited-for lock: loss reported %v after the terminate", time.Since(start).Round(time.Millisecond))
+	case <-time.After(hb / 2):
+		t.Fatalf("loss not reported within %v (heartbeat every %v)", hb/2, hb)
+	}
+	wantErr(t, lw.Err(), pglocks.ErrLockLost)
+
+	// A lock on the shared session, after a heartbeat.
+	lp := mustLock(t, l, kp)
+	time.Sleep(hb + 500*time.Millisecond)
+	start = time.Now()
+	terminate(kp)
+	select {
+	case <-lp.Done():
+		t.Logf("shared-session lock: loss reported %v after the terminate", time.Since(start).Round(time.Millisecond))
+	case <-time.After(hb / 2):
+		t.Fatalf("loss not reported within %v (heartbeat every %v)", hb/2, hb)
+	}
+	wantErr(t, lp.Err(), pglocks.ErrLockLost)
+	// And the Locker goes on.
+	mustRelease(t, mustLock(t, l, kp))
+}
