@@ -211,7 +211,9 @@ func (l *Locker) Close() error {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
+		h.enter()
 		err := l.runStmt(ctx, h, func(ctx context.Context) error { return h.c.exec(ctx, sqlUnlockAll) })
+		h.leave()
 		cancel()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("pglocks: close: unlock all: %w", err))
@@ -239,13 +241,34 @@ func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) 
 	if ctx.Err() != nil {
 		return nil, lockError(key, ctxError(ctx))
 	}
-	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
+	if !l.beginCall() {
 		return nil, lockError(key, ErrClosed)
 	}
-	l.calls.Add(1)
 	defer l.calls.Done()
+	lk, e, err := l.claim(ctx, key, o, wait)
+	if lk != nil || err != nil {
+		return lk, err
+	}
+	return l.acquireServer(ctx, e, o, wait)
+}
+
+// beginCall counts an acquisition in l.calls, unless l is closed.
+func (l *Locker) beginCall() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return false
+	}
+	l.calls.Add(1)
+	return true
+}
+
+// claim arbitrates key between the goroutines of this Locker. It returns a
+// handle if the caller joined a shared hold that the Locker already has, or
+// else key's entry, put in stateAcquiring for the caller to take it on the
+// server (or to give it back with unclaim).
+func (l *Locker) claim(ctx context.Context, key Key, o lockConfig, wait bool) (*Lock, *entry, error) {
+	l.mu.Lock()
 	e := l.keys[key]
 	if e == nil {
 		e = &entry{key: key}
@@ -256,16 +279,17 @@ func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) 
 		case e.state == stateIdle:
 			e.state, e.shared = stateAcquiring, o.shared
 			l.mu.Unlock()
-			return l.acquireServer(ctx, e, o, wait)
+			return nil, e, nil
 		case e.state == stateHeld && e.shared && o.shared:
 			lk := l.newLockLocked(e)
 			l.mu.Unlock()
-			return lk, nil
+			return lk, nil, nil
 		}
 	}
 	if !wait {
+		l.gc(e)
 		l.mu.Unlock()
-		return nil, lockError(key, ErrLocked)
+		return nil, nil, lockError(key, ErrLocked)
 	}
 	w := &waiter{shared: o.shared, ready: make(chan *Lock, 1)}
 	e.queue = append(e.queue, w)
@@ -275,9 +299,9 @@ func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) 
 	select {
 	case lk := <-w.ready:
 		if lk != nil {
-			return lk, nil
+			return lk, nil, nil
 		}
-		return l.acquireServer(ctx, e, o, wait)
+		return nil, e, nil
 	case <-ctx.Done():
 		err = ctxError(ctx)
 	case <-l.closing:
@@ -289,20 +313,25 @@ func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) 
 		l.dispatch(e) // those behind us may be free to go now
 		l.gc(e)
 		l.mu.Unlock()
-		return nil, lockError(key, err)
+		return nil, nil, lockError(key, err)
 	}
 	l.mu.Unlock()
 	// We were granted our turn as we gave up: hand it on.
 	if lk := <-w.ready; lk != nil {
 		_ = lk.Release(context.WithoutCancel(ctx))
 	} else {
-		l.mu.Lock()
-		l.setIdle(e)
-		l.dispatch(e)
-		l.gc(e)
-		l.mu.Unlock()
+		l.unclaim(e)
 	}
-	return nil, lockError(key, err)
+	return nil, nil, lockError(key, err)
+}
+
+// unclaim gives back an entry that claim put in stateAcquiring.
+func (l *Locker) unclaim(e *entry) {
+	l.mu.Lock()
+	l.setIdle(e)
+	l.dispatch(e)
+	l.gc(e)
+	l.mu.Unlock()
 }
 
 // acquireServer takes e's key on the server for a goroutine that has e in
@@ -350,7 +379,12 @@ func (l *Locker) acquireServer(ctx context.Context, e *entry, o lockConfig, wait
 		}
 		lk := l.newLockLocked(e)
 		l.dispatch(e)
+		watch := h != l.primary
 		l.mu.Unlock()
+		if watch && h.tryEnter() {
+			// A session of its own that waited: watch it from the start.
+			l.watch(h)
+		}
 		l.cfg.logger.Debug("pglocks: acquired", "key", e.key, "shared", o.shared)
 		return lk, nil
 	}
@@ -444,9 +478,22 @@ func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait boo
 
 // waitOn waits for key on a session of its own.
 func (l *Locker) waitOn(ctx context.Context, key Key, o lockConfig) (*holder, int64, error) {
-	w, err := l.take(ctx)
+	w, tokens, err := l.waitOnAll(ctx, []Key{key}, o)
 	if err != nil {
 		return nil, 0, err
+	}
+	return w, tokens[0], nil
+}
+
+// waitOnAll waits for keys on a session of its own, one after the other in
+// the order given, so that the server sees a cycle through this session
+// (ErrDeadlock). If any wait fails, the session is cleared and closed:
+// nothing is held. It returns the session with users set to 1, and the
+// keys' fencing tokens.
+func (l *Locker) waitOnAll(ctx context.Context, keys []Key, o lockConfig) (*holder, []int64, error) {
+	w, err := l.take(ctx)
+	if err != nil {
+		return nil, nil, err
 	}
 	cancel := w.c.cancel
 	if w.c.pgConn() == nil {
@@ -456,17 +503,24 @@ func (l *Locker) waitOn(ctx context.Context, key Key, o lockConfig) (*holder, in
 		// was cancelled.)
 		cancel = func(ctx context.Context) error { return l.cancelBackend(ctx, w.pid) }
 	}
-	var token int64
+	tokens := make([]int64, len(keys))
 	var stuck <-chan error
-	err = waitLock(ctx, waitSpec{
-		kind: stmtWait, timeoutKind: stmtWaitTimeout, key: key, shared: o.shared, fenced: l.cfg.fencing,
-		run: func(ctx context.Context, q string, args []any) error {
-			var s1, s2 string
-			return w.c.query(ctx, q, args, &s1, &s2, &token)
-		},
-		cancel: cancel, grace: l.cfg.stmtTime, closing: l.closing,
-		abandon: func(done <-chan error) { stuck = done },
-	})
+	at := 0 // the key being waited for
+	for i, key := range keys {
+		at = i
+		err = waitLock(ctx, waitSpec{
+			kind: stmtWait, timeoutKind: stmtWaitTimeout, key: key, shared: o.shared, fenced: l.cfg.fencing,
+			run: func(ctx context.Context, q string, args []any) error {
+				var s1, s2 string
+				return w.c.query(ctx, q, args, &s1, &s2, &tokens[i])
+			},
+			cancel: cancel, grace: l.cfg.stmtTime, closing: l.closing,
+			abandon: func(done <-chan error) { stuck = done },
+		})
+		if err != nil {
+			break
+		}
+	}
 	if err != nil {
 		if stuck != nil {
 			// The driver is still in the statement: discard the connection
@@ -478,13 +532,17 @@ func (l *Locker) waitOn(ctx context.Context, key Key, o lockConfig) (*holder, in
 		} else {
 			l.discard(w)
 		}
-		return nil, 0, classify(err)
+		err = classify(err)
+		if len(keys) > 1 {
+			err = fmt.Errorf("waiting for %v: %w", keys[at], err)
+		}
+		return nil, nil, err
 	}
 	w.users = 1
 	l.mu.Lock()
 	l.holders[w] = struct{}{}
 	l.mu.Unlock()
-	return w, token, nil
+	return w, tokens, nil
 }
 
 // dispatch lets the waiters at the front of e's queue go, as far as the

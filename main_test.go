@@ -24,6 +24,10 @@ import (
 var srv *pgtest.Server
 
 func TestMain(m *testing.M) {
+	if h := os.Getenv("PGLOCKS_HELPER"); h != "" {
+		// A process started by a test (see helpers).
+		os.Exit(runHelper(h))
+	}
 	pgtest.Main(m, &srv, func(code int) int {
 		if code != 0 {
 			return code
@@ -34,6 +38,24 @@ func TestMain(m *testing.M) {
 		}
 		return code
 	})
+}
+
+// helpers are what a test can run in a process of its own, by name.
+var helpers = map[string]func() error{
+	"lockall": lockAllHelper,
+}
+
+func runHelper(name string) int {
+	f := helpers[name]
+	if f == nil {
+		fmt.Fprintf(os.Stderr, "unknown helper %q\n", name)
+		return 2
+	}
+	if err := f(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
 }
 
 // driver is one way to reach PostgreSQL that the Locker supports.
