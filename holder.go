@@ -39,6 +39,7 @@ type holder struct {
 	entries   map[*entry]struct{}
 	users     int       // goroutines about to run statements on it
 	dead      bool      // closed, or given back to the pool
+	marked    bool      // its application_name says since when it leads
 	idleSince time.Time // when the primary last became idle
 }
 
@@ -357,7 +358,7 @@ func (l *Locker) unuseLocked(h *holder) bool {
 		h.idleSince = time.Now()
 		return false
 	}
-	if len(l.spare) < maxSpare {
+	if len(l.spare) < maxSpare && !h.marked {
 		// Kept ready for the next wait; the heartbeat retires it after
 		// primaryLinger.
 		h.idleSince = time.Now()

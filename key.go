@@ -92,6 +92,16 @@ func IDRails(id, prefix int64) Key {
 // valid reports whether k was made by a constructor.
 func (k Key) valid() bool { return k.kind == kindInt64 || k.kind == kindPair }
 
+// pgLocks returns how pg_locks shows the key: objsubid (1 for bigint keys, 2
+// for pairs), classid and objid.
+func (k Key) pgLocks() (objsubid, classid, objid int64) {
+	sub := int64(1)
+	if k.kind == kindPair {
+		sub = 2
+	}
+	return sub, int64(uint32(k.v >> 32)), int64(uint32(k.v))
+}
+
 // pair returns the two int4 of a pair key.
 func (k Key) pair() (a, b int32) { return int32(k.v >> 32), int32(k.v) }
 

@@ -132,7 +132,7 @@ func (lk *Lock) Release(ctx context.Context) error {
 
 // run runs fn under lk for Do and TryDo, and releases lk afterwards.
 func (lk *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err error) {
-	fctx, cancel := context.WithCancelCause(ctx)
+	fctx, cancel := context.WithCancelCause(context.WithValue(ctx, lockCtxKey{}, lk))
 	stop := context.AfterFunc(lk.ctx, func() { cancel(lk.Err()) })
 	defer func() {
 		stop()

@@ -417,7 +417,7 @@ func (l *Locker) setIdle(e *entry) {
 // the fencing token.
 func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait bool) (*holder, int64, error) {
 	q, args := stmt(stmtTry, key, o.shared, l.cfg.fencing)
-	for retried := false; ; retried = true {
+	for retried := false; !o.own; retried = true { // o.own: straight to the wait
 		h, err := l.primaryHolder(ctx)
 		if err != nil {
 			return nil, 0, err

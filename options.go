@@ -164,6 +164,9 @@ func WithMaxLocks(n int) Option {
 // lockConfig is what the LockOptions set.
 type lockConfig struct {
 	shared bool
+	// own takes the lock on a session of its own, waiting in the server's
+	// queue at once (Lead): the session can then be watched, and named.
+	own bool
 }
 
 // LockOption configures one acquisition.

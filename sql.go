@@ -56,6 +56,23 @@ const (
 	set_config('tcp_keepalives_count', $3, false), set_config('tcp_user_timeout', $4, false),
 	set_config('application_name', $5, false)`
 
+	// sqlMarkLeader ends the session's application_name with the server's
+	// time, for Lead: $1 is the name and the " since=" mark.
+	sqlMarkLeader = `SELECT set_config('application_name',
+	$1::text || to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), false)`
+
+	// sqlLeader finds the session that holds a key exclusively in the
+	// current database: $1 objsubid, $2 classid, $3 objid. It returns one
+	// row, whose first column says whether there is such a session.
+	sqlLeader = `SELECT l.pid IS NOT NULL, coalesce(l.pid, 0)::int4, coalesce(a.application_name, ''),
+	coalesce(host(a.client_addr), ''), coalesce(a.client_port, 0)::int4, a.backend_start
+	FROM (SELECT 1) one
+	LEFT JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock'
+		AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+		AND l.objsubid = $1::int4 AND l.classid::bigint = $2::bigint AND l.objid::bigint = $3::bigint
+	LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+	LIMIT 1`
+
 	sqlSavepoint         = "SAVEPOINT pglocks_wait"
 	sqlReleaseSavepoint  = "RELEASE SAVEPOINT pglocks_wait"
 	sqlRollbackSavepoint = "ROLLBACK TO SAVEPOINT pglocks_wait"

@@ -1,0 +1,268 @@
+package pglocks
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+)
+
+// ErrNoLeader is returned by [Locker.Leader] when no session holds the key
+// exclusively.
+var ErrNoLeader = errors.New("no leader: no session holds the key exclusively")
+
+// leadRetry is how long Lead waits before campaigning again after fn
+// failed, or after a campaign failed for a reason that may pass (the server
+// unreachable).
+const leadRetry = time.Second
+
+// Lead campaigns for the leadership of key and runs fn while this process
+// leads, for as long as ctx allows. It is the loop that "exactly one replica
+// does X" needs:
+//
+//   - Campaign: wait for key, exclusively, inside the server's lock queue, on
+//     a server session of its own. Candidates are elected in the order they
+//     began to wait, the moment the leader lets go.
+//   - Lead: run fn with a ctx that is cancelled the moment leadership is lost
+//     (the session ended, or could not be checked: see [WithHeartbeat]), or
+//     when ctx ends. fn must return promptly once its ctx is done.
+//   - Resign: when fn returns, leadership is released at once, and passes to
+//     the candidate that waited longest, if any; then Lead campaigns again.
+//     So returning from fn is how to resign without stopping. After fn
+//     returns an error (logged with [WithLogger]), Lead waits a second
+//     before it campaigns again, so a failing leader does not spin.
+//   - Stop: when ctx ends, Lead cancels fn's ctx, waits for fn to return,
+//     releases leadership and returns an error matching ctx.Err(). It
+//     returns early only for an error that campaigning again cannot cure:
+//     [ErrClosed], [ErrInvalidKey], [ErrStandby], [ErrTransactionPooling].
+//     Other campaign failures (the server down) are logged and retried
+//     every second.
+//
+// While it leads, the session's application_name ends in " since=" and the
+// server's time of the election, so that [Locker.Leader] (and anyone reading
+// pg_stat_activity) can tell since when; the name it had is put back when the
+// session returns to the pool.
+//
+// A leader that is cut off from the server is told within the heartbeat
+// bound, before the server frees the lock (see [WithServerKeepalive]). When
+// the server itself ends the leader's session (a terminated backend, a
+// restart), the next candidate is elected at once, while the old leader is
+// told within milliseconds with pgx drivers (its idle session is watched),
+// or within the heartbeat bound with lib/pq: the two may overlap for that
+// long. Guard what fn writes with [FencingToken] where that matters.
+func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context) error) error {
+	if fn == nil {
+		return lockError(key, errors.New("Lead: nil fn"))
+	}
+	var pause time.Duration
+	for {
+		if pause > 0 {
+			t := time.NewTimer(pause)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return lockError(key, ctxError(ctx))
+			case <-l.closing:
+				t.Stop()
+				return lockError(key, ErrClosed)
+			}
+		}
+		lk, err := l.acquire(ctx, key, lockConfig{own: true}, true)
+		if err != nil {
+			switch {
+			case ctx.Err() != nil:
+				return lockError(key, ctxError(ctx))
+			case errors.Is(err, ErrClosed), errors.Is(err, ErrInvalidKey), errors.Is(err, ErrStandby),
+				errors.Is(err, ErrTransactionPooling):
+				return err
+			}
+			l.cfg.logger.Warn("pglocks: campaign failed; trying again", "key", key, "err", err)
+			pause = leadRetry
+			continue
+		}
+		l.markLeader(lk)
+		l.cfg.logger.Info("pglocks: elected", "key", key)
+		if lk.Err() != nil {
+			// Lost before fn could start.
+			_ = lk.Release(context.WithoutCancel(ctx))
+			pause = 0
+			continue
+		}
+		err = lk.run(ctx, fn)
+		switch {
+		case ctx.Err() != nil:
+			return lockError(key, ctxError(ctx))
+		case errors.Is(err, ErrClosed):
+			return lockError(key, ErrClosed)
+		case errors.Is(err, ErrLockLost):
+			l.cfg.logger.Warn("pglocks: leadership lost", "key", key, "err", err)
+			pause = 0
+		case err != nil:
+			l.cfg.logger.Warn("pglocks: leader's fn failed; resigned", "key", key, "err", err)
+			pause = leadRetry
+		default:
+			l.cfg.logger.Info("pglocks: resigned", "key", key)
+			pause = 0
+		}
+	}
+}
+
+// sinceMark ends the application_name of a leader's session.
+const sinceMark = " since="
+
+// maxAppName is the longest application_name the server keeps, in bytes.
+const maxAppName = 63
+
+// markLeader sets the application_name of lk's session to say since when it
+// leads, by the server's clock. A failure here is a failure of the session,
+// which lk then reports.
+func (l *Locker) markLeader(lk *Lock) {
+	l.mu.Lock()
+	h := lk.e.h
+	if lk.done || h == nil {
+		l.mu.Unlock()
+		return
+	}
+	h.users++
+	h.marked = true // not kept as a spare: giveBack restores the name
+	l.mu.Unlock()
+	base := l.cfg.appName
+	if base == "" {
+		base = h.orig[4]
+	}
+	const stamp = len("2006-01-02T15:04:05.000Z")
+	for len(base) > maxAppName-len(sinceMark)-stamp {
+		_, n := utf8.DecodeLastRuneInString(base)
+		base = base[:len(base)-n]
+	}
+	var set string
+	err := l.do(context.Background(), h, &req{q: sqlMarkLeader, args: []any{base + sinceMark}, dest: []any{&set}})
+	if err == nil && h.tryEnter() {
+		l.watch(h) // the statement stopped the watcher
+	}
+	l.unuse(h)
+}
+
+// A Holder is a server session that holds a lock, as pg_locks and
+// pg_stat_activity show it. Reading another user's sessions in
+// pg_stat_activity takes the pg_read_all_stats role; without it, only PID is
+// known.
+type Holder struct {
+	PID             int32     // the server process of the session
+	ApplicationName string    // without the " since=…" that Lead adds
+	ClientAddr      string    // host:port; "" for a Unix socket or when not visible
+	BackendStart    time.Time // when the session connected
+	// Since is when the session was elected, for a session that leads
+	// through [Locker.Lead]; otherwise it is zero.
+	Since time.Time
+}
+
+// Leader returns the session that holds key exclusively now (the leader of
+// an election run with [Locker.Lead]), or an error matching [ErrNoLeader].
+// It reads pg_locks and pg_stat_activity on a connection of the Locker's pool,
+// and sees the database that pool is connected to.
+func (l *Locker) Leader(ctx context.Context, key Key) (Holder, error) {
+	if !key.valid() {
+		return Holder{}, lockError(key, ErrInvalidKey)
+	}
+	c, err := l.src.acquire(ctx)
+	if err != nil {
+		return Holder{}, lockError(key, fmt.Errorf("connect: %w", err))
+	}
+	defer c.release()
+	sub, classid, objid := key.pgLocks()
+	var (
+		h      Holder
+		addr   string
+		port   int32
+		start  sql.NullTime
+		holder bool
+	)
+	err = c.query(ctx, sqlLeader, []any{sub, classid, objid}, &holder, &h.PID, &h.ApplicationName, &addr, &port, &start)
+	if err != nil {
+		return Holder{}, lockError(key, err)
+	}
+	if !holder {
+		return Holder{}, lockError(key, ErrNoLeader)
+	}
+	if addr != "" {
+		h.ClientAddr = net.JoinHostPort(addr, strconv.Itoa(int(port)))
+	}
+	h.BackendStart = start.Time
+	if i := strings.LastIndex(h.ApplicationName, sinceMark); i >= 0 {
+		if t, err := time.Parse(time.RFC3339Nano, h.ApplicationName[i+len(sinceMark):]); err == nil {
+			h.ApplicationName, h.Since = h.ApplicationName[:i], t
+		}
+	}
+	return h, nil
+}
+
+// Observe reports the leader of key, as [Locker.Leader] does, each time it
+// changes: the first value is the leader when Observe is called, and a zero
+// Holder means no leader. It checks once per heartbeat interval
+// ([WithHeartbeat]), so a leader that comes and goes in between may not be
+// seen. The channel is closed when ctx ends or the Locker closes.
+func (l *Locker) Observe(ctx context.Context, key Key) <-chan Holder {
+	ch := make(chan Holder)
+	if !key.valid() || !l.beginCall() {
+		close(ch)
+		return ch
+	}
+	l.bg.Add(1)
+	l.calls.Done()
+	go func() {
+		defer l.bg.Done()
+		defer close(ch)
+		t := time.NewTicker(l.cfg.hbInterval)
+		defer t.Stop()
+		var last Holder
+		first := true
+		for {
+			qctx, cancel := context.WithTimeout(ctx, l.cfg.hbTimeout+l.cfg.hbInterval)
+			h, err := l.Leader(qctx, key)
+			cancel()
+			if err == nil || errors.Is(err, ErrNoLeader) {
+				if first || h != last {
+					select {
+					case ch <- h:
+					case <-ctx.Done():
+						return
+					case <-l.closing:
+						return
+					}
+					last, first = h, false
+				}
+			}
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				return
+			case <-l.closing:
+				return
+			}
+		}
+	}()
+	return ch
+}
+
+// FencingToken returns the fencing token ([Lock.Token]) of the lock that the
+// fn run by [Locker.Do], [Locker.TryDo] or [Locker.Lead] holds, given that
+// fn's ctx (or one derived from it); 0 without [WithFencingTokens] or for
+// another ctx. For Lead it orders the terms of leadership: a resource that
+// refuses writes with a token lower than one it has seen refuses a deposed
+// leader.
+func FencingToken(ctx context.Context) int64 {
+	lk, _ := ctx.Value(lockCtxKey{}).(*Lock)
+	if lk == nil {
+		return 0
+	}
+	return lk.token
+}
+
+type lockCtxKey struct{}
