@@ -30,6 +30,8 @@ const (
 
 const usage = `Usage:
   pglocks run [flags] NAME -- COMMAND [ARG...]   run COMMAND while holding the lock NAME
+  pglocks elect [flags] NAME -- COMMAND [ARG...] run COMMAND while this process leads NAME
+  pglocks leader [flags] NAME                    tell who leads NAME
   pglocks ls [flags]                             list the advisory locks in the database
   pglocks key [-k SCHEME] NAME                   print NAME's key and the SQL that takes it
   pglocks version                                print the version
@@ -47,6 +49,10 @@ func cli(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "run":
 		return runCommand(args[1:], stdin, stdout, stderr)
+	case "elect":
+		return electCommand(args[1:], stdin, stdout, stderr)
+	case "leader":
+		return leaderCommand(args[1:], stdout, stderr)
 	case "ls":
 		return lsCommand(args[1:], stdout, stderr)
 	case "key":

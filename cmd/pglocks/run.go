@@ -131,7 +131,10 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		return code
 	}
 	defer lk.Release(context.Background())
-	return runChild(path, argv, stdin, stdout, stderr, lk, sigs, killAfter)
+	code, _ = runChild(path, argv, stdin, stdout, stderr, child{
+		prog: "run", lost: lk.Done(), why: lk.Err, what: "lock", sigs: sigs, killAfter: killAfter,
+	})
+	return code
 }
 
 // acquire takes the lock, telling stderr who holds it while it waits. It
@@ -255,10 +258,20 @@ func (s *holderStatus) done() {
 	}
 }
 
-// runChild runs COMMAND while lk is held, forwards signals to it, and stops
-// it if the lock is lost.
-func runChild(path string, argv []string, stdin *os.File, stdout, stderr io.Writer, lk *pglocks.Lock,
-	sigs chan os.Signal, killAfter time.Duration) int {
+// child says how runChild runs COMMAND.
+type child struct {
+	prog      string          // "run" or "elect", for messages
+	lost      <-chan struct{} // closed if the lock (or leadership) is lost
+	why       func() error    // why it was lost
+	what      string          // "lock" or "leadership"
+	sigs      <-chan os.Signal
+	killAfter time.Duration
+}
+
+// runChild runs COMMAND while a lock is held, forwards signals to it, and
+// stops it if the lock is lost. It returns the exit status, and whether a
+// signal was forwarded.
+func runChild(path string, argv []string, stdin *os.File, stdout, stderr io.Writer, c child) (code int, signalled bool) {
 	cmd := exec.Command(path, argv[1:]...)
 	cmd.Args[0] = argv[0]
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, stdout, stderr
@@ -269,47 +282,48 @@ func runChild(path string, argv []string, stdin *os.File, stdout, stderr io.Writ
 	runtime.LockOSThread() // Pdeathsig follows the thread that starts COMMAND
 	defer runtime.UnlockOSThread()
 	if err := cmd.Start(); err != nil {
-		fmt.Fprintf(stderr, "pglocks run: %s: %v\n", argv[0], err)
-		return exitCannotRun
+		fmt.Fprintf(stderr, "pglocks %s: %s: %v\n", c.prog, argv[0], err)
+		return exitCannotRun, false
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	lost := false
+	lostCh := c.lost
 	var kill <-chan time.Time
 	for {
 		select {
-		case s := <-sigs:
+		case s := <-c.sigs:
+			signalled = true
 			if interactive && s == syscall.SIGINT {
 				continue // the terminal sent it to COMMAND too
 			}
 			_ = cmd.Process.Signal(s)
-		case <-lk.Done():
-			if lost {
-				continue
-			}
+		case <-lostCh:
+			lostCh = nil
 			lost = true
-			fmt.Fprintf(stderr, "pglocks run: lock lost while %s ran (%v); sending SIGTERM, SIGKILL in %v\n", argv[0], lk.Err(), killAfter)
+			fmt.Fprintf(stderr, "pglocks %s: %s lost while %s ran (%v); sending SIGTERM, SIGKILL in %v\n",
+				c.prog, c.what, argv[0], c.why(), c.killAfter)
 			_ = cmd.Process.Signal(syscall.SIGTERM)
-			kill = time.After(killAfter)
+			kill = time.After(c.killAfter)
 		case <-kill:
-			fmt.Fprintf(stderr, "pglocks run: %s did not stop; sending SIGKILL\n", argv[0])
+			fmt.Fprintf(stderr, "pglocks %s: %s did not stop; sending SIGKILL\n", c.prog, argv[0])
 			_ = cmd.Process.Kill()
 		case err := <-exited:
 			if lost {
-				return exitLost
+				return exitLost, signalled
 			}
 			var ee *exec.ExitError
 			if errors.As(err, &ee) {
 				if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-					return 128 + int(ws.Signal())
+					return 128 + int(ws.Signal()), signalled
 				}
-				return ee.ExitCode()
+				return ee.ExitCode(), signalled
 			}
 			if err != nil {
-				fmt.Fprintf(stderr, "pglocks run: %v\n", err)
-				return exitCannotRun
+				fmt.Fprintf(stderr, "pglocks %s: %v\n", c.prog, err)
+				return exitCannotRun, signalled
 			}
-			return 0
+			return 0, signalled
 		}
 	}
 }

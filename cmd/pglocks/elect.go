@@ -1,0 +1,309 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/pglocks/pglocks"
+)
+
+const electHead = `Usage: pglocks elect [flags] NAME -- COMMAND [ARG...]
+
+Campaigns for the leadership of NAME among all the processes that run
+'pglocks elect NAME' against the database, and runs COMMAND while this one
+leads. Candidates wait in the server's lock queue: the one that waited
+longest is elected the moment the leader lets go. If leadership is lost
+while COMMAND runs, COMMAND gets SIGTERM, then SIGKILL after --kill-after.
+SIGINT, SIGTERM and SIGHUP go to COMMAND if it runs, and end the campaign.
+
+Without --restart it leads once: it exits when COMMAND exits, with COMMAND's
+status, or with 4 if leadership was lost. With --restart it campaigns again
+after a loss, or after COMMAND exits (a second later if COMMAND failed),
+until a signal stops it. 'pglocks leader NAME' tells who leads.
+
+Exit status: COMMAND's own (128+N if killed by signal N); 128+N if signal N
+ended the campaign; 2 usage; 3 database unreachable or unsuitable; 4
+leadership lost while COMMAND ran; 126 COMMAND cannot run; 127 COMMAND not
+found.
+`
+
+// electCommand is "pglocks elect".
+func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
+	fs := flagSet("elect", electHead, stderr)
+	var (
+		restart, quiet bool
+		killAfter      time.Duration
+		scheme, dsn    string
+	)
+	fs.BoolVar(&restart, "restart", false, "campaign again after COMMAND exits or leadership is lost")
+	for _, n := range []string{"k", "key"} {
+		fs.StringVar(&scheme, n, "name", "how NAME becomes a key: "+schemes)
+	}
+	for _, n := range []string{"d", "dsn"} {
+		fs.StringVar(&dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
+	}
+	for _, n := range []string{"q", "quiet"} {
+		fs.BoolVar(&quiet, n, false, "do not say who leads, or when this process is elected")
+	}
+	fs.DurationVar(&killAfter, "kill-after", 10*time.Second, "after leadership is lost, SIGKILL COMMAND this long after SIGTERM")
+	if code := parseFlags(fs, args, stdout); code >= 0 {
+		return code
+	}
+	rest := fs.Args()
+	switch {
+	case len(rest) == 0:
+		return usageError(stderr, "elect", "missing NAME")
+	case len(rest) == 1 || rest[1] != "--":
+		return usageError(stderr, "elect", "missing -- between NAME and COMMAND")
+	case len(rest) == 2:
+		return usageError(stderr, "elect", "missing COMMAND after --")
+	case killAfter <= 0:
+		return usageError(stderr, "elect", "--kill-after must be positive")
+	}
+	name, argv := rest[0], rest[2:]
+	key, err := parseKey(scheme, name)
+	if err != nil {
+		return usageError(stderr, "elect", "%v", err)
+	}
+	path, err := exec.LookPath(argv[0])
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks elect: %s: command not found\n", argv[0])
+		return exitNotFound
+	}
+	cfg, err := poolConfig(dsn)
+	if err != nil {
+		return usageError(stderr, "elect", "%v", err)
+	}
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	cfg.MaxConns = 4
+	pool, err := connect(ctx, cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks elect: %v\n", err)
+		return exitDatabase
+	}
+	defer pool.Close()
+	host, _ := os.Hostname()
+	// Short: Lead adds the time of election, within the server's 63 bytes.
+	app := cut(fmt.Sprintf("%s[%d] %s", host, os.Getpid(), name), 32)
+	level := slog.LevelWarn
+	if quiet {
+		level = slog.LevelError
+	}
+	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	locker, err := pglocks.New(pool, pglocks.WithApplicationName(app), pglocks.WithLogger(logger))
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks elect: %v\n", err)
+		return exitUsage
+	}
+	defer locker.Close()
+
+	// Signals end the campaign, or go to COMMAND while it runs.
+	var (
+		mu       sync.Mutex
+		toChild  chan os.Signal // set while COMMAND runs
+		stopping os.Signal
+	)
+	go func() {
+		for s := range sigs {
+			mu.Lock()
+			stopping = s
+			if toChild != nil {
+				select {
+				case toChild <- s:
+				default: // COMMAND has signals enough to act on
+				}
+			} else {
+				cancel()
+			}
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		signal.Stop(sigs)
+		close(sigs)
+	}()
+
+	if !quiet {
+		go func() {
+			for h := range locker.Observe(ctx, key) {
+				if h.PID != 0 && h.ApplicationName != app {
+					fmt.Fprintf(stderr, "pglocks elect: %s is led by %s; waiting\n", name, describeHolder(h))
+				}
+			}
+		}()
+	}
+
+	result := -1 // COMMAND's status, once the campaign ends after it
+	leadErr := locker.Lead(ctx, key, func(lctx context.Context) error {
+		mu.Lock()
+		if stopping != nil {
+			mu.Unlock()
+			cancel()
+			return nil
+		}
+		toChild = make(chan os.Signal, 4)
+		ch := toChild
+		mu.Unlock()
+		if !quiet {
+			fmt.Fprintf(stderr, "pglocks elect: elected for %s; running %s\n", name, argv[0])
+		}
+		code, signalled := runChild(path, argv, stdin, stdout, stderr, child{
+			prog: "elect", lost: lctx.Done(), why: func() error { return context.Cause(lctx) }, what: "leadership",
+			sigs: ch, killAfter: killAfter,
+		})
+		mu.Lock()
+		toChild = nil
+		signalled = signalled || stopping != nil
+		mu.Unlock()
+		if signalled || !restart {
+			result = code
+			cancel()
+			return nil
+		}
+		if code != 0 {
+			return fmt.Errorf("%s exited with status %d", argv[0], code)
+		}
+		return nil
+	})
+	mu.Lock()
+	sig := stopping
+	mu.Unlock()
+	switch {
+	case result >= 0:
+		return result
+	case sig != nil:
+		fmt.Fprintf(stderr, "pglocks elect: %v while campaigning; stopped\n", sig)
+		return 128 + int(sig.(syscall.Signal))
+	}
+	fmt.Fprintf(stderr, "pglocks elect: %s\n", oneLine(leadErr))
+	return exitDatabase
+}
+
+// describeHolder is h on one line: "pid 123 (app) from 10.0.0.1:5000, since
+// 15:04:05 (5m3s ago)".
+func describeHolder(h pglocks.Holder) string {
+	s := fmt.Sprintf("pid %d", h.PID)
+	if h.ApplicationName != "" {
+		s += " (" + h.ApplicationName + ")"
+	}
+	if h.ClientAddr != "" {
+		s += " from " + h.ClientAddr
+	} else {
+		s += " on a local socket"
+	}
+	if !h.Since.IsZero() {
+		s += fmt.Sprintf(", leading since %s (%v ago)", h.Since.Local().Format(time.DateTime), time.Since(h.Since).Round(time.Second))
+	}
+	return s
+}
+
+// cut shortens s to at most n bytes, on a rune boundary.
+func cut(s string, n int) string {
+	for len(s) > n {
+		r := []rune(s)
+		s = string(r[:len(r)-1])
+	}
+	return s
+}
+
+const leaderHead = `Usage: pglocks leader [flags] NAME
+
+Tells which session leads NAME (holds its lock exclusively): its server
+pid, application_name, client address and, for a 'pglocks elect' or a Go
+program's Lead, since when. Exits 1 when nobody leads.
+`
+
+// leaderCommand is "pglocks leader".
+func leaderCommand(args []string, stdout, stderr io.Writer) int {
+	fs := flagSet("leader", leaderHead, stderr)
+	var (
+		asJSON      bool
+		scheme, dsn string
+	)
+	for _, n := range []string{"k", "key"} {
+		fs.StringVar(&scheme, n, "name", "how NAME becomes a key: "+schemes)
+	}
+	for _, n := range []string{"d", "dsn"} {
+		fs.StringVar(&dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
+	}
+	fs.BoolVar(&asJSON, "json", false, "print JSON")
+	if code := parseFlags(fs, args, stdout); code >= 0 {
+		return code
+	}
+	if fs.NArg() != 1 {
+		return usageError(stderr, "leader", "want one NAME")
+	}
+	name := fs.Arg(0)
+	key, err := parseKey(scheme, name)
+	if err != nil {
+		return usageError(stderr, "leader", "%v", err)
+	}
+	cfg, err := poolConfig(dsn)
+	if err != nil {
+		return usageError(stderr, "leader", "%v", err)
+	}
+	ctx := context.Background()
+	cfg.MaxConns = 1
+	pool, err := connect(ctx, cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks leader: %v\n", err)
+		return exitDatabase
+	}
+	defer pool.Close()
+	locker, err := pglocks.New(pool)
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks leader: %v\n", err)
+		return exitUsage
+	}
+	defer locker.Close()
+	h, err := locker.Leader(ctx, key)
+	switch {
+	case errors.Is(err, pglocks.ErrNoLeader):
+		if asJSON {
+			fmt.Fprintln(stdout, "null")
+		} else {
+			fmt.Fprintf(stdout, "%s has no leader\n", name)
+		}
+		return exitConflict
+	case err != nil:
+		fmt.Fprintf(stderr, "pglocks leader: %s\n", oneLine(err))
+		return exitDatabase
+	}
+	if asJSON {
+		type out struct {
+			Name            string     `json:"name"`
+			Key             string     `json:"key"`
+			PID             int32      `json:"pid"`
+			ApplicationName string     `json:"application_name"`
+			ClientAddr      string     `json:"client_addr,omitempty"`
+			BackendStart    time.Time  `json:"backend_start"`
+			Since           *time.Time `json:"since,omitempty"`
+		}
+		o := out{Name: name, Key: key.String(), PID: h.PID, ApplicationName: h.ApplicationName,
+			ClientAddr: h.ClientAddr, BackendStart: h.BackendStart}
+		if !h.Since.IsZero() {
+			o.Since = &h.Since
+		}
+		b, _ := json.Marshal(o)
+		fmt.Fprintln(stdout, string(b))
+		return 0
+	}
+	fmt.Fprintf(stdout, "%s is led by %s\n", name, describeHolder(h))
+	return 0
+}
