@@ -116,3 +116,55 @@ func TestPartitionServerRelease(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Leadership over a real partition: the leader is cut off from the server;
+// it stops leading within the heartbeat bound, and only after that, when the
+// server gives up on its session, is the candidate elected.
+func TestPartitionFailover(t *testing.T) {
+	t.Parallel()
+	if os.Geteuid() != 0 {
+		t.Skip("this test drops packets between two network namespaces, which needs root; run it as root (bash .ci/run does)")
+	}
+	const hostAddr, nsAddr = "10.213.8.1", "10.213.8.2"
+	ns := fmt.Sprintf("pgf%d", os.Getpid()%100000)
+	cut := netns(t, ns, hostAddr, nsAddr)
+	fs := startServer(t, pgtest.Options{NetNS: ns, Listen: nsAddr})
+	key := pglocks.Name("partitioned-leader")
+	g := newTermLog()
+	lead := lockerOn(t, drivers[0], fs.URL) // over the veth pair
+	a := startElector(t, lead, key, "a", g)
+	waitFor(t, 10*time.Second, "a to lead", func() bool { return a.leading.Load() })
+	cand := lockerOn(t, drivers[0], fs.SocketURL()) // over the Unix socket, which the partition leaves alone
+	b := startElector(t, cand, key, "b", g)
+	waitFor(t, 10*time.Second, "b to campaign", func() bool {
+		for _, r := range serverLocks(t, fs) {
+			if r.key == bigint(key) && !r.granted {
+				return true
+			}
+		}
+		return false
+	})
+
+	start := time.Now()
+	cut()
+	var stopped, elected time.Time
+	waitFor(t, 60*time.Second, "b to be elected", func() bool {
+		for _, ev := range g.snapshot() {
+			switch {
+			case ev.who == "a" && !ev.start && stopped.IsZero():
+				stopped = ev.at
+			case ev.who == "b" && ev.start:
+				elected = ev.at
+				return true
+			}
+		}
+		return false
+	})
+	t.Logf("partition: the leader stopped after %v; the candidate was elected after %v",
+		stopped.Sub(start).Round(time.Millisecond), elected.Sub(start).Round(time.Millisecond))
+	if stopped.IsZero() || !stopped.Before(elected) {
+		t.Fatalf("the candidate was elected (%v) before the cut-off leader stopped (%v)", elected.Sub(start), stopped.Sub(start))
+	}
+	b.stop(t)
+	a.cancel()
+}
