@@ -27,6 +27,25 @@
 //		return runReport(ctx) // no other process runs it meanwhile
 //	})
 //
+// # Several keys
+//
+// [Locker.LockAll], [Locker.TryLockAll] and [Locker.DoAll] take several keys
+// all or nothing, in one global order (so two of them never deadlock each
+// other), as a [LockSet]. Duplicate keys are merged.
+//
+// # Leader election
+//
+// [Locker.Lead] runs a function on one process at a time among all that
+// campaign for a key: it waits in the server's queue, runs fn while leading
+// with a ctx cancelled when leadership is lost, resigns when fn returns and
+// campaigns again until its ctx ends. [Locker.Leader] and [Locker.Observe]
+// tell who leads, from pg_locks and pg_stat_activity; [FencingToken] orders
+// the terms.
+//
+//	err = locker.Lead(ctx, pglocks.Name("outbox-relay"), func(ctx context.Context) error {
+//		return relay(ctx) // on one replica at a time
+//	})
+//
 // # Transaction locks
 //
 // [LockTx] and [TryLockTx] (or [LockSQLTx] and [TryLockSQLTx] for
@@ -61,7 +80,10 @@
 //     timeout, a network partition) every lock on it is reported through
 //     [Lock.Done] and [Lock.Err] (matching [ErrLockLost]) at most
 //     interval+timeout (2 s by default) after the server stops answering, and
-//     [Locker.Do] cancels fn's context with that cause.
+//     [Locker.Do] cancels fn's context with that cause. With pgx drivers an
+//     idle session that holds locks is also watched (from its first
+//     heartbeat, or from the grant of a lock that was waited for), so a
+//     session that the server ends is reported within milliseconds.
 //   - A silent holder's locks are freed by the server in a bound, and the
 //     holder hears first. Holder sessions set TCP keepalives and a TCP user
 //     timeout on the server's side and on their own socket
@@ -89,8 +111,8 @@
 //     does not show it), a second client must land on the holder's server
 //     session, as PgBouncer's default reuse order makes it. Point the Locker
 //     at the primary, directly or through session pooling.
-//   - Deadlocks between transaction locks are detected by the server
-//     ([ErrDeadlock]).
+//   - Deadlocks between transaction locks, and between [Locker.LockAll] and
+//     another client, are detected by the server ([ErrDeadlock]).
 //   - The Locker must own the session locks on its connections. Do not take
 //     session advisory locks yourself on connections of the same pool and
 //     return them to it.
@@ -98,11 +120,16 @@
 //     deterministic default collation (the usual case).
 //   - With database/sql, a transaction-lock wait cancelled before its
 //     deadline ends the transaction's connection (see [LockSQLTx]).
-//   - No deadlock detection for session locks: a Locker waits for a lock on
-//     a session of its own, separate from the sessions holding its other
-//     locks, so the server's deadlock detector cannot see a cycle through it,
-//     and goroutines of one Locker that take two locks in opposite orders
-//     wait for each other. Take locks in one global order and use deadlines.
+//   - No deadlock detection for separate Lock calls: a Locker waits for a
+//     lock on a session of its own, separate from the sessions holding its
+//     other locks, so the server's deadlock detector cannot see a cycle
+//     through it, and goroutines of one Locker that take two locks in
+//     opposite orders wait for each other. Use [Locker.LockAll], or take
+//     locks in one global order and use deadlines.
+//   - Two leaders can overlap when the server itself ends the leader's
+//     session: the next candidate is elected at once, and the old leader is
+//     told within milliseconds with pgx drivers, within the heartbeat bound
+//     with lib/pq. Guard what leaders write with [FencingToken].
 //   - If the server stops answering, a cancelled wait is abandoned after the
 //     statement timeout ([WithStatementTimeout]) by closing its connection;
 //     the server drops the wait when it notices. lib/pq cannot interrupt a
