@@ -330,6 +330,82 @@ func BenchmarkManyHeld(b *testing.B) {
 	})
 }
 
+// B6: take 10 keys together and release them: raw pgx one statement per
+// key, raw pgx batching the tries and the unlocks (what a careful hand
+// would write), and TryLockAll + Release.
+func BenchmarkLockAll10(b *testing.B) {
+	const n = 10
+	ctx := context.Background()
+	raw := func(b *testing.B, batch bool) {
+		p := benchPool(b, srv.DB(b), 4)
+		c, err := p.Acquire(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Release()
+		oks := make([]bool, n)
+		for b.Loop() {
+			if batch {
+				bt := &pgx.Batch{}
+				for k := range n {
+					bt.Queue("SELECT pg_try_advisory_lock($1)", int64(k))
+				}
+				br := c.SendBatch(ctx, bt)
+				for k := range n {
+					if err := br.QueryRow().Scan(&oks[k]); err != nil || !oks[k] {
+						b.Fatal(oks[k], err)
+					}
+				}
+				if err := br.Close(); err != nil {
+					b.Fatal(err)
+				}
+				bt = &pgx.Batch{}
+				for k := range n {
+					bt.Queue("SELECT pg_advisory_unlock($1)", int64(k))
+				}
+				br = c.SendBatch(ctx, bt)
+				for k := range n {
+					if err := br.QueryRow().Scan(&oks[k]); err != nil || !oks[k] {
+						b.Fatal(oks[k], err)
+					}
+				}
+				if err := br.Close(); err != nil {
+					b.Fatal(err)
+				}
+				continue
+			}
+			for k := range n {
+				if err := c.QueryRow(ctx, "SELECT pg_try_advisory_lock($1)", int64(k)).Scan(&oks[k]); err != nil || !oks[k] {
+					b.Fatal(oks[k], err)
+				}
+			}
+			for k := range n {
+				if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1)", int64(k)).Scan(&oks[k]); err != nil || !oks[k] {
+					b.Fatal(oks[k], err)
+				}
+			}
+		}
+	}
+	b.Run("raw", func(b *testing.B) { raw(b, false) })
+	b.Run("raw-batch", func(b *testing.B) { raw(b, true) })
+	b.Run("pglocks", func(b *testing.B) {
+		l := benchLocker(b, benchPool(b, srv.DB(b), 4))
+		keys := make([]pglocks.Key, n)
+		for k := range n {
+			keys[k] = pglocks.ID(int64(n - k)) // in reverse: LockAll orders them
+		}
+		for b.Loop() {
+			s, err := l.TryLockAll(ctx, keys)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := s.Release(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
 // B5: hashing names.
 func BenchmarkName(b *testing.B) {
 	for _, size := range []int{16, 1024} {

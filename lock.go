@@ -70,52 +70,71 @@ func (lk *Lock) Err() error {
 // the error says so. When several goroutines of one Locker share a lock in
 // [Shared] mode, the server's lock is released with the last of them.
 func (lk *Lock) Release(ctx context.Context) error {
+	rel, err := lk.beginRelease()
+	if rel == nil {
+		return err
+	}
+	err = lk.l.do(context.WithoutCancel(ctx), rel.h, rel.r)
+	return rel.end(err)
+}
+
+// release is a Release that has to unlock on the server.
+type release struct {
+	lk *Lock
+	h  *holder
+	r  *req
+}
+
+// beginRelease marks lk released and, if the server's hold must go, returns
+// the unlock to run on h (with h.users and l.calls counted); otherwise it
+// returns nil and Release's result.
+func (lk *Lock) beginRelease() (*release, error) {
 	l, e := lk.l, lk.e
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	if lk.done {
 		err := lk.Err()
-		l.mu.Unlock()
 		switch {
 		case errors.Is(err, ErrClosed):
-			return lockError(e.key, ErrClosed)
+			return nil, lockError(e.key, ErrClosed)
 		case errors.Is(err, ErrLockLost):
-			return err
+			return nil, err
 		}
-		return lockError(e.key, ErrReleased)
+		return nil, lockError(e.key, ErrReleased)
 	}
 	lk.done = true
 	e.locks = slices.DeleteFunc(e.locks, func(x *Lock) bool { return x == lk })
 	if l.closed {
 		lk.cancel(ErrClosed) // Close releases the server's hold
-		l.mu.Unlock()
-		return lockError(e.key, ErrClosed)
+		return nil, lockError(e.key, ErrClosed)
 	}
 	if len(e.locks) > 0 {
 		lk.cancel(ErrReleased) // others share the server's hold
-		l.mu.Unlock()
-		return nil
+		return nil, nil
 	}
 	e.state = stateReleasing
 	h := e.h
 	h.users++
 	l.calls.Add(1)
-	defer l.calls.Done()
-	l.mu.Unlock()
-
 	q, args := stmt(stmtUnlock, e.key, e.shared, false)
-	var ok bool
-	err := l.do(context.WithoutCancel(ctx), h, &req{q: q, args: args, dest: []any{&ok},
+	ok := new(bool)
+	return &release{lk: lk, h: h, r: &req{q: q, args: args, dest: []any{ok},
 		check: func() error {
-			if !ok {
+			if !*ok {
 				return errNotHeld
 			}
 			return nil
-		}})
+		}}}, nil
+}
 
+// end finishes a release whose unlock returned err.
+func (rel *release) end(err error) error {
+	l, e, h := rel.lk.l, rel.lk.e, rel.h
+	defer l.calls.Done()
 	l.mu.Lock()
 	delete(h.entries, e)
 	l.setIdle(e)
-	lk.cancel(ErrReleased)
+	rel.lk.cancel(ErrReleased)
 	l.dispatch(e)
 	l.gc(e)
 	idle := l.unuseLocked(h)

@@ -35,16 +35,34 @@ func (s *LockSet) Err() error {
 }
 
 // Release releases every lock of the set, as [Lock.Release] does, sending
-// the unlocks together; it returns their errors joined.
+// the unlocks for one session together (one round trip with pgx); it returns
+// their errors joined.
 func (s *LockSet) Release(ctx context.Context) error {
 	defer s.stop()
-	errs := make([]error, len(s.locks))
+	var errs []error
+	var rels []*release
+	byHolder := map[*holder][]*req{}
+	for _, lk := range s.locks {
+		rel, err := lk.beginRelease()
+		if rel == nil {
+			errs = append(errs, err)
+			continue
+		}
+		rels = append(rels, rel)
+		byHolder[rel.h] = append(byHolder[rel.h], rel.r)
+	}
+	if len(rels) == 0 {
+		return errors.Join(errs...)
+	}
+	l := rels[0].lk.l
 	var wg sync.WaitGroup
-	for i, lk := range s.locks {
-		// Concurrent releases on one session share round trips (see do).
-		wg.Go(func() { errs[i] = lk.Release(ctx) })
+	for h, rs := range byHolder {
+		wg.Go(func() { l.doMany(context.WithoutCancel(ctx), h, rs) })
 	}
 	wg.Wait()
+	for _, rel := range rels {
+		errs = append(errs, rel.end(rel.r.err))
+	}
 	return errors.Join(errs...)
 }
 
