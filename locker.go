@@ -140,8 +140,8 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 //
 // The wait runs on a session of its own while the Locker's other locks stay
 // on theirs, so PostgreSQL's deadlock detector cannot see a cycle that runs
-// through a Locker: take several locks in one global order, and give Lock a
-// deadline.
+// through a Locker: take several locks with [Locker.LockAll], or in one
+// global order with a deadline.
 //
 // ctx bounds the acquisition only: the lock is held until [Lock.Release], until
 // [Locker.Close], or until it is lost ([Lock.Done]).
