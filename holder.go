@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -52,16 +53,26 @@ const primaryLinger = 5 * time.Second
 // (sqlInitSession). It refuses a standby, and a session that a
 // transaction-pooling proxy shares with other clients.
 func (l *Locker) take(ctx context.Context) (*holder, error) {
-	l.mu.Lock()
-	if n := len(l.spare); n > 0 {
+	for {
+		l.mu.Lock()
+		n := len(l.spare)
+		if n == 0 {
+			l.mu.Unlock()
+			break
+		}
 		// Handed out as a fresh one: registered again once it is used.
 		h := l.spare[n-1]
 		l.spare = l.spare[:n-1]
 		delete(l.holders, h)
 		l.mu.Unlock()
-		return h, nil
+		h.enter() // a heartbeat may have left a watcher on it
+		broken := h.broken
+		h.leave()
+		if broken == nil {
+			return h, nil
+		}
+		// Its watcher saw the session end, and closed it.
 	}
-	l.mu.Unlock()
 	for try := 1; ; try++ {
 		h, err := l.take1(ctx)
 		var stale staleConn
@@ -213,11 +224,16 @@ func (l *Locker) closeConn(h *holder) {
 // free before the caller hears of the failure.
 func (l *Locker) discard(h *holder) {
 	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
+	defer cancel()
 	h.enter()
-	_ = l.runStmt(ctx, h, func(ctx context.Context) error { return h.c.exec(ctx, sqlUnlockAll) })
+	broken := h.broken
+	if broken == nil {
+		_ = l.runStmt(ctx, h, func(ctx context.Context) error { return h.c.exec(ctx, sqlUnlockAll) })
+	}
 	h.leave()
-	cancel()
-	l.closeConn(h)
+	if broken == nil { // else closed already
+		l.closeConn(h)
+	}
 }
 
 // primaryHolder returns the holder where locks are tried first, taking a
@@ -316,6 +332,7 @@ func (l *Locker) lose(h *holder, cause error) {
 	if l.primary == h {
 		l.primary = nil
 	}
+	l.spare = slices.DeleteFunc(l.spare, func(x *holder) bool { return x == h })
 	n := 0
 	for e := range h.entries {
 		if e.state != stateHeld {

@@ -81,9 +81,16 @@ func (l *Locker) watch(h *holder) {
 	w := &watcher{pg: pg, kicked: make(chan struct{}), done: make(chan struct{})}
 	h.watcher.Store(w)
 	if h.want.Load() > 0 {
-		// Someone is waiting for the session (and may not have seen w).
+		// Someone is waiting for the session. They may have seen w and
+		// kicked it already: then undo the kick's deadline, and let them
+		// see w done.
 		h.watcher.Store(nil)
+		if !w.stopped.CompareAndSwap(false, true) {
+			<-w.kicked
+			_ = pg.Conn().SetReadDeadline(time.Time{})
+		}
 		h.leave()
+		close(w.done)
 		return
 	}
 	l.bg.Add(1)
