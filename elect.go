@@ -34,8 +34,9 @@ const leadRetry = time.Second
 //   - Resign: when fn returns, leadership is released at once, and passes to
 //     the candidate that waited longest, if any; then Lead campaigns again.
 //     So returning from fn is how to resign without stopping. After fn
-//     returns an error (logged with [WithLogger]), Lead waits a second
-//     before it campaigns again, so a failing leader does not spin.
+//     returns an error (logged with [WithLogger]), or returns within a second
+//     of its start, Lead waits until a second has passed before it campaigns
+//     again, so a failing or idle leader does not spin.
 //   - Stop: when ctx ends, Lead cancels fn's ctx, waits for fn to return,
 //     releases leadership and returns an error matching ctx.Err(). It
 //     returns early only for an error that campaigning again cannot cure:
@@ -94,6 +95,7 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 			pause = 0
 			continue
 		}
+		began := time.Now()
 		err = lk.run(ctx, fn)
 		switch {
 		case ctx.Err() != nil:
@@ -109,6 +111,11 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 		default:
 			l.cfg.logger.Info("pglocks: resigned", "key", key)
 			pause = 0
+			if time.Since(began) < leadRetry {
+				// A term this short, again and again, would spin when no
+				// other candidate waits (one that does is elected at once).
+				pause = leadRetry - time.Since(began)
+			}
 		}
 	}
 }
@@ -125,10 +132,12 @@ const maxAppName = 63
 func (l *Locker) markLeader(lk *Lock) {
 	l.mu.Lock()
 	h := lk.e.h
-	if lk.done || h == nil {
+	if lk.done || h == nil || l.closed {
 		l.mu.Unlock()
 		return
 	}
+	l.calls.Add(1) // Close waits for us before it touches h
+	defer l.calls.Done()
 	h.users++
 	h.marked = true // not kept as a spare: giveBack restores the name
 	l.mu.Unlock()
@@ -225,7 +234,9 @@ func (l *Locker) Observe(ctx context.Context, key Key) <-chan Holder {
 		first := true
 		for {
 			qctx, cancel := context.WithTimeout(ctx, l.cfg.hbTimeout+l.cfg.hbInterval)
+			stop := context.AfterFunc(l.closeCtx, cancel) // Close does not wait for it
 			h, err := l.Leader(qctx, key)
+			stop()
 			cancel()
 			if err == nil || errors.Is(err, ErrNoLeader) {
 				if first || h != last {
