@@ -266,7 +266,6 @@ func TestLeadFailover(t *testing.T) {
 
 	const kills = 8
 	var failovers []time.Duration
-	var kill []time.Time
 	for range kills {
 		waitFor(t, 10*time.Second, "a leader", func() bool { return len(leaders(els...)) == 1 })
 		time.Sleep(300 * time.Millisecond)
@@ -280,7 +279,6 @@ func TestLeadFailover(t *testing.T) {
 		if _, err := fs.Admin.Exec(ctx, "SELECT pg_terminate_backend($1)", h.PID); err != nil {
 			t.Fatal(err)
 		}
-		kill = append(kill, at)
 		var next time.Time
 		waitFor(t, 10*time.Second, "the next leader", func() bool {
 			for _, ev := range g.snapshot()[n:] {

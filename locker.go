@@ -478,7 +478,7 @@ func (l *Locker) serverLock(ctx context.Context, key Key, o lockConfig, wait boo
 
 // waitOn waits for key on a session of its own.
 func (l *Locker) waitOn(ctx context.Context, key Key, o lockConfig) (*holder, int64, error) {
-	w, tokens, err := l.waitOnAll(ctx, []Key{key}, o)
+	w, tokens, _, err := l.waitOnAll(ctx, []Key{key}, o)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -489,11 +489,11 @@ func (l *Locker) waitOn(ctx context.Context, key Key, o lockConfig) (*holder, in
 // the order given, so that the server sees a cycle through this session
 // (ErrDeadlock). If any wait fails, the session is cleared and closed:
 // nothing is held. It returns the session with users set to 1, and the
-// keys' fencing tokens.
-func (l *Locker) waitOnAll(ctx context.Context, keys []Key, o lockConfig) (*holder, []int64, error) {
+// keys' fencing tokens; or the index of the key whose wait failed, and why.
+func (l *Locker) waitOnAll(ctx context.Context, keys []Key, o lockConfig) (*holder, []int64, int, error) {
 	w, err := l.take(ctx)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	cancel := w.c.cancel
 	if w.c.pgConn() == nil {
@@ -532,17 +532,13 @@ func (l *Locker) waitOnAll(ctx context.Context, keys []Key, o lockConfig) (*hold
 		} else {
 			l.discard(w)
 		}
-		err = classify(err)
-		if len(keys) > 1 {
-			err = fmt.Errorf("waiting for %v: %w", keys[at], err)
-		}
-		return nil, nil, err
+		return nil, nil, at, classify(err)
 	}
 	w.users = 1
 	l.mu.Lock()
 	l.holders[w] = struct{}{}
 	l.mu.Unlock()
-	return w, tokens, nil
+	return w, tokens, 0, nil
 }
 
 // dispatch lets the waiters at the front of e's queue go, as far as the

@@ -251,7 +251,7 @@ func (l *Locker) acquireAllServer(ctx context.Context, es []*entry, o lockConfig
 			// h's session was closed after the grant (see acquireServer):
 			// nothing is held; take them again.
 			h.users--
-			err = fmt.Errorf("%w: its session was closed as it was granted", ErrLockLost)
+			err = lockError(keys[0], fmt.Errorf("%w: its session was closed as it was granted", ErrLockLost))
 			if attempt < 3 && ctx.Err() == nil && !l.closed {
 				l.mu.Unlock()
 				continue
@@ -291,7 +291,7 @@ func (l *Locker) acquireAllServer(ctx context.Context, es []*entry, o lockConfig
 // with users incremented, and the fencing tokens.
 func (l *Locker) serverLockAll(ctx context.Context, keys []Key, o lockConfig, wait bool) (*holder, []int64, error) {
 	for retried := false; ; retried = true {
-		h, tokens, err := l.tryAll(ctx, keys, o)
+		h, tokens, err := l.tryAll(ctx, keys, o) // errors name their key
 		if err == nil {
 			return h, tokens, nil
 		}
@@ -305,12 +305,15 @@ func (l *Locker) serverLockAll(ctx context.Context, keys []Key, o lockConfig, wa
 		break
 	}
 	for retried := false; ; retried = true {
-		w, tokens, err := l.waitOnAll(ctx, keys, o)
+		w, tokens, at, err := l.waitOnAll(ctx, keys, o)
 		if err != nil && !retried && ctx.Err() == nil && sqlState(err) == "" && !errors.Is(err, ErrClosed) &&
 			!errors.Is(err, ErrDeadlock) {
 			continue // a stale session; see serverLock
 		}
-		return w, tokens, err
+		if err != nil {
+			return nil, nil, lockError(keys[at], err)
+		}
+		return w, tokens, nil
 	}
 }
 
@@ -326,7 +329,7 @@ func (b brokenSession) Unwrap() error { return b.error }
 func (l *Locker) tryAll(ctx context.Context, keys []Key, o lockConfig) (*holder, []int64, error) {
 	h, err := l.primaryHolder(ctx)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, lockError(keys[0], err)
 	}
 	oks := make([]bool, len(keys))
 	tokens := make([]int64, len(keys))

@@ -313,9 +313,8 @@ func TestLockAllProcesses(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close(context.Background())
-	const nkeys = 6
-	if _, err := conn.Exec(ctx, `CREATE TABLE occupancy (k int PRIMARY KEY, holder int NOT NULL DEFAULT 0);
-		INSERT INTO occupancy (k) SELECT generate_series(0, 5)`); err != nil {
+	if _, err := conn.Exec(ctx, fmt.Sprintf(`CREATE TABLE occupancy (k int PRIMARY KEY, holder int NOT NULL DEFAULT 0);
+		INSERT INTO occupancy (k) SELECT generate_series(0, %d)`, helperKeys-1)); err != nil {
 		t.Fatal(err)
 	}
 	const procs = 4
@@ -360,6 +359,9 @@ func TestLockAllProcesses(t *testing.T) {
 	}
 }
 
+// helperKeys is how many keys the processes of TestLockAllProcesses share.
+const helperKeys = 6
+
 // lockAllHelper is one process of TestLockAllProcesses.
 func lockAllHelper() error {
 	ctx := context.Background()
@@ -387,7 +389,7 @@ func lockAllHelper() error {
 		n := 2 + rand.IntN(3)
 		var keys []pglocks.Key
 		var ks []int32
-		for _, i := range rand.Perm(6)[:n] {
+		for _, i := range rand.Perm(helperKeys)[:n] {
 			keys = append(keys, pglocks.Pair(9000, int32(i)))
 			ks = append(ks, int32(i))
 		}

@@ -28,8 +28,8 @@ SIGINT, SIGTERM and SIGHUP go to COMMAND if it runs, and end the campaign.
 
 Without --restart it leads once: it exits when COMMAND exits, with COMMAND's
 status, or with 4 if leadership was lost. With --restart it campaigns again
-after a loss, or after COMMAND exits (a second later if COMMAND failed),
-until a signal stops it. 'pglocks leader NAME' tells who leads.
+after a loss, or after COMMAND exits (no sooner than a second after the
+term began, and a second later if COMMAND failed), until a signal stops it. 'pglocks leader NAME' tells who leads.
 
 Exit status: COMMAND's own (128+N if killed by signal N); 128+N if signal N
 ended the campaign; 2 usage; 3 database unreachable or unsuitable; 4
