@@ -140,12 +140,20 @@ func TestLead(t *testing.T) {
 				}
 			}()
 
+			observed := func(name string) func() bool {
+				return func() bool {
+					seenMu.Lock()
+					defer seenMu.Unlock()
+					return len(seen) > 0 && seen[len(seen)-1].ApplicationName == name
+				}
+			}
 			_, err := lo.Leader(ctx, key)
 			wantErr(t, err, pglocks.ErrNoLeader)
+			waitFor(t, 10*time.Second, "Observe to see no leader first", observed(""))
 			before := time.Now()
 			a := startElector(t, la, key, "a", g)
 			waitFor(t, 10*time.Second, "a to lead", func() bool { return a.leading.Load() })
-			time.Sleep(200 * time.Millisecond) // let Observe see a
+			waitFor(t, 10*time.Second, "Observe to see a", observed("elector-a"))
 			b := startElector(t, lb, key, "b", g)
 			waitFor(t, 10*time.Second, "b to campaign", func() bool {
 				for _, r := range serverLocks(t, fs) {
@@ -186,7 +194,7 @@ func TestLead(t *testing.T) {
 			if hb.ApplicationName != "elector-b" || !hb.Since.After(h.Since) || hb.PID == h.PID {
 				t.Errorf("after the resign Leader = %+v (before: %+v)", hb, h)
 			}
-			time.Sleep(200 * time.Millisecond) // let Observe see b
+			waitFor(t, 10*time.Second, "Observe to see b", observed("elector-b"))
 
 			// b stops: a leads again; a stops: nobody leads, nothing is held.
 			b.stop(t)
