@@ -11,9 +11,14 @@ import (
 // A LockSet is several locks taken together by [Locker.LockAll] or
 // [Locker.TryLockAll]: all of them were held at once when it was returned.
 type LockSet struct {
-	locks  []*Lock
-	ctx    context.Context // done once any lock of the set is no longer held
+	locks []*Lock
+
+	// The set's own ctx, done once any lock of the set is no longer held;
+	// made on the first call of Done or Err.
+	once   sync.Once
+	ctx    context.Context
 	cancel context.CancelCauseFunc
+	mu     sync.Mutex
 	stops  []func() bool
 }
 
@@ -23,15 +28,29 @@ func (s *LockSet) Locks() []*Lock { return slices.Clone(s.locks) }
 
 // Done returns a channel that is closed once any lock of the set is no
 // longer held: released, released by [Locker.Close], or lost.
-func (s *LockSet) Done() <-chan struct{} { return s.ctx.Done() }
+func (s *LockSet) Done() <-chan struct{} { return s.watch().Done() }
 
 // Err returns nil while every lock of the set is held, and otherwise the
 // error of the first lock found not held, as [Lock.Err] reports it.
 func (s *LockSet) Err() error {
-	if s.ctx.Err() == nil {
+	ctx := s.watch()
+	if ctx.Err() == nil {
 		return nil
 	}
-	return context.Cause(s.ctx)
+	return context.Cause(ctx)
+}
+
+// watch returns the set's ctx, making it on first use.
+func (s *LockSet) watch() context.Context {
+	s.once.Do(func() {
+		s.ctx, s.cancel = context.WithCancelCause(context.Background())
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for _, lk := range s.locks {
+			s.stops = append(s.stops, context.AfterFunc(lk.ctx, func() { s.cancel(lk.Err()) }))
+		}
+	})
+	return s.ctx
 }
 
 // Release releases every lock of the set, as [Lock.Release] does, sending
@@ -55,31 +74,32 @@ func (s *LockSet) Release(ctx context.Context) error {
 		return errors.Join(errs...)
 	}
 	l := rels[0].lk.l
-	var wg sync.WaitGroup
-	for h, rs := range byHolder {
-		wg.Go(func() { l.doMany(context.WithoutCancel(ctx), h, rs) })
+	if len(byHolder) == 1 {
+		l.doMany(context.WithoutCancel(ctx), rels[0].h, byHolder[rels[0].h])
+	} else {
+		var wg sync.WaitGroup
+		for h, rs := range byHolder {
+			wg.Go(func() { l.doMany(context.WithoutCancel(ctx), h, rs) })
+		}
+		wg.Wait()
 	}
-	wg.Wait()
 	for _, rel := range rels {
 		errs = append(errs, rel.end(rel.r.err))
 	}
 	return errors.Join(errs...)
 }
 
+// stop unregisters what watch registered on the locks' ctx.
 func (s *LockSet) stop() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	for _, f := range s.stops {
 		f()
 	}
+	s.stops = nil
 }
 
-func newLockSet(locks []*Lock) *LockSet {
-	s := &LockSet{locks: locks}
-	s.ctx, s.cancel = context.WithCancelCause(context.Background())
-	for _, lk := range locks {
-		s.stops = append(s.stops, context.AfterFunc(lk.ctx, func() { s.cancel(lk.Err()) }))
-	}
-	return s
-}
+func newLockSet(locks []*Lock) *LockSet { return &LockSet{locks: locks} }
 
 // LockAll takes every key in keys, all or nothing, waiting as long as ctx
 // allows, and returns them as a [LockSet].
@@ -124,7 +144,7 @@ func (l *Locker) DoAll(ctx context.Context, keys []Key, fn func(ctx context.Cont
 		return err
 	}
 	fctx, cancel := context.WithCancelCause(ctx)
-	stop := context.AfterFunc(s.ctx, func() { cancel(s.Err()) })
+	stop := context.AfterFunc(s.watch(), func() { cancel(s.Err()) })
 	defer func() {
 		stop()
 		cancel(nil)
