@@ -31,19 +31,25 @@ func (s *LockSet) Locks() []*Lock { return slices.Clone(s.locks) }
 func (s *LockSet) Done() <-chan struct{} { return s.watch().Done() }
 
 // Err returns nil while every lock of the set is held, and otherwise the
-// error of the first lock found not held, as [Lock.Err] reports it.
+// error of the first lock (in key order) not held, as [Lock.Err] reports it.
 func (s *LockSet) Err() error {
-	ctx := s.watch()
-	if ctx.Err() == nil {
-		return nil
+	for _, lk := range s.locks {
+		if err := lk.Err(); err != nil {
+			return err
+		}
 	}
-	return context.Cause(ctx)
+	return nil
 }
 
-// watch returns the set's ctx, making it on first use.
+// watch returns the set's ctx, making it on first use: done at once if a
+// lock has ended already, else when the first one ends.
 func (s *LockSet) watch() context.Context {
 	s.once.Do(func() {
 		s.ctx, s.cancel = context.WithCancelCause(context.Background())
+		if err := s.Err(); err != nil {
+			s.cancel(err)
+			return
+		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		for _, lk := range s.locks {
@@ -71,6 +77,8 @@ func (s *LockSet) Release(ctx context.Context) error {
 		byHolder[rel.h] = append(byHolder[rel.h], rel.r)
 	}
 	if len(rels) == 0 {
+		s.watch()
+		s.cancel(s.Err())
 		return errors.Join(errs...)
 	}
 	l := rels[0].lk.l
@@ -86,6 +94,8 @@ func (s *LockSet) Release(ctx context.Context) error {
 	for _, rel := range rels {
 		errs = append(errs, rel.end(rel.r.err))
 	}
+	s.watch()
+	s.cancel(s.Err()) // Done is closed when Release returns
 	return errors.Join(errs...)
 }
 

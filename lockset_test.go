@@ -87,7 +87,11 @@ func TestLockAll(t *testing.T) {
 		if err := s.Release(ctx); err != nil {
 			t.Fatal(err)
 		}
-		<-s.Done()
+		select {
+		case <-s.Done():
+		default:
+			t.Fatal("Done not closed when Release returned")
+		}
 		wantErr(t, s.Err(), pglocks.ErrReleased)
 		if held, _ := e.heldKeys(k...); len(held) != 0 {
 			t.Fatalf("still held after Release: %v", held)
@@ -141,8 +145,17 @@ func TestLockAll(t *testing.T) {
 		_, err = l.TryLock(ctx, k[1])
 		wantErr(t, err, pglocks.ErrLocked)
 		// A lock of the set released on its own ends the set.
+		done := r.s.Done()
+		if r.s.Err() != nil {
+			t.Fatal(r.s.Err())
+		}
 		mustRelease(t, r.s.Locks()[0])
-		<-r.s.Done()
+		wantErr(t, r.s.Err(), pglocks.ErrReleased)
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the set's Done is open after one of its locks was released")
+		}
 		err = r.s.Release(ctx)
 		wantErr(t, err, pglocks.ErrReleased) // the one released above
 		if held, _ := e.heldKeys(k...); len(held) != 0 {
