@@ -349,6 +349,10 @@ func (l *Locker) lose(h *holder, cause error) {
 		l.dispatch(e)
 		l.gc(e)
 	}
+	if n == 0 {
+		l.cfg.logger.Debug("pglocks: an idle connection ended", "err", cause)
+		return
+	}
 	l.cfg.logger.Warn("pglocks: connection closed; its locks are lost", "locks", n, "err", cause)
 }
 
