@@ -68,7 +68,7 @@ func TestChaos(t *testing.T) {
 
 	ctx, stop := context.WithTimeout(context.Background(), run)
 	defer stop()
-	var sessionOK, txOK, stale, lost, failed atomic.Int64
+	var sessionOK, txOK, setOK, leaderOK, stale, lost, failed atomic.Int64
 	var seen, faultSpans spans
 	var wg sync.WaitGroup
 	for w := range workers {
@@ -89,15 +89,22 @@ func TestChaos(t *testing.T) {
 			for ctx.Err() == nil {
 				key := r.IntN(keys)
 				var err error
-				if r.IntN(2) == 0 {
-					err = sessionSection(ctx, l, pool, key, r, &seen)
+				switch r.IntN(3) {
+				case 0:
+					err = sessionSection(ctx, l, pool, []int{key}, r, &seen)
 					if err == nil {
 						sessionOK.Add(1)
 					}
-				} else {
+				case 1:
 					err = txSection(ctx, l, key, r, &seen)
 					if err == nil {
 						txOK.Add(1)
+					}
+				default:
+					two := []int{key, (key + 1 + r.IntN(keys-1)) % keys}
+					err = sessionSection(ctx, l, pool, two, r, &seen)
+					if err == nil {
+						setOK.Add(1)
 					}
 				}
 				switch {
@@ -111,6 +118,43 @@ func TestChaos(t *testing.T) {
 					time.Sleep(50 * time.Millisecond)
 				}
 			}
+		})
+	}
+
+	// Two electors lead key leaderKey in turn; their terms are sections too.
+	for e := range 2 {
+		wg.Go(func() {
+			pool, err := pgxpool.New(context.Background(), dsn)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer pool.Close()
+			l, err := pglocks.New(pool, pglocks.WithFencingTokens())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer l.Close()
+			r := rand.New(rand.NewPCG(uint64(100+e), 9))
+			_ = l.Lead(ctx, pglocks.ID(leaderKey), func(lctx context.Context) error {
+				for lctx.Err() == nil {
+					err := leaderSection(lctx, pool, pglocks.FencingToken(lctx), r, &seen)
+					switch {
+					case err == nil:
+						leaderOK.Add(1)
+					case errors.Is(err, errStale):
+						stale.Add(1)
+						return err
+					case lctx.Err() != nil:
+						lost.Add(1)
+					default:
+						failed.Add(1)
+						return err
+					}
+				}
+				return lctx.Err()
+			})
 		})
 	}
 
@@ -128,7 +172,7 @@ func TestChaos(t *testing.T) {
 		switch i % 4 {
 		case 0, 2:
 			tag, err := fs.Admin.Exec(context.Background(),
-				"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'chaos' AND random() < 0.5")
+				"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'chaos%' AND random() < 0.5")
 			if err == nil {
 				faults["backends terminated"] += int(tag.RowsAffected())
 			}
@@ -181,70 +225,134 @@ func TestChaos(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("faults: %v", faults)
-	t.Logf("sections: %d session-lock and %d transaction-lock sections done, %d accepted by the fence; %d refused as stale, %d ended by a lost lock, %d failed (faults)",
-		sessionOK.Load(), txOK.Load(), accepted, stale.Load(), lost.Load(), failed.Load())
+	t.Logf("sections: %d session-lock, %d transaction-lock, %d two-key LockAll and %d leader sections done, %d accepted by the fence; %d refused as stale, %d ended by a lost lock, %d failed (faults)",
+		sessionOK.Load(), txOK.Load(), setOK.Load(), leaderOK.Load(), accepted, stale.Load(), lost.Load(), failed.Load())
 	if overlaps != 0 {
 		t.Errorf("%d pairs of accepted critical sections overlap", overlaps)
 	}
-	if sessionOK.Load() == 0 || txOK.Load() == 0 {
+	if sessionOK.Load() == 0 || txOK.Load() == 0 || setOK.Load() == 0 || leaderOK.Load() == 0 {
 		t.Error("a kind of critical section never completed: the test did not exercise it")
 	}
 	waitFor(t, 30*time.Second, "no locks and no worker sessions on the server", func() bool {
 		var n int
-		_ = fs.Admin.QueryRow(context.Background(), "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'chaos'").Scan(&n)
+		_ = fs.Admin.QueryRow(context.Background(), "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'chaos%'").Scan(&n)
 		return n == 0 && len(serverLocks(t, fs)) == 0
 	})
 }
 
-// sessionSection runs one critical section under a session lock, writing
-// its start and end through the fence.
-func sessionSection(ctx context.Context, l *pglocks.Locker, pool *pgxpool.Pool, key int, r *rand.Rand, seen *spans) error {
+// leaderKey is the key the chaos electors lead.
+const leaderKey = 9
+
+// sessionSection runs one critical section under session locks on keys (one
+// key with Lock, several with LockAll), writing its start and end through
+// each key's fence.
+func sessionSection(ctx context.Context, l *pglocks.Locker, pool *pgxpool.Pool, keys []int, r *rand.Rand, seen *spans) error {
 	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	lk, err := l.Lock(lctx, pglocks.ID(int64(key)))
-	if err != nil {
-		return err
-	}
-	sec := span{key: key, start: time.Now()}
-	defer func() {
-		sec.end = time.Now()
-		seen.add(sec)
-		_ = lk.Release(context.Background())
-	}()
-	tok := lk.Token()
-	wctx, wcancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer wcancel()
-	err = pgx.BeginFunc(wctx, pool, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(wctx, "UPDATE fences SET token = $2 WHERE key = $1 AND token < $2", key, tok)
+	var locks []*pglocks.Lock
+	var done <-chan struct{}
+	var why func() error
+	if len(keys) == 1 {
+		lk, err := l.Lock(lctx, pglocks.ID(int64(keys[0])))
 		if err != nil {
 			return err
 		}
-		if tag.RowsAffected() == 0 {
-			return errStale
+		defer func() { _ = lk.Release(context.Background()) }()
+		locks, done, why = []*pglocks.Lock{lk}, lk.Done(), lk.Err
+	} else {
+		ks := []pglocks.Key{pglocks.ID(int64(keys[0])), pglocks.ID(int64(keys[1]))}
+		set, err := l.LockAll(lctx, ks)
+		if err != nil {
+			return err
 		}
-		_, err = tx.Exec(wctx, "INSERT INTO sections VALUES ($1, $2, 'session', clock_timestamp(), NULL)", key, tok)
-		return err
+		defer func() { _ = set.Release(context.Background()) }()
+		locks, done, why = set.Locks(), set.Done(), set.Err
+	}
+	start := time.Now()
+	defer func() {
+		for _, lk := range locks {
+			k, _ := lk.Key().Int64()
+			seen.add(span{key: int(k), start: start, end: time.Now()})
+		}
+	}()
+	wctx, wcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer wcancel()
+	err := pgx.BeginFunc(wctx, pool, func(tx pgx.Tx) error {
+		for _, lk := range locks {
+			if err := fenceStart(wctx, tx, lk.Key(), lk.Token(), "session"); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return err
 	}
 	select {
 	case <-time.After(time.Duration(r.IntN(20)) * time.Millisecond): // the work
-	case <-lk.Done():
-		return lk.Err()
+	case <-done:
+		return why()
 	}
 	return pgx.BeginFunc(wctx, pool, func(tx pgx.Tx) error {
-		// The row lock on the fence orders this against a newer holder's start.
-		tag, err := tx.Exec(wctx, "UPDATE fences SET token = token WHERE key = $1 AND token = $2", key, tok)
-		if err != nil {
-			return err
+		for _, lk := range locks {
+			if err := fenceEnd(wctx, tx, lk.Key(), lk.Token()); err != nil {
+				return err
+			}
 		}
-		if tag.RowsAffected() == 0 {
-			return errStale
-		}
-		_, err = tx.Exec(wctx, "UPDATE sections SET ended = clock_timestamp() WHERE key = $1 AND token = $2", key, tok)
-		return err
+		return nil
 	})
+}
+
+// leaderSection is one stretch of a leader's work under its term's token
+// (a term runs many; they share the token).
+func leaderSection(ctx context.Context, pool *pgxpool.Pool, tok int64, r *rand.Rand, seen *spans) error {
+	start := time.Now()
+	defer func() { seen.add(span{key: leaderKey, start: start, end: time.Now()}) }()
+	key := pglocks.ID(leaderKey)
+	wctx, wcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer wcancel()
+	err := pgx.BeginFunc(wctx, pool, func(tx pgx.Tx) error { return fenceStart(wctx, tx, key, tok, "leader") })
+	if err != nil {
+		return err
+	}
+	select {
+	case <-time.After(time.Duration(r.IntN(20)) * time.Millisecond): // the work
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return pgx.BeginFunc(wctx, pool, func(tx pgx.Tx) error { return fenceEnd(wctx, tx, key, tok) })
+}
+
+// fenceStart records the start of a section under token tok, unless a newer
+// token has written to key's fence (errStale). A leader's term writes many
+// sections with one token, hence <=.
+func fenceStart(ctx context.Context, tx pgx.Tx, key pglocks.Key, tok int64, kind string) error {
+	k, _ := key.Int64()
+	tag, err := tx.Exec(ctx, "UPDATE fences SET token = $2 WHERE key = $1 AND token <= $2", k, tok)
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 0 {
+		return errStale
+	}
+	_, err = tx.Exec(ctx, "INSERT INTO sections VALUES ($1, $2, $3, clock_timestamp(), NULL)", k, tok, kind)
+	return err
+}
+
+// fenceEnd records the end of the section begun under tok, unless a newer
+// token has written since.
+func fenceEnd(ctx context.Context, tx pgx.Tx, key pglocks.Key, tok int64) error {
+	k, _ := key.Int64()
+	// The row lock on the fence orders this against a newer holder's start.
+	tag, err := tx.Exec(ctx, "UPDATE fences SET token = token WHERE key = $1 AND token = $2", k, tok)
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 0 {
+		return errStale
+	}
+	_, err = tx.Exec(ctx, "UPDATE sections SET ended = clock_timestamp() WHERE key = $1 AND token = $2 AND ended IS NULL", k, tok)
+	return err
 }
 
 // txSection runs one critical section as a transaction under a transaction
