@@ -216,7 +216,9 @@ func (l *Locker) Leader(ctx context.Context, key Key) (Holder, error) {
 // changes: the first value is the leader when Observe is called, and a zero
 // Holder means no leader. It checks once per heartbeat interval
 // ([WithHeartbeat]), so a leader that comes and goes in between may not be
-// seen. The channel is closed when ctx ends or the Locker closes.
+// seen. The channel is closed when ctx ends or the Locker closes (at once
+// for the zero Key or a closed Locker). Queries that fail are retried at the
+// next interval, not reported.
 func (l *Locker) Observe(ctx context.Context, key Key) <-chan Holder {
 	ch := make(chan Holder)
 	if !key.valid() || !l.beginCall() {
