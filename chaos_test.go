@@ -73,18 +73,11 @@ func TestChaos(t *testing.T) {
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Go(func() {
-			pool, err := pgxpool.New(context.Background(), dsn)
-			if err != nil {
-				t.Error(err)
+			pool, l, done := chaosLocker(t, dsn)
+			if l == nil {
 				return
 			}
-			defer pool.Close()
-			l, err := pglocks.New(pool, pglocks.WithFencingTokens())
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			defer l.Close()
+			defer done()
 			r := rand.New(rand.NewPCG(uint64(w), 9))
 			for ctx.Err() == nil {
 				key := r.IntN(keys)
@@ -124,18 +117,11 @@ func TestChaos(t *testing.T) {
 	// Two electors lead key leaderKey in turn; their terms are sections too.
 	for e := range 2 {
 		wg.Go(func() {
-			pool, err := pgxpool.New(context.Background(), dsn)
-			if err != nil {
-				t.Error(err)
+			pool, l, done := chaosLocker(t, dsn)
+			if l == nil {
 				return
 			}
-			defer pool.Close()
-			l, err := pglocks.New(pool, pglocks.WithFencingTokens())
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			defer l.Close()
+			defer done()
 			r := rand.New(rand.NewPCG(uint64(100+e), 9))
 			_ = l.Lead(ctx, pglocks.ID(leaderKey), func(lctx context.Context) error {
 				for lctx.Err() == nil {
@@ -238,6 +224,24 @@ func TestChaos(t *testing.T) {
 		_ = fs.Admin.QueryRow(context.Background(), "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'chaos%'").Scan(&n)
 		return n == 0 && len(serverLocks(t, fs)) == 0
 	})
+}
+
+// chaosLocker opens a pool of its own on dsn (as another process would) and
+// a fencing Locker on it; done closes both. On error it reports it and
+// returns a nil Locker.
+func chaosLocker(t *testing.T, dsn string) (*pgxpool.Pool, *pglocks.Locker, func()) {
+	pool, err := pgxpool.New(context.Background(), dsn)
+	if err != nil {
+		t.Error(err)
+		return nil, nil, nil
+	}
+	l, err := pglocks.New(pool, pglocks.WithFencingTokens())
+	if err != nil {
+		t.Error(err)
+		pool.Close()
+		return nil, nil, nil
+	}
+	return pool, l, func() { _ = l.Close(); pool.Close() }
 }
 
 // leaderKey is the key the chaos electors lead.

@@ -155,14 +155,7 @@ func TestLead(t *testing.T) {
 			waitFor(t, 10*time.Second, "a to lead", func() bool { return a.leading.Load() })
 			waitFor(t, 10*time.Second, "Observe to see a", observed("elector-a"))
 			b := startElector(t, lb, key, "b", g)
-			waitFor(t, 10*time.Second, "b to campaign", func() bool {
-				for _, r := range serverLocks(t, fs) {
-					if r.key == bigint(key) && !r.granted {
-						return true
-					}
-				}
-				return false
-			})
+			waitFor(t, 10*time.Second, "b to campaign", func() bool { return waitedOn(t, fs, key) })
 			if got := leaders(a, b); !slices.Equal(got, []string{"a"}) {
 				t.Fatalf("leading: %v, want a", got)
 			}

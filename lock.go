@@ -149,15 +149,23 @@ func (rel *release) end(err error) error {
 	return nil
 }
 
-// run runs fn under lk for Do and TryDo, and releases lk afterwards.
-func (lk *Lock) run(ctx context.Context, fn func(ctx context.Context) error) (err error) {
-	fctx, cancel := context.WithCancelCause(context.WithValue(ctx, lockCtxKey{}, lk))
-	stop := context.AfterFunc(lk.ctx, func() { cancel(lk.Err()) })
+// run runs fn under lk for Do, TryDo and Lead, and releases lk afterwards.
+func (lk *Lock) run(ctx context.Context, fn func(ctx context.Context) error) error {
+	return runHeld(ctx, context.WithValue(ctx, lockCtxKey{}, lk), lk.ctx, lk.Err, lk.Release, fn)
+}
+
+// runHeld runs fn with fnCtx, cancelled with the loss's cause when held is
+// done, then releases (with ctx, uncancelled). If the hold ended before fn
+// was done, the error says why; otherwise it carries release's error.
+func runHeld(ctx, fnCtx, held context.Context, why func() error, release func(context.Context) error,
+	fn func(ctx context.Context) error) (err error) {
+	fctx, cancel := context.WithCancelCause(fnCtx)
+	stop := context.AfterFunc(held, func() { cancel(why()) })
 	defer func() {
 		stop()
 		cancel(nil)
-		lost := lk.Err() // nil, or why the lock went before fn was done
-		rerr := lk.Release(context.WithoutCancel(ctx))
+		lost := why() // nil, or why the hold went before fn was done
+		rerr := release(context.WithoutCancel(ctx))
 		switch {
 		case lost != nil:
 			err = errors.Join(err, lost)

@@ -148,26 +148,12 @@ func (l *Locker) TryLockAll(ctx context.Context, keys []Key, opts ...LockOption)
 // does, and releases them when fn returns or panics. fn's ctx is cancelled,
 // with the loss error as its cause, if any of the locks is lost while fn
 // runs; DoAll then returns an error matching [ErrLockLost].
-func (l *Locker) DoAll(ctx context.Context, keys []Key, fn func(ctx context.Context) error, opts ...LockOption) (err error) {
+func (l *Locker) DoAll(ctx context.Context, keys []Key, fn func(ctx context.Context) error, opts ...LockOption) error {
 	s, err := l.LockAll(ctx, keys, opts...)
 	if err != nil {
 		return err
 	}
-	fctx, cancel := context.WithCancelCause(ctx)
-	stop := context.AfterFunc(s.watch(), func() { cancel(s.Err()) })
-	defer func() {
-		stop()
-		cancel(nil)
-		lost := s.Err()
-		rerr := s.Release(context.WithoutCancel(ctx))
-		switch {
-		case lost != nil:
-			err = errors.Join(err, lost)
-		case rerr != nil:
-			err = errors.Join(err, rerr)
-		}
-	}()
-	return fn(fctx)
+	return runHeld(ctx, ctx, s.watch(), s.Err, s.Release, fn)
 }
 
 // compareKeys is the global order of LockAll.

@@ -57,6 +57,16 @@ func heldOn(t *testing.T, s *pgtest.Server, key pglocks.Key) int {
 	return 0
 }
 
+// waitedOn reports whether some session on s waits for key.
+func waitedOn(t *testing.T, s *pgtest.Server, key pglocks.Key) bool {
+	for _, r := range serverLocks(t, s) {
+		if r.key == bigint(key) && !r.granted {
+			return true
+		}
+	}
+	return false
+}
+
 // withHostPort returns dsn with its host:port replaced.
 func withHostPort(dsn, hostPort string) string {
 	at := strings.Index(dsn, "@") + 1
@@ -211,37 +221,32 @@ func lossSeenAtOnce(t *testing.T, e *env) {
 	if lw == nil {
 		t.Fatal("Lock failed")
 	}
-	terminate := func(k pglocks.Key) {
-		pids := e.held(bigint(k))
+	// terminate ends lk's backend and checks that the loss is reported
+	// well within the heartbeat interval.
+	terminate := func(what string, lk *pglocks.Lock) {
+		t.Helper()
+		pids := e.held(bigint(lk.Key()))
 		if len(pids) != 1 {
-			t.Fatalf("holders of %v: %v", k, pids)
+			t.Fatalf("holders of %v: %v", lk.Key(), pids)
 		}
+		start := time.Now()
 		if _, err := srv.Admin.Exec(ctx, "SELECT pg_terminate_backend($1)", pids[0]); err != nil {
 			t.Fatal(err)
 		}
+		select {
+		case <-lk.Done():
+			t.Logf("%s: loss reported %v after the terminate", what, time.Since(start).Round(time.Millisecond))
+		case <-time.After(hb / 2):
+			t.Fatalf("%s: loss not reported within %v (heartbeat every %v)", what, hb/2, hb)
+		}
+		wantErr(t, lk.Err(), pglocks.ErrLockLost)
 	}
-	start := time.Now()
-	terminate(kw)
-	select {
-	case <-lw.Done():
-		t.Logf("waited-for lock: loss reported %v after the terminate", time.Since(start).Round(time.Millisecond))
-	case <-time.After(hb / 2):
-		t.Fatalf("loss not reported within %v (heartbeat every %v)", hb/2, hb)
-	}
-	wantErr(t, lw.Err(), pglocks.ErrLockLost)
+	terminate("waited-for lock", lw)
 
 	// A lock on the shared session, after a heartbeat.
 	lp := mustLock(t, l, kp)
 	time.Sleep(hb + 500*time.Millisecond)
-	start = time.Now()
-	terminate(kp)
-	select {
-	case <-lp.Done():
-		t.Logf("shared-session lock: loss reported %v after the terminate", time.Since(start).Round(time.Millisecond))
-	case <-time.After(hb / 2):
-		t.Fatalf("loss not reported within %v (heartbeat every %v)", hb/2, hb)
-	}
-	wantErr(t, lp.Err(), pglocks.ErrLockLost)
+	terminate("shared-session lock", lp)
 	// And the Locker goes on.
 	mustRelease(t, mustLock(t, l, kp))
 }

@@ -83,14 +83,7 @@ func TestPartitionServerRelease(t *testing.T) {
 		}
 		acquired <- time.Now()
 	}()
-	waitFor(t, 10*time.Second, "the other session to wait", func() bool {
-		for _, r := range serverLocks(t, fs) {
-			if r.key == bigint(key) && !r.granted {
-				return true
-			}
-		}
-		return false
-	})
+	waitFor(t, 10*time.Second, "the other session to wait", func() bool { return waitedOn(t, fs, key) })
 
 	start := time.Now()
 	cut()
@@ -136,14 +129,7 @@ func TestPartitionFailover(t *testing.T) {
 	waitFor(t, 10*time.Second, "a to lead", func() bool { return a.leading.Load() })
 	cand := lockerOn(t, drivers[0], fs.SocketURL()) // over the Unix socket, which the partition leaves alone
 	b := startElector(t, cand, key, "b", g)
-	waitFor(t, 10*time.Second, "b to campaign", func() bool {
-		for _, r := range serverLocks(t, fs) {
-			if r.key == bigint(key) && !r.granted {
-				return true
-			}
-		}
-		return false
-	})
+	waitFor(t, 10*time.Second, "b to campaign", func() bool { return waitedOn(t, fs, key) })
 
 	start := time.Now()
 	cut()

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -203,6 +204,50 @@ func poolConfig(dsn string) (*pgxpool.Config, error) {
 		return nil, fmt.Errorf("bad connection string: %w", err)
 	}
 	return cfg, nil
+}
+
+// keyFlag defines -k/--key, how names become keys; usage starts its help.
+func keyFlag(fs *flag.FlagSet, scheme *string, usage string) {
+	for _, n := range []string{"k", "key"} {
+		fs.StringVar(scheme, n, "name", usage+schemes)
+	}
+}
+
+// dsnFlag defines -d/--dsn.
+func dsnFlag(fs *flag.FlagSet, dsn *string) {
+	for _, n := range []string{"d", "dsn"} {
+		fs.StringVar(dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
+	}
+}
+
+// openLocker connects with at most maxConns connections and opens a Locker
+// with opts. On failure it says why on stderr and returns the exit status;
+// otherwise the status is -1 and closeAll closes the Locker, then the pool.
+func openLocker(ctx context.Context, prog string, cfg *pgxpool.Config, maxConns int32, stderr io.Writer,
+	opts ...pglocks.Option) (pool *pgxpool.Pool, locker *pglocks.Locker, closeAll func(), status int) {
+	cfg.MaxConns = maxConns
+	pool, err := connect(ctx, cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "pglocks %s: %v\n", prog, err)
+		return nil, nil, nil, exitDatabase
+	}
+	locker, err = pglocks.New(pool, opts...)
+	if err != nil {
+		pool.Close()
+		fmt.Fprintf(stderr, "pglocks %s: %v\n", prog, err)
+		return nil, nil, nil, exitUsage
+	}
+	return pool, locker, func() { _ = locker.Close(); pool.Close() }, -1
+}
+
+// cut shortens s to at most n bytes, on a rune boundary (the server keeps
+// 63 bytes of an application_name).
+func cut(s string, n int) string {
+	for len(s) > n {
+		_, size := utf8.DecodeLastRuneInString(s)
+		s = s[:len(s)-size]
+	}
+	return s
 }
 
 // connect opens a pool and checks that the server answers.

@@ -46,12 +46,8 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		scheme, dsn    string
 	)
 	fs.BoolVar(&restart, "restart", false, "campaign again after COMMAND exits or leadership is lost")
-	for _, n := range []string{"k", "key"} {
-		fs.StringVar(&scheme, n, "name", "how NAME becomes a key: "+schemes)
-	}
-	for _, n := range []string{"d", "dsn"} {
-		fs.StringVar(&dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
-	}
+	keyFlag(fs, &scheme, "how NAME becomes a key: ")
+	dsnFlag(fs, &dsn)
 	for _, n := range []string{"q", "quiet"} {
 		fs.BoolVar(&quiet, n, false, "do not say who leads, or when this process is elected")
 	}
@@ -91,13 +87,6 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
-	cfg.MaxConns = 4
-	pool, err := connect(ctx, cfg)
-	if err != nil {
-		fmt.Fprintf(stderr, "pglocks elect: %v\n", err)
-		return exitDatabase
-	}
-	defer pool.Close()
 	host, _ := os.Hostname()
 	// Short: Lead adds the time of election, within the server's 63 bytes.
 	app := cut(fmt.Sprintf("%s[%d] %s", host, os.Getpid(), name), 32)
@@ -106,12 +95,11 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		level = slog.LevelError
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	locker, err := pglocks.New(pool, pglocks.WithApplicationName(app), pglocks.WithLogger(logger))
-	if err != nil {
-		fmt.Fprintf(stderr, "pglocks elect: %v\n", err)
-		return exitUsage
+	_, locker, closeAll, code := openLocker(ctx, "elect", cfg, 4, stderr, pglocks.WithApplicationName(app), pglocks.WithLogger(logger))
+	if code >= 0 {
+		return code
 	}
-	defer locker.Close()
+	defer closeAll()
 
 	// Signals end the campaign, or go to COMMAND while it runs.
 	var (
@@ -213,15 +201,6 @@ func describeHolder(h pglocks.Holder) string {
 	return s
 }
 
-// cut shortens s to at most n bytes, on a rune boundary.
-func cut(s string, n int) string {
-	for len(s) > n {
-		r := []rune(s)
-		s = string(r[:len(r)-1])
-	}
-	return s
-}
-
 const leaderHead = `Usage: pglocks leader [flags] NAME
 
 Tells which session leads NAME (holds its lock exclusively): its server
@@ -236,12 +215,8 @@ func leaderCommand(args []string, stdout, stderr io.Writer) int {
 		asJSON      bool
 		scheme, dsn string
 	)
-	for _, n := range []string{"k", "key"} {
-		fs.StringVar(&scheme, n, "name", "how NAME becomes a key: "+schemes)
-	}
-	for _, n := range []string{"d", "dsn"} {
-		fs.StringVar(&dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
-	}
+	keyFlag(fs, &scheme, "how NAME becomes a key: ")
+	dsnFlag(fs, &dsn)
 	fs.BoolVar(&asJSON, "json", false, "print JSON")
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
@@ -259,19 +234,11 @@ func leaderCommand(args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, "leader", "%v", err)
 	}
 	ctx := context.Background()
-	cfg.MaxConns = 1
-	pool, err := connect(ctx, cfg)
-	if err != nil {
-		fmt.Fprintf(stderr, "pglocks leader: %v\n", err)
-		return exitDatabase
+	_, locker, closeAll, code := openLocker(ctx, "leader", cfg, 1, stderr)
+	if code >= 0 {
+		return code
 	}
-	defer pool.Close()
-	locker, err := pglocks.New(pool)
-	if err != nil {
-		fmt.Fprintf(stderr, "pglocks leader: %v\n", err)
-		return exitUsage
-	}
-	defer locker.Close()
+	defer closeAll()
 	h, err := locker.Leader(ctx, key)
 	switch {
 	case errors.Is(err, pglocks.ErrNoLeader):

@@ -45,9 +45,7 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 	fs := flagSet("key", keyHead, stderr)
 	var scheme string
 	var asJSON bool
-	for _, n := range []string{"k", "key"} {
-		fs.StringVar(&scheme, n, "name", "how NAME becomes a key: "+schemes)
-	}
+	keyFlag(fs, &scheme, "how NAME becomes a key: ")
 	fs.BoolVar(&asJSON, "json", false, "print JSON")
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code

@@ -61,12 +61,8 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&asJSON, "json", false, "print JSON")
 	fs.DurationVar(&watch, "watch", 0, "print again every DURATION until interrupted")
 	fs.Var(&names, "name", "label the lock of this NAME (repeatable)")
-	for _, n := range []string{"k", "key"} {
-		fs.StringVar(&scheme, n, "name", "how --name values become keys: "+schemes)
-	}
-	for _, n := range []string{"d", "dsn"} {
-		fs.StringVar(&dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
-	}
+	keyFlag(fs, &scheme, "how --name values become keys: ")
+	dsnFlag(fs, &dsn)
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}

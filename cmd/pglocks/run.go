@@ -51,12 +51,8 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	for _, n := range []string{"E", "conflict-exit-code"} {
 		fs.IntVar(&conflictCode, n, exitConflict, "exit status when the lock is not had")
 	}
-	for _, n := range []string{"k", "key"} {
-		fs.StringVar(&scheme, n, "name", "how NAME becomes a key: "+schemes)
-	}
-	for _, n := range []string{"d", "dsn"} {
-		fs.StringVar(&dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
-	}
+	keyFlag(fs, &scheme, "how NAME becomes a key: ")
+	dsnFlag(fs, &dsn)
 	for _, n := range []string{"q", "quiet"} {
 		fs.BoolVar(&quiet, n, false, "do not say who holds the lock while waiting")
 	}
@@ -100,24 +96,13 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
 
-	cfg.MaxConns = 4
-	pool, err := connect(ctx, cfg)
-	if err != nil {
-		fmt.Fprintf(stderr, "pglocks run: %v\n", err)
-		return exitDatabase
-	}
-	defer pool.Close()
 	host, _ := os.Hostname()
-	app := fmt.Sprintf("pglocks run %s on %s[%d]", name, host, os.Getpid())
-	if len(app) > 63 {
-		app = app[:63]
+	app := cut(fmt.Sprintf("pglocks run %s on %s[%d]", name, host, os.Getpid()), 63)
+	pool, locker, closeAll, code := openLocker(ctx, "run", cfg, 4, stderr, pglocks.WithApplicationName(app))
+	if code >= 0 {
+		return code
 	}
-	locker, err := pglocks.New(pool, pglocks.WithApplicationName(app))
-	if err != nil {
-		fmt.Fprintf(stderr, "pglocks run: %v\n", err)
-		return exitUsage
-	}
-	defer locker.Close()
+	defer closeAll()
 
 	var opts []pglocks.LockOption
 	if shared {
