@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // ErrLocked is returned by the Try functions when another session, or another
@@ -54,6 +55,23 @@ var ErrTooManyLocks = errors.New("the Locker holds as many locks as WithMaxLocks
 // Use transaction locks ([LockTx]) through such a proxy, or session pooling.
 var ErrTransactionPooling = errors.New("session locks do not work through a transaction-pooling proxy")
 
+// ErrServerTimeout is returned when the server, not the caller's ctx, ended
+// a wait for a lock: a lock_timeout or statement_timeout that pglocks could
+// not override (a setting made inside the caller's transaction is restored
+// for its own statements, but one made by a proxy or an extension is not),
+// or a cancel request that pglocks did not send (pg_cancel_backend from
+// another session). The lock was not had; the error names the setting or
+// the cancel, and wraps the server's error. Sessions of a [Locker] and the
+// waits of transaction locks turn those timeouts off for the wait (see the
+// package documentation), so this is rare.
+var ErrServerTimeout = errors.New("the server ended the wait")
+
+// errNilContext and errNilFunc are returned for a nil ctx or fn.
+var (
+	errNilContext = errors.New("nil Context")
+	errNilFunc    = errors.New("nil fn")
+)
+
 // errNotHeld is the cause when the server says a lock we hold was not held.
 var errNotHeld = errors.New("the server says the lock was not held")
 
@@ -76,7 +94,29 @@ const (
 	stateLockNotAvailable = "55P03" // lock_timeout expired
 	stateDeadlock         = "40P01"
 	stateOutOfMemory      = "53200" // out of shared memory: the lock table is full
+	stateQueryCanceled    = "57014" // statement_timeout, or a cancel request
 )
+
+// serverEnded wraps the error of a wait that the server ended although
+// neither the caller's ctx nor pglocks asked it to: ErrServerTimeout, naming
+// the setting. Other errors go through classify.
+func serverEnded(err error) error {
+	switch sqlState(err) {
+	case stateLockNotAvailable:
+		return fmt.Errorf("%w: lock_timeout expired: %w", ErrServerTimeout, err)
+	case stateQueryCanceled:
+		// The server's message tells which, in English (lc_messages).
+		why := "statement_timeout expired, or another session cancelled it (pg_cancel_backend)"
+		switch msg := err.Error(); {
+		case strings.Contains(msg, "statement timeout"):
+			why = "statement_timeout expired"
+		case strings.Contains(msg, "user request"):
+			why = "another session cancelled it (pg_cancel_backend)"
+		}
+		return fmt.Errorf("%w: %s: %w", ErrServerTimeout, why, err)
+	}
+	return classify(err)
+}
 
 // classify wraps a server error that has a sentinel of its own.
 func classify(err error) error {

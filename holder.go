@@ -2,6 +2,7 @@ package pglocks
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"net"
@@ -15,8 +16,8 @@ import (
 // holder is a server session that holds (or is about to hold) locks.
 type holder struct {
 	c    conn
-	pid  int32     // pg_backend_pid() when the session was readied
-	orig [5]string // settings sqlInitSession replaced, for sqlRestoreSession
+	pid  int32                              // pg_backend_pid() when the session was readied
+	orig [numSessionSettings]sql.NullString // what sqlInitSession replaced, for sqlRestoreSession
 	sem  chan struct{}
 	// broken is why the session was closed; stuck yields when a statement
 	// abandoned by runStmt ends. Both are guarded by sem.
@@ -111,17 +112,13 @@ func (l *Locker) take1(ctx context.Context) (*holder, error) {
 
 	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), l.cfg.stmtTime)
 	defer scancel()
-	var app any
-	if l.cfg.appName != "" {
-		app = l.cfg.appName
-	}
 	var recovery bool
-	var set [5]string
-	err = c.query(sctx, sqlInitSession, []any{
-		seconds(l.cfg.kaIdle), seconds(l.cfg.kaInterval), strconv.Itoa(l.cfg.kaCount),
-		strconv.FormatInt(l.cfg.serverBound().Milliseconds(), 10), app,
-	}, &h.pid, &recovery, &h.orig[0], &h.orig[1], &h.orig[2], &h.orig[3], &h.orig[4],
-		&set[0], &set[1], &set[2], &set[3], &set[4])
+	var set string
+	dest := []any{&h.pid, &recovery}
+	for i := range h.orig {
+		dest = append(dest, &h.orig[i])
+	}
+	err = c.query(sctx, sqlInitSession, l.sessionValues(), append(dest, &set)...)
 	if err != nil {
 		c.destroy()
 		err = fmt.Errorf("ready connection: %w", err)
@@ -153,6 +150,24 @@ func (l *Locker) take1(ctx context.Context) (*holder, error) {
 		l.poolingOK.Store(true)
 	}
 	return h, nil
+}
+
+// sessionValues are the values that sqlInitSession sets, in the order of
+// sessionSettings (nil: leave the setting as it is).
+func (l *Locker) sessionValues() []any {
+	v := make([]any, numSessionSettings)
+	v[setKeepalivesIdle] = seconds(l.cfg.kaIdle)
+	v[setKeepalivesInterval] = seconds(l.cfg.kaInterval)
+	v[setKeepalivesCount] = strconv.Itoa(l.cfg.kaCount)
+	v[setTCPUserTimeout] = strconv.FormatInt(l.cfg.serverBound().Milliseconds(), 10)
+	for _, i := range []int{setStatementTimeout, setLockTimeout, setTransactionTimeout, setIdleSession, setIdleInTransaction} {
+		v[i] = "0"
+	}
+	v[setConnectionCheck] = connectionCheck
+	if l.cfg.appName != "" {
+		v[setAppName] = l.cfg.appName
+	}
+	return v
 }
 
 // checkPooling tells session pooling from transaction pooling behind a
@@ -189,14 +204,17 @@ func seconds(d time.Duration) string { return strconv.FormatInt(int64(d/time.Sec
 func (l *Locker) giveBack(h *holder) {
 	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.stmtTime)
 	defer cancel()
-	o := h.orig
+	o := make([]any, len(h.orig))
+	for i, v := range h.orig {
+		o[i] = v
+	}
 	h.enter()
 	if h.broken != nil {
 		h.leave() // closed already, by a watcher that saw the session end
 		return
 	}
 	err := l.runStmt(ctx, h, func(ctx context.Context) error {
-		return h.c.exec(ctx, sqlRestoreSession, o[0], o[1], o[2], o[3], o[4])
+		return h.c.exec(ctx, sqlRestoreSession, o...)
 	})
 	h.leave()
 	if err != nil {

@@ -63,9 +63,13 @@ type driver struct {
 	name string
 	// pool opens a pool on dsn, for a Locker, with at most max connections.
 	pool func(t *testing.T, dsn string, max int) (newLocker func(...pglocks.Option) (*pglocks.Locker, error), closePool func())
-	// begin starts a transaction on a new connection.
-	begin func(t *testing.T, e *env) testTx
+	// beginOn starts a transaction on a new connection to dsn, closed
+	// with e.
+	beginOn func(t *testing.T, e *env, dsn string) testTx
 }
+
+// begin starts a transaction on a new connection to e's database.
+func (d driver) begin(t *testing.T, e *env) testTx { return d.beginOn(t, e, e.dsn) }
 
 // testTx is a transaction of either driver family.
 type testTx interface {
@@ -91,8 +95,8 @@ var drivers = []driver{
 			}
 			return func(o ...pglocks.Option) (*pglocks.Locker, error) { return pglocks.New(p, o...) }, p.Close
 		},
-		begin: func(t *testing.T, e *env) testTx {
-			c, err := pgx.Connect(context.Background(), e.dsn)
+		beginOn: func(t *testing.T, e *env, dsn string) testTx {
+			c, err := pgx.Connect(context.Background(), dsn)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -124,8 +128,8 @@ func sqlDriver(name, driverName string) driver {
 			db := open(t, dsn, max)
 			return func(o ...pglocks.Option) (*pglocks.Locker, error) { return pglocks.NewDB(db, o...) }, func() { _ = db.Close() }
 		},
-		begin: func(t *testing.T, e *env) testTx {
-			db := open(t, e.dsn, 1)
+		beginOn: func(t *testing.T, e *env, dsn string) testTx {
+			db := open(t, dsn, 1)
 			tx, err := db.Begin()
 			if err != nil {
 				t.Fatal(err)

@@ -1,5 +1,10 @@
 package pglocks
 
+import (
+	"strconv"
+	"strings"
+)
+
 // Every statement pglocks sends is built here, from the shapes below, so a
 // reviewer can audit them in one place. $1 (and $2 for a pair key) are the
 // key; the next parameter, where there is one, is lock_timeout in
@@ -16,10 +21,25 @@ package pglocks
 // own transaction, so set_config(…, true) scopes lock_timeout to that one
 // statement.
 //
-// Transaction locks use pg_[try_]advisory_xact_lock[_shared]. Their try
-// returns NULL on a server in recovery (a standby). Inside a transaction
-// set_config(…, true) would last until the transaction ends, so the waiting
-// form restores the previous value in the same statement.
+// Sessions the Locker readies have statement_timeout and lock_timeout off
+// (see sessionSettings), so the plain wait has no limit but the caller's ctx.
+//
+// Transaction locks use pg_[try_]advisory_xact_lock[_shared] in the caller's
+// transaction, whose settings are the caller's. Their try returns NULL on a
+// server in recovery (a standby), and the transaction's statement_timeout.
+// The wait runs inside a savepoint:
+//
+//	SAVEPOINT pglocks_wait; SELECT set_config('statement_timeout', '0', true)
+//	SELECT set_config('lock_timeout', $n, true), pg_advisory_xact_lock[_shared](key),
+//	       set_config('lock_timeout', <old>, true), set_config('statement_timeout', $n+1, true)
+//	RELEASE SAVEPOINT pglocks_wait   (or ROLLBACK TO SAVEPOINT pglocks_wait, then RELEASE)
+//
+// statement_timeout is read when a statement starts, so it is turned off by
+// the statement before the wait; lock_timeout is read when the wait starts,
+// so the wait's own statement sets it ('0' without a deadline). Inside a
+// transaction set_config(…, true) lasts until the transaction ends, so the
+// wait restores both in the same statement once granted, and the rollback to
+// the savepoint restores them when it fails.
 
 // stmtKind names one statement shape.
 type stmtKind int
@@ -31,30 +51,83 @@ const (
 	stmtUnlock
 	stmtXactTry
 	stmtXactWait
-	stmtXactWaitTimeout
 	numStmtKinds
 )
+
+// sessionSettings are the server settings that readying a session (for
+// holding or waiting: see Locker.take) replaces, in the order of their
+// values in sqlInitSession's arguments and of holder.orig. Each is set only
+// if the server has it (idle_session_timeout and
+// client_connection_check_interval are PostgreSQL 14+, transaction_timeout
+// 17+) and its value is not NULL; the values it had are put back by
+// sqlRestoreSession before the connection returns to the pool.
+//
+//   - The TCP keepalives and user timeout bound how long the server keeps a
+//     vanished holder's locks (WithServerKeepalive). They are set after
+//     connecting because PgBouncer refuses them as startup parameters.
+//   - statement_timeout, lock_timeout and transaction_timeout, often set on
+//     a role, would end a wait that the caller's ctx allows, or (the latter)
+//     a holder's session; the wait is bounded by ctx instead.
+//   - idle_session_timeout and idle_in_transaction_session_timeout would end
+//     an idle holder's session, freeing its locks before the holder hears.
+//   - client_connection_check_interval makes a backend that waits in the
+//     lock queue notice that its client died (kill -9, a crashed machine)
+//     and leave the queue, instead of waiting on until it is granted.
+//   - application_name, when WithApplicationName is set.
+var sessionSettings = [...]string{
+	"tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout",
+	"statement_timeout", "lock_timeout", "transaction_timeout",
+	"idle_session_timeout", "idle_in_transaction_session_timeout",
+	"client_connection_check_interval",
+	"application_name",
+}
+
+// Indexes into sessionSettings.
+const (
+	setKeepalivesIdle = iota
+	setKeepalivesInterval
+	setKeepalivesCount
+	setTCPUserTimeout
+	setStatementTimeout
+	setLockTimeout
+	setTransactionTimeout
+	setIdleSession
+	setIdleInTransaction
+	setConnectionCheck
+	setAppName
+	numSessionSettings
+)
+
+// connectionCheck is client_connection_check_interval on the Locker's
+// sessions: a waiter whose process died leaves the server's queue within
+// about this long.
+const connectionCheck = "1s"
+
+// sqlInitSession readies a session for holding locks: it learns the
+// backend's pid and whether the server is a standby, reads the settings it
+// replaces (columns are evaluated left to right) and sets sessionSettings to
+// $1, $2, ... (NULL: leave as it is).
+//
+// sqlRestoreSession sets them back to $1, $2, ... (NULL: the server does not
+// have it).
+var sqlInitSession, sqlRestoreSession = func() (initQ, restoreQ string) {
+	var reads, sets, restores []string
+	for i, name := range sessionSettings {
+		p := "$" + strconv.Itoa(i+1) + "::text"
+		reads = append(reads, "current_setting('"+name+"', true)")
+		sets = append(sets, "CASE WHEN "+p+" IS NOT NULL AND current_setting('"+name+"', true) IS NOT NULL THEN set_config('"+name+"', "+p+", false) END")
+		restores = append(restores, "CASE WHEN "+p+" IS NOT NULL THEN set_config('"+name+"', "+p+", false) END")
+	}
+	initQ = "SELECT pg_backend_pid(), pg_is_in_recovery(), " + strings.Join(reads, ", ") +
+		", concat(" + strings.Join(sets, ", ") + ")"
+	restoreQ = "SELECT concat(" + strings.Join(restores, ", ") + ")"
+	return initQ, restoreQ
+}()
 
 const (
 	sqlUnlockAll  = "SELECT pg_advisory_unlock_all()"
 	sqlBackendPID = "SELECT pg_backend_pid()"
 	sqlCancel     = "SELECT pg_cancel_backend($1)"
-
-	// sqlInitSession readies a session for holding locks: it learns the
-	// backend's pid and whether the server is a standby, and sets the
-	// server-side keepalives (after connecting, since PgBouncer refuses them
-	// as startup parameters) and, optionally, application_name, returning
-	// the values it replaces so that sqlRestoreSession can put them back.
-	sqlInitSession = `SELECT pg_backend_pid(), pg_is_in_recovery(),
-	current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'),
-	current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout'),
-	current_setting('application_name'),
-	set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $2, false),
-	set_config('tcp_keepalives_count', $3, false), set_config('tcp_user_timeout', $4, false),
-	set_config('application_name', coalesce($5::text, current_setting('application_name')), false)`
-	sqlRestoreSession = `SELECT set_config('tcp_keepalives_idle', $1, false), set_config('tcp_keepalives_interval', $2, false),
-	set_config('tcp_keepalives_count', $3, false), set_config('tcp_user_timeout', $4, false),
-	set_config('application_name', $5, false)`
 
 	// sqlMarkLeader ends the session's application_name with the server's
 	// time, for Lead: $1 is the name and the " since=" mark.
@@ -63,8 +136,9 @@ const (
 
 	// sqlLeader finds the session that holds a key exclusively in the
 	// current database: $1 objsubid, $2 classid, $3 objid. It returns one
-	// row, whose first column says whether there is such a session.
-	sqlLeader = `SELECT l.pid IS NOT NULL, coalesce(l.pid, 0)::int4, coalesce(a.application_name, ''),
+	// row: whether the server is a standby (whose pg_locks does not show the
+	// primary's locks), whether there is such a session, and who it is.
+	sqlLeader = `SELECT pg_is_in_recovery(), l.pid IS NOT NULL, coalesce(l.pid, 0)::int4, coalesce(a.application_name, ''),
 	coalesce(host(a.client_addr), ''), coalesce(a.client_port, 0)::int4, a.backend_start
 	FROM (SELECT 1) one
 	LEFT JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock'
@@ -73,7 +147,7 @@ const (
 	LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 	LIMIT 1`
 
-	sqlSavepoint         = "SAVEPOINT pglocks_wait"
+	sqlSavepoint         = "SAVEPOINT pglocks_wait; SELECT set_config('statement_timeout', '0', true)"
 	sqlReleaseSavepoint  = "RELEASE SAVEPOINT pglocks_wait"
 	sqlRollbackSavepoint = "ROLLBACK TO SAVEPOINT pglocks_wait"
 )
@@ -87,9 +161,9 @@ var statements = func() (s [numStmtKinds][2][2][2]string) {
 			mode = "_shared"
 		}
 		for pair := range 2 {
-			args, next := "$1::bigint", "$2"
+			args, next, after := "$1::bigint", "$2", "$3"
 			if pair == 1 {
-				args, next = "$1::int4, $2::int4", "$3"
+				args, next, after = "$1::int4, $2::int4", "$3", "$4"
 			}
 			call := func(fn string) string { return "pg_" + fn + mode + "(" + args + ")" }
 			for fenced := range 2 {
@@ -107,12 +181,12 @@ var statements = func() (s [numStmtKinds][2][2][2]string) {
 			}
 			s[stmtUnlock][shared][pair][0] = "SELECT " + call("advisory_unlock")
 			s[stmtXactTry][shared][pair][0] = "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE " +
-				call("try_advisory_xact_lock") + " END"
-			s[stmtXactWait][shared][pair][0] = "SELECT " + call("advisory_xact_lock")
+				call("try_advisory_xact_lock") + " END, current_setting('statement_timeout')"
 			// OFFSET 0 keeps the subquery from being flattened, so the old
 			// value is read before the first set_config runs.
-			s[stmtXactWaitTimeout][shared][pair][0] = "SELECT set_config('lock_timeout', " + next + ", true), " +
-				call("advisory_xact_lock") + ", set_config('lock_timeout', p.v, true) " +
+			s[stmtXactWait][shared][pair][0] = "SELECT set_config('lock_timeout', " + next + ", true), " +
+				call("advisory_xact_lock") + "::text, set_config('lock_timeout', p.v, true), " +
+				"set_config('statement_timeout', " + after + ", true) " +
 				"FROM (SELECT current_setting('lock_timeout') AS v OFFSET 0) p"
 		}
 	}
@@ -133,4 +207,27 @@ func stmt(kind stmtKind, key Key, shared, fenced bool) (string, []any) {
 		return statements[kind][sh][1][fe], []any{a, b}
 	}
 	return statements[kind][sh][0][fe], []any{key.v}
+}
+
+// sessionWait returns the wait statement of a session lock, for waitSpec.
+func sessionWait(key Key, shared, fenced bool) func(ms string) (string, []any) {
+	return func(ms string) (string, []any) {
+		if ms == "" {
+			return stmt(stmtWait, key, shared, fenced)
+		}
+		q, args := stmt(stmtWaitTimeout, key, shared, fenced)
+		return q, append(args, ms)
+	}
+}
+
+// xactWait returns the wait statement of a transaction lock, for waitSpec:
+// it restores statement_timeout to st once granted.
+func xactWait(key Key, shared bool, st string) func(ms string) (string, []any) {
+	return func(ms string) (string, []any) {
+		if ms == "" {
+			ms = "0" // the transaction's lock_timeout does not bound the wait
+		}
+		q, args := stmt(stmtXactWait, key, shared, false)
+		return q, append(args, ms, st)
+	}
 }

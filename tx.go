@@ -74,7 +74,7 @@ func TryLockSQLTx(ctx context.Context, tx *sql.Tx, key Key, opts ...LockOption) 
 // finished. DoTx needs a Locker made by [New]; use [Locker.DoSQLTx] with
 // [NewDB].
 func (l *Locker) DoTx(ctx context.Context, key Key, fn func(ctx context.Context, tx pgx.Tx) error, opts ...LockOption) (err error) {
-	if err := l.txCheck(ctx, key, l.pgx != nil, "DoTx needs a Locker made by New; use DoSQLTx"); err != nil {
+	if err := l.txCheck(ctx, key, fn == nil, l.pgx != nil, "DoTx needs a Locker made by New; use DoSQLTx"); err != nil {
 		return err
 	}
 	tx, err := l.pgx.Begin(ctx)
@@ -102,7 +102,7 @@ func (l *Locker) DoTx(ctx context.Context, key Key, fn func(ctx context.Context,
 
 // DoSQLTx is [Locker.DoTx] for a Locker made by [NewDB].
 func (l *Locker) DoSQLTx(ctx context.Context, key Key, fn func(ctx context.Context, tx *sql.Tx) error, opts ...LockOption) (err error) {
-	if err := l.txCheck(ctx, key, l.db != nil, "DoSQLTx needs a Locker made by NewDB; use DoTx"); err != nil {
+	if err := l.txCheck(ctx, key, fn == nil, l.db != nil, "DoSQLTx needs a Locker made by NewDB; use DoTx"); err != nil {
 		return err
 	}
 	tx, err := l.db.BeginTx(ctx, nil)
@@ -129,20 +129,20 @@ func (l *Locker) DoSQLTx(ctx context.Context, key Key, fn func(ctx context.Conte
 }
 
 // txCheck checks what DoTx and DoSQLTx can check before they begin.
-func (l *Locker) txCheck(ctx context.Context, key Key, driverOK bool, driverMsg string) error {
-	if !key.valid() {
+func (l *Locker) txCheck(ctx context.Context, key Key, fnNil, driverOK bool, driverMsg string) error {
+	switch {
+	case ctx == nil:
+		return lockError(key, errNilContext)
+	case fnNil:
+		return lockError(key, errNilFunc)
+	case !key.valid():
 		return lockError(key, ErrInvalidKey)
-	}
-	if !driverOK {
+	case !driverOK:
 		return lockError(key, errors.New(driverMsg))
-	}
-	if ctx.Err() != nil {
+	case ctx.Err() != nil:
 		return lockError(key, ctxError(ctx))
 	}
-	l.mu.Lock()
-	closed := l.closed
-	l.mu.Unlock()
-	if closed {
+	if l.isClosed() {
 		return lockError(key, ErrClosed)
 	}
 	return nil
@@ -157,17 +157,20 @@ type txConn interface {
 }
 
 func lockTx(ctx context.Context, tx txConn, key Key, o lockConfig, wait bool) error {
-	if !key.valid() {
+	switch {
+	case ctx == nil:
+		return lockError(key, errNilContext)
+	case !key.valid():
 		return lockError(key, ErrInvalidKey)
-	}
-	if ctx.Err() != nil {
+	case ctx.Err() != nil:
 		return lockError(key, ctxError(ctx))
 	}
 	// A try never waits in the server's queue, and never jumps it either: it
 	// fails while a conflicting request is queued.
 	q, args := stmt(stmtXactTry, key, o.shared, false)
 	var ok sql.NullBool
-	if err := tx.query(ctx, q, args, &ok); err != nil {
+	var st string // the transaction's statement_timeout
+	if err := tx.query(ctx, q, args, &ok, &st); err != nil {
 		return lockError(key, classify(err))
 	}
 	if !ok.Valid {
@@ -183,7 +186,7 @@ func lockTx(ctx context.Context, tx txConn, key Key, o lockConfig, wait bool) er
 		return lockError(key, err)
 	}
 	err := waitLock(ctx, waitSpec{
-		kind: stmtXactWait, timeoutKind: stmtXactWaitTimeout, key: key, shared: o.shared,
+		stmt:   xactWait(key, o.shared, st),
 		run:    func(ctx context.Context, q string, args []any) error { return tx.exec(ctx, q, args...) },
 		cancel: tx.canceler(), grace: txGrace,
 	})

@@ -11,9 +11,9 @@ import (
 // waitSpec describes one statement that may wait inside the server for a
 // lock: a session lock on a connection of its own, or a transaction lock.
 type waitSpec struct {
-	kind, timeoutKind stmtKind
-	key               Key
-	shared, fenced    bool
+	// stmt returns the wait statement: with lock_timeout set to ms for its
+	// own wait, or, if ms is "", with no limit but the session's.
+	stmt func(ms string) (q string, args []any)
 	// run runs the statement, scanning what it returns.
 	run func(ctx context.Context, q string, args []any) error
 	// cancel asks the server to stop the statement; nil leaves it to the
@@ -50,8 +50,8 @@ const cancelTimeout = time.Second
 // After an error the lock may still have been granted (a cancel can race with
 // the grant): the caller must discard the connection or roll back.
 func waitLock(ctx context.Context, s waitSpec) error {
-	q, args := stmt(s.kind, s.key, s.shared, s.fenced)
 	deadline, hasDeadline := ctx.Deadline()
+	limit := ""
 	qctx, qcancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer qcancel()
 	if hasDeadline {
@@ -65,13 +65,13 @@ func waitLock(ctx context.Context, s waitSpec) error {
 			// the wait when the deadline comes, as for a cancelled ctx.
 			hasDeadline = false
 		} else {
-			q, args = stmt(s.timeoutKind, s.key, s.shared, s.fenced)
-			args = append(args, strconv.FormatInt(int64(ms), 10))
+			limit = strconv.FormatInt(int64(ms), 10)
 			var dcancel context.CancelFunc
 			qctx, dcancel = context.WithDeadline(qctx, deadline.Add(s.grace))
 			defer dcancel()
 		}
 	}
+	q, args := s.stmt(limit)
 	done := make(chan error, 1)
 	go func() { done <- s.run(qctx, q, args) }()
 
@@ -88,7 +88,7 @@ func waitLock(ctx context.Context, s waitSpec) error {
 		case hasDeadline && (sqlState(err) == stateLockNotAvailable || qctx.Err() != nil):
 			return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
 		}
-		return err
+		return serverEnded(err)
 	case <-ctx.Done():
 		stop = ctxError(ctx)
 	case <-s.closing:

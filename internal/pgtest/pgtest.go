@@ -189,7 +189,7 @@ func (s *Server) Start() error {
 		"-c fsync=off",
 		"-c synchronous_commit=off",
 		"-c full_page_writes=off",
-		"-c max_connections=300",
+		"-c max_connections=500",
 		"-c shared_buffers=64MB",
 	}
 	for _, set := range s.opts.Settings {
