@@ -57,8 +57,11 @@ const leadRetry = time.Second
 // or within the heartbeat bound with lib/pq: the two may overlap for that
 // long. Guard what fn writes with [FencingToken] where that matters.
 func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context) error) error {
-	if fn == nil {
-		return lockError(key, errors.New("Lead: nil fn"))
+	switch {
+	case ctx == nil:
+		return lockError(key, errNilContext)
+	case fn == nil:
+		return lockError(key, fmt.Errorf("Lead: %w", errNilFunc))
 	}
 	var pause time.Duration
 	for {
@@ -143,7 +146,7 @@ func (l *Locker) markLeader(lk *Lock) {
 	l.mu.Unlock()
 	base := l.cfg.appName
 	if base == "" {
-		base = h.orig[4]
+		base = h.orig[setAppName].String
 	}
 	const stamp = len("2006-01-02T15:04:05.000Z")
 	for len(base) > maxAppName-len(sinceMark)-stamp {
@@ -175,10 +178,17 @@ type Holder struct {
 // Leader returns the session that holds key exclusively now (the leader of
 // an election run with [Locker.Lead]), or an error matching [ErrNoLeader].
 // It reads pg_locks and pg_stat_activity on a connection of the Locker's pool,
-// and sees the database that pool is connected to.
+// and sees the database that pool is connected to. On a standby it returns
+// an error matching [ErrStandby]: a standby's pg_locks does not show the
+// primary's locks, so it cannot tell who leads.
 func (l *Locker) Leader(ctx context.Context, key Key) (Holder, error) {
-	if !key.valid() {
+	switch {
+	case ctx == nil:
+		return Holder{}, lockError(key, errNilContext)
+	case !key.valid():
 		return Holder{}, lockError(key, ErrInvalidKey)
+	case l.isClosed():
+		return Holder{}, lockError(key, ErrClosed)
 	}
 	c, err := l.src.acquire(ctx)
 	if err != nil {
@@ -187,17 +197,20 @@ func (l *Locker) Leader(ctx context.Context, key Key) (Holder, error) {
 	defer c.release()
 	sub, classid, objid := key.pgLocks()
 	var (
-		h      Holder
-		addr   string
-		port   int32
-		start  sql.NullTime
-		holder bool
+		h        Holder
+		addr     string
+		port     int32
+		start    sql.NullTime
+		holder   bool
+		recovery bool
 	)
-	err = c.query(ctx, sqlLeader, []any{sub, classid, objid}, &holder, &h.PID, &h.ApplicationName, &addr, &port, &start)
-	if err != nil {
+	err = c.query(ctx, sqlLeader, []any{sub, classid, objid}, &recovery, &holder, &h.PID, &h.ApplicationName, &addr, &port, &start)
+	switch {
+	case err != nil:
 		return Holder{}, lockError(key, err)
-	}
-	if !holder {
+	case recovery:
+		return Holder{}, lockError(key, ErrStandby)
+	case !holder:
 		return Holder{}, lockError(key, ErrNoLeader)
 	}
 	if addr != "" {
@@ -217,11 +230,13 @@ func (l *Locker) Leader(ctx context.Context, key Key) (Holder, error) {
 // Holder means no leader. It checks once per heartbeat interval
 // ([WithHeartbeat]), so a leader that comes and goes in between may not be
 // seen. The channel is closed when ctx ends or the Locker closes (at once
-// for the zero Key or a closed Locker). Queries that fail are retried at the
-// next interval, not reported.
+// for a nil ctx, the zero Key or a closed Locker), and as soon as the server
+// turns out to be a standby, which cannot tell who leads (call
+// [Locker.Leader] to learn why: it returns [ErrStandby]). Other queries that
+// fail are retried at the next interval, not reported.
 func (l *Locker) Observe(ctx context.Context, key Key) <-chan Holder {
 	ch := make(chan Holder)
-	if !key.valid() || !l.beginCall() {
+	if ctx == nil || !key.valid() || !l.beginCall() {
 		close(ch)
 		return ch
 	}
@@ -240,6 +255,10 @@ func (l *Locker) Observe(ctx context.Context, key Key) <-chan Holder {
 			h, err := l.Leader(qctx, key)
 			stop()
 			cancel()
+			if errors.Is(err, ErrStandby) {
+				l.cfg.logger.Warn("pglocks: Observe: the server is a standby; stopped", "key", key)
+				return
+			}
 			if err == nil || errors.Is(err, ErrNoLeader) {
 				if first || h != last {
 					select {

@@ -69,7 +69,14 @@ func (lk *Lock) Err() error {
 // fails, the connection is closed, which frees its locks on the server, and
 // the error says so. When several goroutines of one Locker share a lock in
 // [Shared] mode, the server's lock is released with the last of them.
+//
+// Release only passes ctx's values on, and never waits on ctx; a nil ctx is
+// taken as context.Background(), so that a careless defer does not leave the
+// lock held.
 func (lk *Lock) Release(ctx context.Context) error {
+	if ctx == nil {
+		ctx = context.Background()
+	}
 	rel, err := lk.beginRelease()
 	if rel == nil {
 		return err

@@ -115,7 +115,7 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 	if cfg.err != nil {
 		return nil, cfg.err
 	}
-	if cfg.hbInterval+cfg.hbTimeout >= cfg.serverBound() {
+	if bound := cfg.serverBound(); cfg.hbInterval >= bound || cfg.hbTimeout >= bound-cfg.hbInterval {
 		return nil, fmt.Errorf("pglocks: heartbeat interval+timeout (%v) must be shorter than the server keepalive bound (%v), or the server could give a lock away before its holder hears of the loss",
 			cfg.hbInterval+cfg.hbTimeout, cfg.serverBound())
 	}
@@ -161,6 +161,9 @@ func (l *Locker) TryLock(ctx context.Context, key Key, opts ...LockOption) (*Loc
 // cause, if the lock is lost while fn runs; Do then returns an error matching
 // [ErrLockLost] (joined with fn's own error).
 func (l *Locker) Do(ctx context.Context, key Key, fn func(ctx context.Context) error, opts ...LockOption) error {
+	if fn == nil {
+		return lockError(key, errNilFunc)
+	}
 	lk, err := l.Lock(ctx, key, opts...)
 	if err != nil {
 		return err
@@ -171,6 +174,9 @@ func (l *Locker) Do(ctx context.Context, key Key, fn func(ctx context.Context) e
 // TryDo is [Locker.Do] with [Locker.TryLock]: if key cannot be had at once it
 // returns an error matching [ErrLocked] and does not run fn.
 func (l *Locker) TryDo(ctx context.Context, key Key, fn func(ctx context.Context) error, opts ...LockOption) error {
+	if fn == nil {
+		return lockError(key, errNilFunc)
+	}
 	lk, err := l.TryLock(ctx, key, opts...)
 	if err != nil {
 		return err
@@ -235,10 +241,12 @@ func (l *Locker) Close() error {
 
 // acquire is Lock (wait) and TryLock (!wait).
 func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) (*Lock, error) {
-	if !key.valid() {
+	switch {
+	case ctx == nil:
+		return nil, lockError(key, errNilContext)
+	case !key.valid():
 		return nil, lockError(key, ErrInvalidKey)
-	}
-	if ctx.Err() != nil {
+	case ctx.Err() != nil:
 		return nil, lockError(key, ctxError(ctx))
 	}
 	if !l.beginCall() {
@@ -250,6 +258,13 @@ func (l *Locker) acquire(ctx context.Context, key Key, o lockConfig, wait bool) 
 		return lk, err
 	}
 	return l.acquireServer(ctx, e, o, wait)
+}
+
+// isClosed reports whether Close was called.
+func (l *Locker) isClosed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closed
 }
 
 // beginCall counts an acquisition in l.calls, unless l is closed.
@@ -509,7 +524,7 @@ func (l *Locker) waitOnAll(ctx context.Context, keys []Key, o lockConfig) (*hold
 	for i, key := range keys {
 		at = i
 		err = waitLock(ctx, waitSpec{
-			kind: stmtWait, timeoutKind: stmtWaitTimeout, key: key, shared: o.shared, fenced: l.cfg.fencing,
+			stmt: sessionWait(key, o.shared, l.cfg.fencing),
 			run: func(ctx context.Context, q string, args []any) error {
 				var s1, s2 string
 				return w.c.query(ctx, q, args, &s1, &s2, &tokens[i])

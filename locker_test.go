@@ -2,6 +2,7 @@ package pglocks_test
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"log/slog"
 	"math/rand/v2"
@@ -10,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/pglocks/pglocks"
 	"github.com/pglocks/pglocks/internal/pgtest"
@@ -551,17 +554,44 @@ func TestBadInput(t *testing.T) {
 	forEachDriver(t, func(t *testing.T, e *env) {
 		newLocker, closePool := e.drv.pool(t, e.dsn, 2)
 		e.onClose(closePool)
-		for name, opt := range map[string]pglocks.Option{
-			"nil logger":        pglocks.WithLogger(nil),
-			"empty app name":    pglocks.WithApplicationName(""),
-			"zero timeout":      pglocks.WithStatementTimeout(0),
-			"negative timeout":  pglocks.WithStatementTimeout(-time.Second),
-			"nil option itself": nil,
+		// Options the server would refuse, or under which nothing works,
+		// fail New with one error that says why.
+		for name, tt := range map[string]struct {
+			opt  pglocks.Option
+			want string
+		}{
+			"nil logger":              {pglocks.WithLogger(nil), "nil logger"},
+			"empty app name":          {pglocks.WithApplicationName(""), "empty name"},
+			"app name with NUL":       {pglocks.WithApplicationName("a\x00b"), "NUL"},
+			"app name not UTF-8":      {pglocks.WithApplicationName("a\xffb"), "UTF-8"},
+			"app name too long":       {pglocks.WithApplicationName(strings.Repeat("x", 64)), "at most 63"},
+			"zero timeout":            {pglocks.WithStatementTimeout(0), "WithStatementTimeout"},
+			"negative timeout":        {pglocks.WithStatementTimeout(-time.Second), "WithStatementTimeout"},
+			"1ns timeout":             {pglocks.WithStatementTimeout(time.Nanosecond), "100ms"},
+			"timeout beyond server's": {pglocks.WithStatementTimeout(25 * 24 * time.Hour), "WithStatementTimeout"},
+			"1ms heartbeat":           {pglocks.WithHeartbeat(time.Millisecond, time.Millisecond), "100ms"},
+			"huge heartbeat":          {pglocks.WithHeartbeat(1<<62, time.Second), "WithHeartbeat"},
+			"heartbeat past keepalive": {pglocks.WithHeartbeat(10*time.Second, time.Second),
+				"shorter than the server keepalive bound"},
+			"keepalive beyond server's": {pglocks.WithServerKeepalive(1e6*time.Hour, time.Second, 3), "whole seconds"},
+			"keepalive not whole":       {pglocks.WithServerKeepalive(1500*time.Millisecond, time.Second, 3), "whole seconds"},
+			"keepalive count too big":   {pglocks.WithServerKeepalive(time.Second, time.Second, 1<<40), "count 1099511627776"},
+			"keepalive bound too long":  {pglocks.WithServerKeepalive(32767*time.Second, 32767*time.Second, 127), "tcp_user_timeout"},
+			"max locks 0":               {pglocks.WithMaxLocks(0), "WithMaxLocks"},
+			"nil option itself":         {nil, "nil Option"},
 		} {
-			if l, err := newLocker(opt); err == nil {
+			l, err := newLocker(tt.opt)
+			if err == nil {
 				_ = l.Close()
 				t.Errorf("%s: accepted", name)
+				continue
 			}
+			if !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "(-") {
+				t.Errorf("%s: error %q does not say %q", name, err, tt.want)
+			}
+		}
+		if n := e.backends(); n != 0 {
+			t.Errorf("bad options opened %d server sessions", n)
 		}
 		l := e.locker(2)
 		done, cancel := context.WithCancel(t.Context())
@@ -589,6 +619,17 @@ func TestBadInput(t *testing.T) {
 		if n := e.backends(); n != 0 {
 			t.Errorf("bad input opened %d server sessions", n)
 		}
+		// The limits themselves are accepted, and work.
+		edge := e.locker(2, pglocks.WithApplicationName(strings.Repeat("é", 31)+"x"),
+			pglocks.WithStatementTimeout(100*time.Millisecond), pglocks.WithHeartbeat(100*time.Millisecond, 100*time.Millisecond),
+			pglocks.WithServerKeepalive(32767*time.Second, time.Second, 127))
+		lk := mustLock(t, edge, testKey(t, 9))
+		time.Sleep(300 * time.Millisecond) // a few heartbeats
+		if err := lk.Err(); err != nil {
+			t.Errorf("a lock of a Locker with the smallest heartbeat: %v", err)
+		}
+		mustRelease(t, lk)
+		_ = edge.Close()
 	})
 }
 
@@ -645,5 +686,102 @@ func TestCloseWhileWaitingForConnection(t *testing.T) {
 		wantErr(t, <-got, pglocks.ErrClosed)
 		wantErr(t, held.Err(), pglocks.ErrClosed)
 		mustRelease(t, elsewhere)
+	})
+}
+
+// Careless calls get an error and change nothing: a nil ctx or fn takes no
+// lock and opens no session, Release(nil) releases, and after Close every
+// method says ErrClosed. Nothing wedges Close.
+func TestCarelessCalls(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4)
+		key := testKey(t, 0)
+		fn := func(context.Context) error { t.Error("fn ran"); return nil }
+		var nilCtx context.Context
+		var nilFn func(context.Context) error
+		for name, call := range map[string]func() error{
+			"Lock nil ctx":       func() error { _, err := l.Lock(nilCtx, key); return err },
+			"TryLock nil ctx":    func() error { _, err := l.TryLock(nilCtx, key); return err },
+			"Do nil ctx":         func() error { return l.Do(nilCtx, key, fn) },
+			"TryDo nil ctx":      func() error { return l.TryDo(nilCtx, key, fn) },
+			"LockAll nil ctx":    func() error { _, err := l.LockAll(nilCtx, []pglocks.Key{key}); return err },
+			"TryLockAll nil ctx": func() error { _, err := l.TryLockAll(nilCtx, []pglocks.Key{key}); return err },
+			"DoAll nil ctx":      func() error { return l.DoAll(nilCtx, []pglocks.Key{key}, fn) },
+			"Lead nil ctx":       func() error { return l.Lead(nilCtx, key, fn) },
+			"Leader nil ctx":     func() error { _, err := l.Leader(nilCtx, key); return err },
+			"DoTx nil ctx": func() error {
+				return l.DoTx(nilCtx, key, func(context.Context, pgx.Tx) error { t.Error("fn ran"); return nil })
+			},
+			"DoSQLTx nil ctx": func() error {
+				return l.DoSQLTx(nilCtx, key, func(context.Context, *sql.Tx) error { t.Error("fn ran"); return nil })
+			},
+			"LockTx nil ctx":    func() error { return e.drv.begin(t, e).lock(nilCtx, key, true) },
+			"TryLockTx nil ctx": func() error { return e.drv.begin(t, e).lock(nilCtx, key, false) },
+		} {
+			if err := call(); err == nil || !strings.Contains(err.Error(), "nil Context") {
+				t.Errorf("%s: %v", name, err)
+			}
+		}
+		for name, call := range map[string]func() error{
+			"Do nil fn":    func() error { return l.Do(t.Context(), key, nilFn) },
+			"TryDo nil fn": func() error { return l.TryDo(t.Context(), key, nilFn) },
+			"DoAll nil fn": func() error { return l.DoAll(t.Context(), []pglocks.Key{key}, nilFn) },
+			"Lead nil fn":  func() error { return l.Lead(t.Context(), key, nilFn) },
+			"DoTx nil fn":  func() error { return l.DoTx(t.Context(), key, nil) },
+			"DoSQLTx nil fn": func() error {
+				return l.DoSQLTx(t.Context(), key, nil)
+			},
+		} {
+			if err := call(); err == nil || (!strings.Contains(err.Error(), "nil fn") && !strings.Contains(err.Error(), "needs a Locker made by")) {
+				t.Errorf("%s: %v", name, err)
+			}
+		}
+		if _, ok := <-l.Observe(nilCtx, key); ok {
+			t.Error("Observe(nil) sent a value")
+		}
+		if locks := e.locks(); len(locks) != 0 {
+			t.Errorf("careless calls left %v", locks)
+		}
+
+		// Release(nil) releases; so does LockSet.Release(nil).
+		lk := mustLock(t, l, key)
+		if err := lk.Release(nilCtx); err != nil {
+			t.Errorf("Release(nil): %v", err)
+		}
+		set, err := l.LockAll(t.Context(), []pglocks.Key{key, testKey(t, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := set.Release(nilCtx); err != nil {
+			t.Errorf("LockSet.Release(nil): %v", err)
+		}
+		if locks := e.locks(); len(locks) != 0 {
+			t.Errorf("held after Release(nil): %v", locks)
+		}
+
+		// After Close, ErrClosed everywhere, and Close itself returned.
+		held := mustLock(t, l, key)
+		closed := make(chan error)
+		go func() { closed <- l.Close() }()
+		select {
+		case err := <-closed:
+			if err != nil {
+				t.Errorf("Close: %v", err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("Close did not return")
+		}
+		wantErr(t, held.Err(), pglocks.ErrClosed)
+		_, err = l.Leader(t.Context(), key)
+		wantErr(t, err, pglocks.ErrClosed)
+		if _, ok := <-l.Observe(t.Context(), key); ok {
+			t.Error("Observe after Close sent a value")
+		}
+		wantErr(t, l.Lead(t.Context(), key, fn), pglocks.ErrClosed)
+		_, err = l.Lock(t.Context(), key)
+		wantErr(t, err, pglocks.ErrClosed)
+		if locks := e.locks(); len(locks) != 0 {
+			t.Errorf("held after Close: %v", locks)
+		}
 	})
 }

@@ -63,6 +63,9 @@ func (s *LockSet) watch() context.Context {
 // the unlocks for one session together (one round trip with pgx); it returns
 // their errors joined.
 func (s *LockSet) Release(ctx context.Context) error {
+	if ctx == nil {
+		ctx = context.Background() // see Lock.Release
+	}
 	defer s.stop()
 	var errs []error
 	var rels []*release
@@ -149,6 +152,9 @@ func (l *Locker) TryLockAll(ctx context.Context, keys []Key, opts ...LockOption)
 // with the loss error as its cause, if any of the locks is lost while fn
 // runs; DoAll then returns an error matching [ErrLockLost].
 func (l *Locker) DoAll(ctx context.Context, keys []Key, fn func(ctx context.Context) error, opts ...LockOption) error {
+	if fn == nil {
+		return fmt.Errorf("pglocks: DoAll: %w", errNilFunc)
+	}
 	s, err := l.LockAll(ctx, keys, opts...)
 	if err != nil {
 		return err
@@ -187,6 +193,9 @@ func sortedKeys(keys []Key) ([]Key, error) {
 
 // acquireAll is LockAll (wait) and TryLockAll (!wait).
 func (l *Locker) acquireAll(ctx context.Context, keys []Key, o lockConfig, wait bool) (*LockSet, error) {
+	if ctx == nil {
+		return nil, fmt.Errorf("pglocks: %w", errNilContext)
+	}
 	ks, err := sortedKeys(keys)
 	if err != nil {
 		return nil, err

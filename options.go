@@ -2,8 +2,12 @@ package pglocks
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
+	"math"
+	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // config is what the Options set.
@@ -36,9 +40,28 @@ func defaultConfig() config {
 
 // serverBound is how long the server may take to notice a silent client:
 // its keepalive probes, and its TCP user timeout for unacknowledged data.
+// The limits WithServerKeepalive checks keep it from overflowing.
 func (c *config) serverBound() time.Duration {
 	return c.kaIdle + time.Duration(c.kaCount)*c.kaInterval
 }
+
+// Limits on the options' values.
+const (
+	// maxTimeout is the longest timeout the server accepts (its timeouts
+	// are int milliseconds), and the longest the options take.
+	maxTimeout = math.MaxInt32 * time.Millisecond
+	// minStatementTimeout and minHeartbeat are floors below which a
+	// statement, even on a local server, would fail often enough to make
+	// the Locker useless: every session checked away as lost.
+	minStatementTimeout = 100 * time.Millisecond
+	minHeartbeat        = 100 * time.Millisecond // the check's timeout
+	minHeartbeatEvery   = 50 * time.Millisecond  // its interval
+	// maxKeepalive and maxKeepaliveCount are Linux's limits on a socket's
+	// TCP_KEEPIDLE, TCP_KEEPINTVL (seconds) and TCP_KEEPCNT, which the
+	// server applies to its socket and the Locker to its own.
+	maxKeepalive      = 32767 * time.Second
+	maxKeepaliveCount = 127
+)
 
 // Option configures a [Locker]. Options with invalid values make [New] and
 // [NewDB] return an error; they are never silently replaced by defaults.
@@ -67,15 +90,22 @@ func WithLogger(logger *slog.Logger) Option {
 // Locker takes from the pool, for as long as it uses it, so that pg_locks
 // joined with pg_stat_activity shows who holds a lock. The session's own
 // value is put back before the connection goes back to the pool. By
-// default the Locker leaves application_name as the pool set it. The server
-// cuts names to 63 bytes.
+// default the Locker leaves application_name as the pool set it. name must
+// be valid UTF-8 without NUL bytes, and at most 63 bytes (the server's
+// NAMEDATALEN-1, beyond which it would cut the name); the server shows
+// characters other than printable ASCII as '?'.
 func WithApplicationName(name string) Option {
 	return func(c *config) {
-		if name == "" {
+		switch {
+		case name == "":
 			c.fail(errors.New("pglocks: WithApplicationName: empty name"))
-			return
+		case !utf8.ValidString(name) || strings.ContainsRune(name, 0):
+			c.fail(fmt.Errorf("pglocks: WithApplicationName: %q is not valid UTF-8 without NUL bytes", name))
+		case len(name) > maxAppName:
+			c.fail(fmt.Errorf("pglocks: WithApplicationName: %d bytes; the server keeps at most %d", len(name), maxAppName))
+		default:
+			c.appName = name
 		}
-		c.appName = name
 	}
 }
 
@@ -84,12 +114,13 @@ func WithApplicationName(name string) Option {
 // server to confirm that a cancelled wait has stopped before it closes the
 // connection instead. Statements on connections that hold locks are bounded
 // by the heartbeat timeout ([WithHeartbeat]) instead. Waiting for a lock is
-// bounded by the caller's context. The default is 10 seconds; d must be
-// positive.
+// bounded by the caller's context. The default is 10 seconds; d must be at
+// least 100 milliseconds and at most 24.8 days (the server's limit on
+// timeouts).
 func WithStatementTimeout(d time.Duration) Option {
 	return func(c *config) {
-		if d <= 0 {
-			c.fail(errors.New("pglocks: WithStatementTimeout: duration must be positive"))
+		if d < minStatementTimeout || d > maxTimeout {
+			c.fail(fmt.Errorf("pglocks: WithStatementTimeout: %v is not within %v and %v", d, minStatementTimeout, maxTimeout))
 			return
 		}
 		c.stmtTime = d
@@ -102,14 +133,17 @@ func WithStatementTimeout(d time.Duration) Option {
 // out to be another one (a transaction-pooling proxy), the connection is
 // closed and every lock on it is reported lost through [Lock.Done]. A loss is
 // therefore reported at most interval+timeout after the server stops
-// answering: 2 seconds with the defaults of 1 second each. Both must be
-// positive, and their sum shorter than the server-side bound of
-// [WithServerKeepalive], so that the holder always learns of a loss before
-// the server can give the lock to someone else.
+// answering: 2 seconds with the defaults of 1 second each. interval must be
+// at least 50 milliseconds and timeout at least 100 (a check must have time
+// to make a round trip), both at most 24.8 days, and
+// their sum shorter than the server-side bound of [WithServerKeepalive], so
+// that the holder always learns of a loss before the server can give the
+// lock to someone else.
 func WithHeartbeat(interval, timeout time.Duration) Option {
 	return func(c *config) {
-		if interval <= 0 || timeout <= 0 {
-			c.fail(errors.New("pglocks: WithHeartbeat: interval and timeout must be positive"))
+		if interval < minHeartbeatEvery || timeout < minHeartbeat || interval > maxTimeout || timeout > maxTimeout {
+			c.fail(fmt.Errorf("pglocks: WithHeartbeat: interval %v and timeout %v must be within %v and %v, and %v and %v",
+				interval, timeout, minHeartbeatEvery, maxTimeout, minHeartbeat, maxTimeout))
 			return
 		}
 		c.hbInterval, c.hbTimeout = interval, timeout
@@ -124,16 +158,25 @@ func WithHeartbeat(interval, timeout time.Duration) Option {
 // sockets (pgx drivers, Linux). The server then frees a silent holder's locks
 // about idle+interval×count after the last exchange: 11 seconds with the
 // defaults of 5 s, 2 s and 3 (PostgreSQL's defaults leave them held for over
-// two hours). idle and interval are whole seconds of at least one; count is
-// at least one. The settings are put back when a connection returns to the
-// pool.
+// two hours). idle and interval are whole seconds from 1 to 32767, and
+// count is from 1 to 127 (Linux's limits on a socket's keepalives); the
+// bound must be at most 24.8 days (the server's limit on tcp_user_timeout).
+// The settings are put back when a connection returns to the pool.
 func WithServerKeepalive(idle, interval time.Duration, count int) Option {
 	return func(c *config) {
-		if idle < time.Second || interval < time.Second || idle%time.Second != 0 || interval%time.Second != 0 || count < 1 {
-			c.fail(errors.New("pglocks: WithServerKeepalive: idle and interval must be whole seconds of at least 1s, count at least 1"))
-			return
+		switch {
+		case idle < time.Second || interval < time.Second || idle > maxKeepalive || interval > maxKeepalive ||
+			idle%time.Second != 0 || interval%time.Second != 0:
+			c.fail(fmt.Errorf("pglocks: WithServerKeepalive: idle %v and interval %v must be whole seconds from 1s to %v",
+				idle, interval, maxKeepalive))
+		case count < 1 || count > maxKeepaliveCount:
+			c.fail(fmt.Errorf("pglocks: WithServerKeepalive: count %d is not within 1 and %d", count, maxKeepaliveCount))
+		case idle+time.Duration(count)*interval > maxTimeout:
+			c.fail(fmt.Errorf("pglocks: WithServerKeepalive: the bound idle+interval×count (%v) is longer than the server's tcp_user_timeout allows (%v)",
+				idle+time.Duration(count)*interval, maxTimeout))
+		default:
+			c.kaIdle, c.kaInterval, c.kaCount = idle, interval, count
 		}
-		c.kaIdle, c.kaInterval, c.kaCount = idle, interval, count
 	}
 }
 

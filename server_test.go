@@ -73,7 +73,8 @@ func TestFencingTokens(t *testing.T) {
 }
 
 // 5. A standby grants advisory locks that the primary never sees: taking a
-// lock there fails with ErrStandby and leaves nothing.
+// lock there fails with ErrStandby and leaves nothing, and asking it who
+// leads fails with ErrStandby rather than saying nobody does.
 func TestStandby(t *testing.T) {
 	t.Parallel()
 	primary := startServer(t, pgtest.Options{})
@@ -86,14 +87,34 @@ func TestStandby(t *testing.T) {
 	if err := standby.Admin.QueryRow(t.Context(), "SELECT pg_is_in_recovery()").Scan(&inRecovery); err != nil || !inRecovery {
 		t.Fatalf("the standby is not in recovery: %v %v", inRecovery, err)
 	}
+	// The primary has a leader for ID(1).
+	leader, err := pgx.Connect(t.Context(), primary.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer leader.Close(context.Background())
+	if _, err := leader.Exec(t.Context(), "SELECT pg_advisory_lock(1)"); err != nil {
+		t.Fatal(err)
+	}
 	for _, d := range drivers {
 		t.Run(d.name, func(t *testing.T) {
 			l := lockerOn(t, d, standby.URL)
-			_, err = l.Lock(t.Context(), pglocks.ID(1))
+			_, err := l.Lock(t.Context(), pglocks.ID(1))
 			wantErr(t, err, pglocks.ErrStandby)
 			_, err = l.TryLock(t.Context(), pglocks.ID(1))
 			wantErr(t, err, pglocks.ErrStandby)
 			wantErr(t, l.Do(t.Context(), pglocks.ID(1), func(context.Context) error { t.Error("fn ran"); return nil }), pglocks.ErrStandby)
+			_, err = l.Leader(t.Context(), pglocks.ID(1))
+			wantErr(t, err, pglocks.ErrStandby)
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			for h := range l.Observe(ctx, pglocks.ID(1)) {
+				t.Errorf("Observe on a standby reported %+v", h)
+			}
+			if ctx.Err() != nil {
+				t.Error("Observe on a standby did not stop")
+			}
+			wantErr(t, l.Lead(t.Context(), pglocks.ID(1), func(context.Context) error { t.Error("fn ran"); return nil }), pglocks.ErrStandby)
 		})
 	}
 	c, err := pgx.Connect(t.Context(), standby.URL)
