@@ -6,14 +6,18 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"os/exec"
 	"runtime/debug"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglocks/pglocks"
@@ -143,6 +147,45 @@ func usageError(stderr io.Writer, cmd, format string, args ...any) int {
 	return exitUsage
 }
 
+// nameAndCommand splits what follows the flags of run and elect, NAME --
+// COMMAND [ARG...]. The status is -1 to go on, or the usage error's.
+func nameAndCommand(cmd string, rest []string, stderr io.Writer) (name string, argv []string, status int) {
+	switch {
+	case len(rest) == 0:
+		return "", nil, usageError(stderr, cmd, "missing NAME")
+	case len(rest) > 1 && rest[1] != "--" && strings.HasPrefix(rest[1], "-"):
+		// Flags stop at the first argument that is not one, NAME.
+		return "", nil, usageError(stderr, cmd, "flag %s after NAME %q: flags go before NAME", rest[1], rest[0])
+	case len(rest) == 1 || rest[1] != "--":
+		return "", nil, usageError(stderr, cmd, "missing -- between NAME and COMMAND")
+	case len(rest) == 2:
+		return "", nil, usageError(stderr, cmd, "missing COMMAND after --")
+	}
+	return rest[0], rest[2:], -1
+}
+
+// lookCommand finds COMMAND as a shell would: 127 if there is no such
+// file, 126 if there is one that cannot be run (not executable, a
+// directory). The status is -1 when path can be run.
+func lookCommand(cmd, name string, stderr io.Writer) (path string, status int) {
+	path, err := exec.LookPath(name)
+	switch {
+	case err == nil:
+		return path, -1
+	case errors.Is(err, exec.ErrNotFound), errors.Is(err, fs.ErrNotExist):
+		fmt.Fprintf(stderr, "pglocks %s: %s: command not found\n", cmd, name)
+		return "", exitNotFound
+	}
+	why := "cannot be run: " + err.Error()
+	if fi, serr := os.Stat(name); serr == nil && fi.IsDir() {
+		why = "is a directory"
+	} else if errors.Is(err, fs.ErrPermission) {
+		why = "permission denied (not an executable file)"
+	}
+	fmt.Fprintf(stderr, "pglocks %s: %s: %s\n", cmd, name, why)
+	return "", exitCannotRun
+}
+
 // schemes are the ways a NAME becomes a key.
 const schemes = "name (hashtextextended, the default), crc32 (django-pglocks), rails (Ruby's with_advisory_lock; prefix from WITH_ADVISORY_LOCK_PREFIX), node (npm advisory-lock), id (NAME is an int64), pair (NAME is A,B)"
 
@@ -260,7 +303,13 @@ func connect(ctx context.Context, cfg *pgxpool.Config) (*pgxpool.Pool, error) {
 	defer cancel()
 	if err := pool.Ping(pctx); err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("cannot connect to %s:%d: %s", cfg.ConnConfig.Host, cfg.ConnConfig.Port, oneLine(err))
+		var ce *pgconn.ConnectError
+		if errors.As(err, &ce) && ce.Unwrap() != nil {
+			// Without its "failed to connect to" head, which says it again.
+			err = ce.Unwrap()
+		}
+		return nil, fmt.Errorf("cannot connect to %s:%d (user=%s database=%s): %s", cfg.ConnConfig.Host, cfg.ConnConfig.Port,
+			cfg.ConnConfig.User, cfg.ConnConfig.Database, oneLine(err))
 	}
 	return pool, nil
 }
@@ -276,8 +325,16 @@ func keyWhere(key pglocks.Key) (string, []any) {
 		[]any{int64(uint32(a)), int64(uint32(b))}
 }
 
-// oneLine is err's text on one line (pgx lists each address it tried on a
-// line of its own).
+// oneLine is err's text on one line. pgx lists each attempt on a line of its
+// own, and with sslmode=prefer tries each address twice (with TLS, then
+// without), so the same line often comes twice: it is said once.
 func oneLine(err error) string {
-	return strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", " ")), " ")
+	var lines []string
+	for _, line := range strings.Split(err.Error(), "\n") {
+		line = strings.Join(strings.Fields(line), " ")
+		if line != "" && !slices.Contains(lines, line) {
+			lines = append(lines, line)
+		}
+	}
+	return strings.Join(lines, "; ")
 }

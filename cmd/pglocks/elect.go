@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"os/signal"
 	"sync"
 	"syscall"
@@ -55,26 +54,20 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
-	rest := fs.Args()
-	switch {
-	case len(rest) == 0:
-		return usageError(stderr, "elect", "missing NAME")
-	case len(rest) == 1 || rest[1] != "--":
-		return usageError(stderr, "elect", "missing -- between NAME and COMMAND")
-	case len(rest) == 2:
-		return usageError(stderr, "elect", "missing COMMAND after --")
-	case killAfter <= 0:
+	name, argv, code := nameAndCommand("elect", fs.Args(), stderr)
+	if code >= 0 {
+		return code
+	}
+	if killAfter <= 0 {
 		return usageError(stderr, "elect", "--kill-after must be positive")
 	}
-	name, argv := rest[0], rest[2:]
 	key, err := parseKey(scheme, name)
 	if err != nil {
 		return usageError(stderr, "elect", "%v", err)
 	}
-	path, err := exec.LookPath(argv[0])
-	if err != nil {
-		fmt.Fprintf(stderr, "pglocks elect: %s: command not found\n", argv[0])
-		return exitNotFound
+	path, code := lookCommand("elect", argv[0], stderr)
+	if code >= 0 {
+		return code
 	}
 	cfg, err := poolConfig(dsn)
 	if err != nil {
@@ -248,6 +241,9 @@ func leaderCommand(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stdout, "%s has no leader\n", name)
 		}
 		return exitConflict
+	case errors.Is(err, pglocks.ErrStandby):
+		fmt.Fprintf(stderr, "pglocks leader: this server is a standby: its pg_locks does not show the primary's locks; ask the primary\n")
+		return exitDatabase
 	case err != nil:
 		fmt.Fprintf(stderr, "pglocks leader: %s\n", oneLine(err))
 		return exitDatabase

@@ -93,6 +93,15 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 		return exitDatabase
 	}
 	defer pool.Close()
+	var standby bool
+	if err := pool.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&standby); err != nil {
+		fmt.Fprintf(stderr, "pglocks ls: %s\n", oneLine(err))
+		return exitDatabase
+	}
+	if standby {
+		fmt.Fprintln(stderr, "pglocks ls: this server is a standby: its pg_locks does not show the primary's advisory locks; ask the primary")
+		return exitDatabase
+	}
 	for {
 		locks, err := listLocks(ctx, pool, labels)
 		if err != nil {

@@ -422,6 +422,12 @@ func TestBadInput(t *testing.T) {
 		{"DSN that does not parse", []string{"run", "-d", "postgres://a b@:x", "job", "--", "true"}, 2, "bad connection string"},
 		{"server down", []string{"run", "-d", "postgres://postgres@127.0.0.1:1/postgres?connect_timeout=2", "job", "--", "true"}, 3, "cannot connect"},
 		{"command not found", []string{"run", "job", "--", "pglocks-no-such-command"}, 127, "command not found"},
+		{"path not found", []string{"run", "job", "--", "/no/such/command"}, 127, "command not found"},
+		{"command not executable", []string{"run", "job", "--", "/etc/passwd"}, 126, "permission denied"},
+		{"command a directory", []string{"run", "job", "--", "/tmp"}, 126, "is a directory"},
+		{"elect command not executable", []string{"elect", "job", "--", "/etc/passwd"}, 126, "permission denied"},
+		{"flag after NAME", []string{"run", "job", "-n", "--", "true"}, 2, "flag -n after NAME"},
+		{"elect flag after NAME", []string{"elect", "job", "--restart", "--", "true"}, 2, "flag --restart after NAME"},
 		{"ls with an argument", []string{"ls", "x"}, 2, "unexpected argument"},
 		{"key without NAME", []string{"key"}, 2, "want exactly one NAME"},
 	} {
@@ -429,6 +435,10 @@ func TestBadInput(t *testing.T) {
 		lines := strings.Split(strings.TrimRight(stderr, "\n"), "\n")
 		if code != tt.code || !strings.Contains(stderr, tt.msg) || (tt.code != 2 || tt.name != "unknown command") && len(lines) != 1 {
 			t.Errorf("%s: exit %d, stderr %q; want exit %d and one line with %q", tt.name, code, stderr, tt.code, tt.msg)
+		}
+		// Each error is said once (pgx reports each connection attempt).
+		if tt.code == exitDatabase && strings.Count(stderr, "connection refused") != 1 {
+			t.Errorf("%s: the error is said %d times: %q", tt.name, strings.Count(stderr, "connection refused"), stderr)
 		}
 		if l := locks(t, db); len(l) != 0 {
 			t.Errorf("%s: left %v", tt.name, l)

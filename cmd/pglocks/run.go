@@ -25,9 +25,10 @@ COMMAND exits, like flock(1) for a whole fleet. While it waits it says who
 holds the lock. SIGINT, SIGTERM and SIGHUP go to COMMAND. If the lock is lost
 while COMMAND runs, COMMAND gets SIGTERM, then SIGKILL after --kill-after.
 
-Exit status: COMMAND's own (128+N if killed by signal N); -E's value (1) when
-the lock was not had; 2 usage; 3 database unreachable or failing; 4 lock lost
-while COMMAND ran; 126 COMMAND cannot run; 127 COMMAND not found.
+Flags go before NAME. Exit status: COMMAND's own (128+N if killed by signal
+N); -E's value (1) when the lock was not had (-n, -w, or the server ended the
+wait); 2 usage; 3 database unreachable, failing or a standby; 4 lock lost
+while COMMAND ran; 126 COMMAND exists but cannot run; 127 COMMAND not found.
 `
 
 // runCommand is "pglocks run".
@@ -60,28 +61,23 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
-	rest := fs.Args()
+	name, argv, code := nameAndCommand("run", fs.Args(), stderr)
+	if code >= 0 {
+		return code
+	}
 	switch {
-	case len(rest) == 0:
-		return usageError(stderr, "run", "missing NAME")
-	case len(rest) == 1 || rest[1] != "--":
-		return usageError(stderr, "run", "missing -- between NAME and COMMAND")
-	case len(rest) == 2:
-		return usageError(stderr, "run", "missing COMMAND after --")
 	case timeout < 0 || killAfter <= 0:
 		return usageError(stderr, "run", "--timeout and --kill-after must be positive")
 	case conflictCode < 0 || conflictCode > 255:
 		return usageError(stderr, "run", "-E must be 0..255")
 	}
-	name, argv := rest[0], rest[2:]
 	key, err := parseKey(scheme, name)
 	if err != nil {
 		return usageError(stderr, "run", "%v", err)
 	}
-	path, err := exec.LookPath(argv[0])
-	if err != nil {
-		fmt.Fprintf(stderr, "pglocks run: %s: command not found\n", argv[0])
-		return exitNotFound
+	path, code := lookCommand("run", argv[0], stderr)
+	if code >= 0 {
+		return code
 	}
 	cfg, err := poolConfig(dsn)
 	if err != nil {
@@ -163,8 +159,13 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 			case errors.Is(r.err, pglocks.ErrLocked) || errors.Is(r.err, context.DeadlineExceeded):
 				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired\n", name, holders(pool, key))
 				return nil, -1 // the caller's conflict code
+			case errors.Is(r.err, pglocks.ErrServerTimeout):
+				// Not had, as on a timeout of our own (-w), though the
+				// server ended the wait: say why.
+				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired: %s\n", name, holders(pool, key), oneLine(r.err))
+				return nil, -1
 			}
-			fmt.Fprintf(stderr, "pglocks run: %v\n", r.err)
+			fmt.Fprintf(stderr, "pglocks run: %s\n", oneLine(r.err))
 			return nil, exitDatabase
 		case s := <-sigs:
 			sig = s
