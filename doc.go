@@ -60,6 +60,18 @@
 //     an exclusive one excludes all.
 //   - Lock waits in the server's lock queue, so a waiter gets the lock as soon
 //     as it is released; there is no polling.
+//   - Waits last as long as ctx allows, whatever timeouts the role, the
+//     database or the server's configuration set. Every session a Locker
+//     readies sets statement_timeout, lock_timeout, idle_session_timeout,
+//     idle_in_transaction_session_timeout and transaction_timeout to 0 (the
+//     ones the server has), so that none of them ends a wait or an idle
+//     holder's session, and client_connection_check_interval to 1s, so that
+//     a waiter whose process died leaves the server's queue; it puts the old
+//     values back before the connection returns to the pool. Transaction
+//     locks turn statement_timeout and lock_timeout off for their wait only,
+//     and restore them for the caller's own statements. A wait the server
+//     ends anyway (a cancel from another session) fails with
+//     [ErrServerTimeout], never a bare SQLSTATE.
 //   - A context deadline on Lock is enforced by the server (lock_timeout for
 //     that one statement) and the error matches context.DeadlineExceeded. When
 //     Lock or TryLock returns an error, nothing of it is held or queued on the
@@ -93,7 +105,8 @@
 //   - Fencing tokens ([WithFencingTokens], [Lock.Token]) increase strictly
 //     from one holder of a key to the next, so the resource a lock guards can
 //     refuse a stale holder's write.
-//   - Locks are refused on a standby ([ErrStandby]) and, as far as it can
+//   - Locks are refused on a standby ([ErrStandby]), where [Locker.Leader]
+//     returns ErrStandby too and [Locker.Observe] stops, and, as far as it can
 //     tell, through a transaction-pooling proxy ([ErrTransactionPooling]).
 //     A full server lock table fails one acquire with [ErrLockTableFull] and
 //     loses nothing else; [WithMaxLocks] caps what one Locker holds.

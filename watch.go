@@ -11,7 +11,7 @@ import (
 
 // A session that holds locks is idle most of the time. While it is, a
 // watcher goroutine reads its socket, so that a session ended by the server
-// (a terminated backend, a restart or crash, an idle timeout: the server
+// (a terminated backend, a restart or crash: the server
 // says FATAL and closes the socket) is reported lost as soon as the server
 // says so, instead of at the next heartbeat. A silent network says nothing;
 // the heartbeat still covers that.
