@@ -3,15 +3,11 @@ package pglocks
 import (
 	"context"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 )
 
 // req is one statement on a holder session.
 type req struct {
-	q    string
-	args []any
-	dest []any
+	row
 	// check, if set, judges a statement that ran without error (an unlock
 	// that returns false).
 	check func() error
@@ -22,29 +18,29 @@ type req struct {
 	done  chan struct{}
 }
 
+// keepConn marks a statement error after which the session is known to be
+// intact and to hold exactly what it held before.
+type keepConn struct{ err error }
+
+func (k keepConn) Error() string { return k.err.Error() }
+func (k keepConn) Unwrap() error { return k.err }
+
 // maxBatch bounds how many statements one round trip carries.
 const maxBatch = 512
 
 // do runs r on h and returns its error. Statements from many goroutines are
 // combined: whoever finds h idle leads, sending everything queued meanwhile
-// in one round trip (a pgx batch), so that goroutines holding many locks on
-// one session do not each wait a round trip. ctx bounds nothing once r is
-// queued: the statement is short, and a session that stops answering is cut
-// off by the heartbeat. If r fails (except with keepConn), the session is
-// closed and every lock on it is reported lost.
-func (l *Locker) do(ctx context.Context, h *holder, r *req) error {
+// in one round trip where the driver pipelines, so that goroutines holding
+// many locks on one session do not each wait a round trip. ctx bounds
+// nothing once r is queued: the statement is short, and a session that
+// stops answering is cut off by the heartbeat. If r fails (except with
+// keepConn), the session is closed and every lock on it is reported lost.
+func (s *sessions) do(ctx context.Context, h *holder, r *req) error {
 	if err := ctx.Err(); err != nil {
 		return ctxError(ctx)
 	}
 	r.done = make(chan struct{})
-	h.qmu.Lock()
-	h.queue = append(h.queue, r)
-	lead := !h.leading
-	h.leading = true
-	h.qmu.Unlock()
-	if lead {
-		l.lead(h)
-	}
+	s.enqueue(h, r)
 	<-r.done
 	if k, ok := r.err.(keepConn); ok {
 		return k.err
@@ -54,7 +50,7 @@ func (l *Locker) do(ctx context.Context, h *holder, r *req) error {
 
 // doMany runs rs on h as do runs one, queued together so that they share
 // round trips, and sets each one's err.
-func (l *Locker) doMany(ctx context.Context, h *holder, rs []*req) {
+func (s *sessions) doMany(ctx context.Context, h *holder, rs []*req) {
 	if err := ctx.Err(); err != nil {
 		for _, r := range rs {
 			r.err = ctxError(ctx)
@@ -64,14 +60,7 @@ func (l *Locker) doMany(ctx context.Context, h *holder, rs []*req) {
 	for _, r := range rs {
 		r.done = make(chan struct{})
 	}
-	h.qmu.Lock()
-	h.queue = append(h.queue, rs...)
-	lead := !h.leading
-	h.leading = true
-	h.qmu.Unlock()
-	if lead {
-		l.lead(h)
-	}
+	s.enqueue(h, rs...)
 	for _, r := range rs {
 		<-r.done
 		if k, ok := r.err.(keepConn); ok {
@@ -80,14 +69,28 @@ func (l *Locker) doMany(ctx context.Context, h *holder, rs []*req) {
 	}
 }
 
-// lead runs h's queued statements until none is left.
-func (l *Locker) lead(h *holder) {
+// enqueue queues rs on h, and leads if nobody does.
+func (s *sessions) enqueue(h *holder, rs ...*req) {
+	h.qmu.Lock()
+	h.queue = append(h.queue, rs...)
+	lead := !h.leading
+	h.leading = true
+	h.qmu.Unlock()
+	if lead {
+		s.lead(h)
+	}
+}
+
+// lead runs h's queued statements until none is left, then arms the
+// session's idle watcher.
+func (s *sessions) lead(h *holder) {
 	for {
 		h.qmu.Lock()
 		n := min(len(h.queue), maxBatch)
 		if n == 0 {
 			h.leading = false
 			h.qmu.Unlock()
+			s.idleWatch(h)
 			return
 		}
 		batch := h.queue[:n:n]
@@ -95,7 +98,8 @@ func (l *Locker) lead(h *holder) {
 		h.qmu.Unlock()
 
 		h.enter() // not beside a heartbeat probe or a watcher
-		redo := l.runBatch(h, batch)
+		redo := s.runBatch(h, batch)
+		s.drain(h)
 		h.leave()
 		if len(redo) > 0 {
 			h.qmu.Lock()
@@ -120,23 +124,22 @@ func contains(rs []*req, r *req) bool {
 }
 
 // runBatch runs batch on h, holding h.sem, and returns the statements that
-// did not run (those after a server error in a pgx batch, which the server
-// skipped), to be sent again.
-func (l *Locker) runBatch(h *holder, batch []*req) (redo []*req) {
+// did not run (those after a server error in a pipelined batch, which the
+// server skipped), to be sent again.
+func (s *sessions) runBatch(h *holder, batch []*req) (redo []*req) {
 	if h.broken != nil {
 		for _, r := range batch {
 			r.err = h.broken
 		}
 		return nil
 	}
-	pg, isPgx := h.c.(*pgxConn)
-	if len(batch) == 1 || !isPgx || l.cfg.fencing {
+	if len(batch) == 1 || !h.c.pipelines() || s.cfg.fencing {
 		// One at a time: fencing tokens must each come from a transaction
-		// of their own.
+		// of their own, and a pipelined batch is one transaction.
 		for i, r := range batch {
-			r.err = l.runOne(h, r)
+			r.err = s.runOne(h, r)
 			if _, keep := r.err.(keepConn); r.err != nil && !keep {
-				l.fail(h, r.err)
+				s.fail(h, r.err)
 				for _, rest := range batch[i+1:] {
 					rest.err = h.broken
 				}
@@ -146,20 +149,12 @@ func (l *Locker) runBatch(h *holder, batch []*req) (redo []*req) {
 		return nil
 	}
 
-	b := &pgx.Batch{}
-	for _, r := range batch {
-		b.Queue(r.q, r.args...)
+	rows := make([]row, len(batch))
+	for i, r := range batch {
+		rows[i] = r.row
 	}
 	h.busySince.Store(time.Now().UnixNano())
-	br := pg.c.SendBatch(context.Background(), b)
-	failed := -1
-	for i, r := range batch {
-		if err := br.QueryRow().Scan(r.dest...); err != nil {
-			r.err, failed = err, i
-			break
-		}
-	}
-	cerr := br.Close()
+	failed, err, cerr := h.c.batch(context.Background(), rows)
 	h.busySince.Store(0)
 	var bad error // why the session must go
 	switch {
@@ -167,8 +162,9 @@ func (l *Locker) runBatch(h *holder, batch []*req) (redo []*req) {
 		bad = cerr
 	case failed >= 0:
 		r := batch[failed]
-		if sqlState(r.err) != "" && r.onErr != nil {
-			r.err = r.onErr(context.Background(), r.err)
+		r.err = err
+		if sqlState(err) != "" && r.onErr != nil {
+			r.err = r.onErr(context.Background(), err)
 		}
 		if _, keep := r.err.(keepConn); !keep {
 			bad = r.err
@@ -176,12 +172,13 @@ func (l *Locker) runBatch(h *holder, batch []*req) (redo []*req) {
 			redo = batch[failed+1:]
 		}
 	}
-	for i, r := range batch {
-		if failed >= 0 && i >= failed {
-			break
-		}
+	ran := batch
+	if failed >= 0 {
+		ran = batch[:failed]
+	}
+	for _, r := range ran {
 		if r.check != nil {
-			if err := r.check(); err != nil && r.err == nil {
+			if err := r.check(); err != nil {
 				r.err = err
 				if bad == nil {
 					bad = err
@@ -190,10 +187,12 @@ func (l *Locker) runBatch(h *holder, batch []*req) (redo []*req) {
 		}
 	}
 	if bad != nil {
-		l.fail(h, bad)
-		for _, r := range batch {
-			if r.err == nil && contains(batch[max(failed, 0):], r) && failed >= 0 {
-				r.err = h.broken
+		s.fail(h, bad)
+		if failed >= 0 {
+			for _, r := range batch[failed:] {
+				if r.err == nil {
+					r.err = h.broken
+				}
 			}
 		}
 		return nil
@@ -202,7 +201,7 @@ func (l *Locker) runBatch(h *holder, batch []*req) (redo []*req) {
 }
 
 // runOne runs r alone on h, holding h.sem.
-func (l *Locker) runOne(h *holder, r *req) error {
+func (s *sessions) runOne(h *holder, r *req) error {
 	f := func(ctx context.Context) error {
 		err := h.c.query(ctx, r.q, r.args, r.dest...)
 		if err != nil && sqlState(err) != "" && r.onErr != nil {
@@ -213,7 +212,7 @@ func (l *Locker) runOne(h *holder, r *req) error {
 		}
 		return err
 	}
-	if h.c.pgConn() != nil {
+	if h.c.interruptible() {
 		// No deadline on the hot path: a cancellable context costs pgx a
 		// goroutine per statement. The heartbeat closes the socket under a
 		// statement that runs longer than the heartbeat timeout instead.
@@ -221,7 +220,7 @@ func (l *Locker) runOne(h *holder, r *req) error {
 		defer h.busySince.Store(0)
 		return f(context.Background())
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), l.cfg.hbTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.hbTimeout)
 	defer cancel()
-	return l.runStmt(ctx, h, f)
+	return s.runStmt(ctx, h, f)
 }

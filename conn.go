@@ -17,27 +17,76 @@ import (
 // pgxpool.Pool or a *sql.DB.
 type source interface {
 	acquire(ctx context.Context) (conn, error)
+	// maxConns is the most sessions the pool opens, or 0 for no limit.
+	maxConns() int
+	// exhausted reports whether a session taken from the pool now would
+	// have to wait for one to be given back: every session it may open is
+	// open and in use.
+	exhausted() bool
 }
 
-// conn is one server session, used by one goroutine at a time.
+// conn is one server session, used by one goroutine at a time. What the
+// drivers can do differs; the capabilities say what this one can, so that
+// nothing else in pglocks needs to know the driver.
 type conn interface {
 	query(ctx context.Context, q string, args []any, dest ...any) error
 	exec(ctx context.Context, q string, args ...any) error
+
+	// pipelines reports whether batch sends many statements in one round
+	// trip (pgx); otherwise batch is not to be called.
+	pipelines() bool
+	// batch runs the statements in one round trip, scanning the row each
+	// returns into its dest. It returns the index of the first statement
+	// that failed (the server skips those after it) and its error, or -1,
+	// and the error that ended the batch.
+	batch(ctx context.Context, rows []row) (failed int, err, closeErr error)
+
+	// interruptible reports whether a statement stops when its ctx ends
+	// (pgx closes the socket). lib/pq instead sends a cancel request and
+	// waits for the server's answer, which a silent network never brings.
+	interruptible() bool
 	// cancel sends a cancel request for the statement running on the
-	// session. It may be called while another goroutine runs that
-	// statement. Only pgx connections can: for others it returns
-	// errNoCancelRequest.
+	// session, and may be called while another goroutine runs it. Drivers
+	// that cannot return errNoCancelRequest.
 	cancel(ctx context.Context) error
-	// pgConn returns pgx's connection under this session, or nil if the
-	// driver is not pgx. It gives the socket and the pid of the
-	// BackendKeyData, which differs from pg_backend_pid() behind a proxy.
-	pgConn() *pgconn.PgConn
+	// backendPID is the pid of the BackendKeyData, which differs from
+	// pg_backend_pid() behind a proxy; ok is false when the driver does not
+	// show it.
+	backendPID() (pid uint32, ok bool)
+	// tcp is the session's TCP connection, or nil (a Unix socket, or a
+	// driver that does not show it).
+	tcp() *net.TCPConn
+
+	// watchable reports whether the session's socket can be read while it
+	// is idle (see watch.go): waitIdle and setReadDeadline work.
+	watchable() bool
+	// waitIdle reads the idle session until a notification arrives (it is
+	// returned), the read deadline passes (an error for which
+	// pgconn.Timeout is true; the session stays usable), or the session
+	// ends. Notifications that arrived during earlier statements are
+	// returned first.
+	waitIdle(ctx context.Context) (*pgconn.Notification, error)
+	setReadDeadline(t time.Time) error
+	// closeSocket closes the socket under a statement that runs too long, so
+	// that it fails. It may be called from another goroutine.
+	closeSocket()
+
 	// destroy closes the session, which frees every lock it holds.
 	destroy()
 	// release gives the session back to its pool. Only a session that holds
 	// no lock may be released.
 	release()
 }
+
+// row is one statement of a batch.
+type row struct {
+	q    string
+	args []any
+	dest []any
+}
+
+// errNoCancelRequest says a driver cannot send a cancel request.
+var errNoCancelRequest = errors.New("the driver cannot send a cancel request")
 
 // destroyTimeout bounds the polite close of a session we discard.
 const destroyTimeout = 5 * time.Second
@@ -49,13 +98,60 @@ func (s pgxSource) acquire(ctx context.Context) (conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &pgxConn{pc: c, c: c.Conn()}, nil
+	return &pgxConn{pc: c, pgxSession: pgxSession{c: c.Conn()}}, nil
 }
+
+func (s pgxSource) maxConns() int { return int(s.pool.Config().MaxConns) }
+
+func (s pgxSource) exhausted() bool {
+	st := s.pool.Stat()
+	return st.IdleConns() == 0 && st.TotalConns() >= st.MaxConns()
+}
+
+// pgxSession is what pgx's connection can do, for pgxpool and for pgx's
+// stdlib driver alike.
+type pgxSession struct {
+	c *pgx.Conn // kept: pgxpool.Conn.Conn() panics once it is hijacked
+}
+
+func (s pgxSession) pipelines() bool     { return true }
+func (s pgxSession) interruptible() bool { return true }
+func (s pgxSession) watchable() bool     { return true }
+
+func (s pgxSession) batch(ctx context.Context, rows []row) (failed int, err, closeErr error) {
+	b := &pgx.Batch{}
+	for _, r := range rows {
+		b.Queue(r.q, r.args...)
+	}
+	br := s.c.SendBatch(ctx, b)
+	failed = -1
+	for i, r := range rows {
+		if err = br.QueryRow().Scan(r.dest...); err != nil {
+			failed = i
+			break
+		}
+	}
+	return failed, err, br.Close()
+}
+
+func (s pgxSession) cancel(ctx context.Context) error { return s.c.PgConn().CancelRequest(ctx) }
+
+func (s pgxSession) backendPID() (uint32, bool) { return s.c.PgConn().PID(), true }
+
+func (s pgxSession) tcp() *net.TCPConn { return tcpConn(s.c.PgConn().Conn()) }
+
+func (s pgxSession) waitIdle(ctx context.Context) (*pgconn.Notification, error) {
+	return s.c.WaitForNotification(ctx)
+}
+
+func (s pgxSession) setReadDeadline(t time.Time) error { return s.c.PgConn().Conn().SetReadDeadline(t) }
+
+func (s pgxSession) closeSocket() { _ = s.c.PgConn().Conn().Close() }
 
 // pgxConn is a session taken from a pgxpool.Pool.
 type pgxConn struct {
 	pc *pgxpool.Conn
-	c  *pgx.Conn // kept: pc.Conn() panics once pc is hijacked
+	pgxSession
 }
 
 func (c *pgxConn) query(ctx context.Context, q string, args []any, dest ...any) error {
@@ -66,10 +162,6 @@ func (c *pgxConn) exec(ctx context.Context, q string, args ...any) error {
 	_, err := c.c.Exec(ctx, q, args...)
 	return err
 }
-
-func (c *pgxConn) cancel(ctx context.Context) error { return c.c.PgConn().CancelRequest(ctx) }
-
-func (c *pgxConn) pgConn() *pgconn.PgConn { return c.c.PgConn() }
 
 func (c *pgxConn) destroy() {
 	ctx, cancel := context.WithTimeout(context.Background(), destroyTimeout)
@@ -89,21 +181,29 @@ func (s sqlSource) acquire(ctx context.Context) (conn, error) {
 	sc := &sqlConn{c: c}
 	_ = c.Raw(func(dc any) error {
 		if p, ok := dc.(interface{ Conn() *pgx.Conn }); ok {
-			sc.pg = p.Conn().PgConn()
+			sc.pgx = &pgxSession{c: p.Conn()}
 		}
 		return nil
 	})
 	return sc, nil
 }
 
+func (s sqlSource) maxConns() int { return s.db.Stats().MaxOpenConnections }
+
+func (s sqlSource) exhausted() bool {
+	st := s.db.Stats()
+	return st.MaxOpenConnections > 0 && st.Idle == 0 && st.OpenConnections >= st.MaxOpenConnections
+}
+
 // sqlConn is a session taken from a *sql.DB, with any PostgreSQL driver.
 type sqlConn struct {
 	c *sql.Conn
-	// pg is the driver's connection when it is pgx's stdlib. database/sql
-	// says not to use it outside Raw; pglocks only reads its socket and
-	// pid and sends cancel requests, which pgx itself does from another
+	// pgx is the driver's connection when it is pgx's stdlib. database/sql
+	// says not to use it outside Raw; pglocks uses it only while it holds
+	// the *sql.Conn, to read its socket while it is idle, to pipeline and
+	// to send cancel requests, which pgx itself does from another
 	// goroutine.
-	pg *pgconn.PgConn
+	pgx *pgxSession
 }
 
 func (c *sqlConn) query(ctx context.Context, q string, args []any, dest ...any) error {
@@ -115,19 +215,48 @@ func (c *sqlConn) exec(ctx context.Context, q string, args ...any) error {
 	return err
 }
 
+func (c *sqlConn) pipelines() bool     { return c.pgx != nil }
+func (c *sqlConn) interruptible() bool { return c.pgx != nil }
+func (c *sqlConn) watchable() bool     { return c.pgx != nil }
+
+func (c *sqlConn) batch(ctx context.Context, rows []row) (int, error, error) {
+	return c.pgx.batch(ctx, rows)
+}
+
 // cancel sends pgx's cancel request for pgx's stdlib driver. database/sql
 // has no driver-independent cancel request.
 func (c *sqlConn) cancel(ctx context.Context) error {
-	if c.pg != nil {
-		return c.pg.CancelRequest(ctx)
+	if c.pgx != nil {
+		return c.pgx.cancel(ctx)
 	}
 	return errNoCancelRequest
 }
 
-// errNoCancelRequest says a driver cannot send a cancel request.
-var errNoCancelRequest = errors.New("the driver cannot send a cancel request")
+func (c *sqlConn) backendPID() (uint32, bool) {
+	if c.pgx != nil {
+		return c.pgx.backendPID()
+	}
+	return 0, false
+}
 
-func (c *sqlConn) pgConn() *pgconn.PgConn { return c.pg }
+func (c *sqlConn) tcp() *net.TCPConn {
+	if c.pgx != nil {
+		return c.pgx.tcp()
+	}
+	return nil
+}
+
+func (c *sqlConn) waitIdle(ctx context.Context) (*pgconn.Notification, error) {
+	return c.pgx.waitIdle(ctx)
+}
+
+func (c *sqlConn) setReadDeadline(t time.Time) error { return c.pgx.setReadDeadline(t) }
+
+func (c *sqlConn) closeSocket() {
+	if c.pgx != nil {
+		c.pgx.closeSocket()
+	}
+}
 
 func (c *sqlConn) destroy() {
 	// Returning driver.ErrBadConn from Raw makes database/sql close the
@@ -138,13 +267,8 @@ func (c *sqlConn) destroy() {
 
 func (c *sqlConn) release() { _ = c.c.Close() }
 
-// tcpConn returns the TCP connection under a pgx connection, or nil (a Unix
-// socket, or a driver that does not show it).
-func tcpConn(pg *pgconn.PgConn) *net.TCPConn {
-	if pg == nil {
-		return nil
-	}
-	nc := pg.Conn()
+// tcpConn returns the TCP connection under nc, or nil (a Unix socket).
+func tcpConn(nc net.Conn) *net.TCPConn {
 	if u, ok := nc.(interface{ NetConn() net.Conn }); ok { // TLS
 		nc = u.NetConn()
 	}

@@ -2,12 +2,8 @@ package pglocks
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
-	"net"
-	"strconv"
-	"strings"
 	"time"
 	"unicode/utf8"
 )
@@ -77,7 +73,7 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 				return lockError(key, ErrClosed)
 			}
 		}
-		lk, err := l.acquire(ctx, key, lockConfig{own: true}, true)
+		lk, err := l.lockOne(ctx, key, lockConfig{own: true}, true)
 		if err != nil {
 			switch {
 			case ctx.Err() != nil:
@@ -133,17 +129,14 @@ const maxAppName = 63
 // leads, by the server's clock. A failure here is a failure of the session,
 // which lk then reports.
 func (l *Locker) markLeader(lk *Lock) {
-	l.mu.Lock()
-	h := lk.e.h
-	if lk.done || h == nil || l.closed {
-		l.mu.Unlock()
-		return
+	if !l.beginCall() {
+		return // Close waits for us before it touches the session
 	}
-	l.calls.Add(1) // Close waits for us before it touches h
-	defer l.calls.Done()
-	h.users++
-	h.marked = true // not kept as a spare: giveBack restores the name
-	l.mu.Unlock()
+	defer l.endCall()
+	h := l.table.holderOf(lk)
+	if h == nil || !l.sessions.mark(h) {
+		return // lost already, or on a shared session (see ownSession)
+	}
 	base := l.cfg.appName
 	if base == "" {
 		base = h.orig[setAppName].String
@@ -154,75 +147,11 @@ func (l *Locker) markLeader(lk *Lock) {
 		base = base[:len(base)-n]
 	}
 	var set string
-	err := l.do(context.Background(), h, &req{q: sqlMarkLeader, args: []any{base + sinceMark}, dest: []any{&set}})
+	err := l.sessions.do(context.Background(), h, &req{row: row{q: sqlMarkLeader, args: []any{base + sinceMark}, dest: []any{&set}}})
 	if err == nil && h.tryEnter() {
-		l.watch(h) // the statement stopped the watcher
+		l.sessions.watch(h) // the statement stopped the watcher
 	}
-	l.unuse(h)
-}
-
-// A Holder is a server session that holds a lock, as pg_locks and
-// pg_stat_activity show it. Reading another user's sessions in
-// pg_stat_activity takes the pg_read_all_stats role; without it, only PID is
-// known.
-type Holder struct {
-	PID             int32     // the server process of the session
-	ApplicationName string    // without the " since=…" that Lead adds
-	ClientAddr      string    // host:port; "" for a Unix socket or when not visible
-	BackendStart    time.Time // when the session connected
-	// Since is when the session was elected, for a session that leads
-	// through [Locker.Lead]; otherwise it is zero.
-	Since time.Time
-}
-
-// Leader returns the session that holds key exclusively now (the leader of
-// an election run with [Locker.Lead]), or an error matching [ErrNoLeader].
-// It reads pg_locks and pg_stat_activity on a connection of the Locker's pool,
-// and sees the database that pool is connected to. On a standby it returns
-// an error matching [ErrStandby]: a standby's pg_locks does not show the
-// primary's locks, so it cannot tell who leads.
-func (l *Locker) Leader(ctx context.Context, key Key) (Holder, error) {
-	switch {
-	case ctx == nil:
-		return Holder{}, lockError(key, errNilContext)
-	case !key.valid():
-		return Holder{}, lockError(key, ErrInvalidKey)
-	case l.isClosed():
-		return Holder{}, lockError(key, ErrClosed)
-	}
-	c, err := l.src.acquire(ctx)
-	if err != nil {
-		return Holder{}, lockError(key, fmt.Errorf("connect: %w", err))
-	}
-	defer c.release()
-	sub, classid, objid := key.pgLocks()
-	var (
-		h        Holder
-		addr     string
-		port     int32
-		start    sql.NullTime
-		holder   bool
-		recovery bool
-	)
-	err = c.query(ctx, sqlLeader, []any{sub, classid, objid}, &recovery, &holder, &h.PID, &h.ApplicationName, &addr, &port, &start)
-	switch {
-	case err != nil:
-		return Holder{}, lockError(key, err)
-	case recovery:
-		return Holder{}, lockError(key, ErrStandby)
-	case !holder:
-		return Holder{}, lockError(key, ErrNoLeader)
-	}
-	if addr != "" {
-		h.ClientAddr = net.JoinHostPort(addr, strconv.Itoa(int(port)))
-	}
-	h.BackendStart = start.Time
-	if i := strings.LastIndex(h.ApplicationName, sinceMark); i >= 0 {
-		if t, err := time.Parse(time.RFC3339Nano, h.ApplicationName[i+len(sinceMark):]); err == nil {
-			h.ApplicationName, h.Since = h.ApplicationName[:i], t
-		}
-	}
-	return h, nil
+	l.sessions.unuse(h)
 }
 
 // Observe reports the leader of key, as [Locker.Leader] does, each time it
@@ -241,7 +170,7 @@ func (l *Locker) Observe(ctx context.Context, key Key) <-chan Holder {
 		return ch
 	}
 	l.bg.Add(1)
-	l.calls.Done()
+	l.endCall()
 	go func() {
 		defer l.bg.Done()
 		defer close(ch)

@@ -92,14 +92,33 @@ func IDRails(id, prefix int64) Key {
 // valid reports whether k was made by a constructor.
 func (k Key) valid() bool { return k.kind == kindInt64 || k.kind == kindPair }
 
-// pgLocks returns how pg_locks shows the key: objsubid (1 for bigint keys, 2
-// for pairs), classid and objid.
-func (k Key) pgLocks() (objsubid, classid, objid int64) {
-	sub := int64(1)
-	if k.kind == kindPair {
-		sub = 2
+// PgLocks returns how the server's pg_locks view shows the key's advisory
+// lock: objsubid 1 for a bigint key (classid its high 32 bits, objid its low
+// 32 bits) and 2 for a pair (classid the first int4, objid the second, both
+// as unsigned). For the zero Key it returns zeros.
+func (k Key) PgLocks() (objsubid int16, classid, objid uint32) {
+	switch k.kind {
+	case kindInt64:
+		objsubid = 1
+	case kindPair:
+		objsubid = 2
+	default:
+		return 0, 0, 0
 	}
-	return sub, int64(uint32(k.v >> 32)), int64(uint32(k.v))
+	return objsubid, uint32(k.v >> 32), uint32(k.v)
+}
+
+// KeyFromPgLocks returns the key of an advisory lock as pg_locks shows it
+// (see [Key.PgLocks]); ok is false when objsubid is neither 1 nor 2.
+func KeyFromPgLocks(objsubid int16, classid, objid uint32) (k Key, ok bool) {
+	v := int64(classid)<<32 | int64(objid)
+	switch objsubid {
+	case 1:
+		return ID(v), true
+	case 2:
+		return Key{kind: kindPair, v: v}, true
+	}
+	return Key{}, false
 }
 
 // pair returns the two int4 of a pair key.

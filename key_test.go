@@ -215,3 +215,33 @@ func TestNameInteropSQL(t *testing.T) {
 		mustRelease(t, lk)
 	})
 }
+
+// pg_locks shows bigint keys as objsubid 1 with the high and low 32 bits,
+// pairs as objsubid 2 with both int4 read as unsigned.
+func TestKeyPgLocks(t *testing.T) {
+	for _, tt := range []struct {
+		key            pglocks.Key
+		sub            int16
+		classid, objid uint32
+	}{
+		{pglocks.ID(1), 1, 0, 1},
+		{pglocks.ID(-1), 1, 0xffffffff, 0xffffffff},
+		{pglocks.ID(1 << 32), 1, 1, 0},
+		{pglocks.Pair(0, 1), 2, 0, 1},
+		{pglocks.Pair(-2, 3), 2, 0xfffffffe, 3},
+	} {
+		sub, c, o := tt.key.PgLocks()
+		if sub != tt.sub || c != tt.classid || o != tt.objid {
+			t.Errorf("%v.PgLocks() = %d %d %d, want %d %d %d", tt.key, sub, c, o, tt.sub, tt.classid, tt.objid)
+		}
+		if k, ok := pglocks.KeyFromPgLocks(sub, c, o); !ok || k != tt.key {
+			t.Errorf("KeyFromPgLocks(%d, %d, %d) = %v %v, want %v", sub, c, o, k, ok, tt.key)
+		}
+	}
+	if _, ok := pglocks.KeyFromPgLocks(3, 0, 0); ok {
+		t.Error("objsubid 3 is not an advisory key")
+	}
+	if sub, _, _ := (pglocks.Key{}).PgLocks(); sub != 0 {
+		t.Error("the zero Key has a pg_locks form")
+	}
+}

@@ -4,7 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
+	"sync"
 )
 
 // A Lock is a session-level advisory lock held by a [Locker]. It stays held
@@ -15,15 +15,8 @@ type Lock struct {
 	e      *entry
 	ctx    context.Context // done once the lock is released or lost
 	cancel context.CancelCauseFunc
-	done   bool // guarded by l.mu: released, lost or closed
+	done   bool // guarded by table.mu: released, lost or closed
 	token  int64
-}
-
-func (l *Locker) newLockLocked(e *entry) *Lock {
-	ctx, cancel := context.WithCancelCause(context.Background())
-	lk := &Lock{l: l, e: e, ctx: ctx, cancel: cancel, token: e.token}
-	e.locks = append(e.locks, lk)
-	return lk
 }
 
 // Key returns the lock's key.
@@ -77,83 +70,53 @@ func (lk *Lock) Release(ctx context.Context) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	rel, err := lk.beginRelease()
-	if rel == nil {
+	u, err := lk.l.table.release(lk)
+	if u == nil {
 		return err
 	}
-	err = lk.l.do(context.WithoutCancel(ctx), rel.h, rel.r)
-	return rel.end(err)
+	return lk.l.unlock(ctx, []*unlock{u})[0]
 }
 
-// release is a Release that has to unlock on the server.
-type release struct {
-	lk *Lock
-	h  *holder
-	r  *req
-}
-
-// beginRelease marks lk released and, if the server's hold must go, returns
-// the unlock to run on h (with h.users and l.calls counted); otherwise it
-// returns nil and Release's result.
-func (lk *Lock) beginRelease() (*release, error) {
-	l, e := lk.l, lk.e
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if lk.done {
-		err := lk.Err()
-		switch {
-		case errors.Is(err, ErrClosed):
-			return nil, lockError(e.key, ErrClosed)
-		case errors.Is(err, ErrLockLost):
-			return nil, err
+// unlock runs the unlocks that table.release asked for, those on one
+// session in one round trip, and finishes them; it returns their errors.
+func (l *Locker) unlock(ctx context.Context, us []*unlock) []error {
+	ctx = context.WithoutCancel(ctx)
+	rs := make([]*req, len(us))
+	byHolder := map[*holder][]*req{}
+	for i, u := range us {
+		rs[i] = unlockReq(u.e.key, u.shared, u.notify)
+		byHolder[u.h] = append(byHolder[u.h], rs[i])
+		l.sessions.use(u.h)
+	}
+	if len(byHolder) == 1 {
+		l.unlockOn(ctx, us[0].h, byHolder[us[0].h])
+	} else {
+		var wg sync.WaitGroup
+		for h, hrs := range byHolder {
+			wg.Go(func() { l.unlockOn(ctx, h, hrs) })
 		}
-		return nil, lockError(e.key, ErrReleased)
+		wg.Wait()
 	}
-	lk.done = true
-	e.locks = slices.DeleteFunc(e.locks, func(x *Lock) bool { return x == lk })
-	if l.closed {
-		lk.cancel(ErrClosed) // Close releases the server's hold
-		return nil, lockError(e.key, ErrClosed)
+	errs := make([]error, len(us))
+	for i, u := range us {
+		l.table.released(u)
+		l.sessions.unuse(u.h)
+		if err := rs[i].err; err != nil {
+			errs[i] = lockError(u.e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))
+			continue
+		}
+		l.cfg.logger.Debug("pglocks: released", "key", u.e.key)
 	}
-	if len(e.locks) > 0 {
-		lk.cancel(ErrReleased) // others share the server's hold
-		return nil, nil
-	}
-	e.state = stateReleasing
-	h := e.h
-	h.users++
-	l.calls.Add(1)
-	q, args := stmt(stmtUnlock, e.key, e.shared, false)
-	ok := new(bool)
-	return &release{lk: lk, h: h, r: &req{q: q, args: args, dest: []any{ok},
-		check: func() error {
-			if !*ok {
-				return errNotHeld
-			}
-			return nil
-		}}}, nil
+	return errs
 }
 
-// end finishes a release whose unlock returned err.
-func (rel *release) end(err error) error {
-	l, e, h := rel.lk.l, rel.lk.e, rel.h
-	defer l.calls.Done()
-	l.mu.Lock()
-	delete(h.entries, e)
-	l.setIdle(e)
-	rel.lk.cancel(ErrReleased)
-	l.dispatch(e)
-	l.gc(e)
-	idle := l.unuseLocked(h)
-	l.mu.Unlock()
-	if idle {
-		l.giveBack(h)
+// unlockOn runs rs, unlocks, on h.
+func (l *Locker) unlockOn(ctx context.Context, h *holder, rs []*req) {
+	if len(rs) == 1 {
+		rs[0].err = l.sessions.do(ctx, h, rs[0])
+		return
 	}
-	if err != nil {
-		return lockError(e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))
-	}
-	l.cfg.logger.Debug("pglocks: released", "key", e.key)
-	return nil
+	l.sessions.doMany(ctx, h, rs)
 }
 
 // run runs fn under lk for Do, TryDo and Lead, and releases lk afterwards.

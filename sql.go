@@ -14,6 +14,7 @@ import (
 //	wait:         SELECT '', pg_advisory_lock[_shared](key)::text, <token>
 //	wait+timeout: SELECT set_config('lock_timeout', $n, true), pg_advisory_lock[_shared](key)::text, <token>
 //	unlock:       SELECT pg_advisory_unlock[_shared](key)
+//	unlock+tell:  SELECT pg_advisory_unlock[_shared](key) FROM (SELECT pg_notify('pglocks', $n)) n
 //
 // <token> is 0, or with fencing tokens pg_current_xact_id() read after the
 // lock is granted (columns are evaluated left to right; the try reads it only
@@ -49,6 +50,7 @@ const (
 	stmtWait
 	stmtWaitTimeout
 	stmtUnlock
+	stmtUnlockNotify
 	stmtXactTry
 	stmtXactWait
 	numStmtKinds
@@ -124,7 +126,14 @@ var sqlInitSession, sqlRestoreSession = func() (initQ, restoreQ string) {
 	return initQ, restoreQ
 }()
 
+// notifyChannel is where Lockers tell each other of keys wanted and freed
+// (see mux.go). Notifications are per database, as locks are.
+const notifyChannel = "pglocks"
+
 const (
+	sqlListen   = "LISTEN " + notifyChannel
+	sqlUnlisten = "UNLISTEN " + notifyChannel
+
 	sqlUnlockAll  = "SELECT pg_advisory_unlock_all()"
 	sqlBackendPID = "SELECT pg_backend_pid()"
 	sqlCancel     = "SELECT pg_cancel_backend($1)"
@@ -134,18 +143,18 @@ const (
 	sqlMarkLeader = `SELECT set_config('application_name',
 	$1::text || to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), false)`
 
-	// sqlLeader finds the session that holds a key exclusively in the
-	// current database: $1 objsubid, $2 classid, $3 objid. It returns one
+	// sqlHolders lists the sessions that hold a key in the current
+	// database, as JSON: $1 objsubid, $2 classid, $3 objid. It returns one
 	// row: whether the server is a standby (whose pg_locks does not show the
-	// primary's locks), whether there is such a session, and who it is.
-	sqlLeader = `SELECT pg_is_in_recovery(), l.pid IS NOT NULL, coalesce(l.pid, 0)::int4, coalesce(a.application_name, ''),
-	coalesce(host(a.client_addr), ''), coalesce(a.client_port, 0)::int4, a.backend_start
-	FROM (SELECT 1) one
-	LEFT JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock'
+	// primary's locks), and the holders.
+	sqlHolders = `SELECT pg_is_in_recovery(), coalesce(json_agg(json_build_object(
+		'pid', l.pid, 'mode', l.mode, 'app', coalesce(a.application_name, ''),
+		'addr', coalesce(host(a.client_addr), ''), 'port', coalesce(a.client_port, 0),
+		'start', a.backend_start) ORDER BY l.pid)::text, '[]')
+	FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+	WHERE l.locktype = 'advisory' AND l.granted
 		AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-		AND l.objsubid = $1::int4 AND l.classid::bigint = $2::bigint AND l.objid::bigint = $3::bigint
-	LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-	LIMIT 1`
+		AND l.objsubid = $1::int4 AND l.classid::bigint = $2::bigint AND l.objid::bigint = $3::bigint`
 
 	sqlSavepoint         = "SAVEPOINT pglocks_wait; SELECT set_config('statement_timeout', '0', true)"
 	sqlReleaseSavepoint  = "RELEASE SAVEPOINT pglocks_wait"
@@ -180,6 +189,10 @@ var statements = func() (s [numStmtKinds][2][2][2]string) {
 					call("advisory_lock") + "::text, " + token
 			}
 			s[stmtUnlock][shared][pair][0] = "SELECT " + call("advisory_unlock")
+			// The notification is sent when the statement's transaction
+			// commits, after the unlock.
+			s[stmtUnlockNotify][shared][pair][0] = "SELECT " + call("advisory_unlock") +
+				" FROM (SELECT pg_notify('" + notifyChannel + "', " + next + ")) n"
 			s[stmtXactTry][shared][pair][0] = "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE " +
 				call("try_advisory_xact_lock") + " END, current_setting('statement_timeout')"
 			// OFFSET 0 keeps the subquery from being flattened, so the old

@@ -11,21 +11,23 @@ import (
 
 // A session that holds locks is idle most of the time. While it is, a
 // watcher goroutine reads its socket, so that a session ended by the server
-// (a terminated backend, a restart or crash: the server
-// says FATAL and closes the socket) is reported lost as soon as the server
-// says so, instead of at the next heartbeat. A silent network says nothing;
-// the heartbeat still covers that.
+// (a terminated backend, a restart or crash: the server says FATAL and
+// closes the socket) is reported lost as soon as the server says so,
+// instead of at the next heartbeat; and on the listening session,
+// notifications from other Lockers are heard as they come. A silent network
+// says nothing; the heartbeat still covers that.
 //
 // Whoever uses the session holds h.sem; a watcher holds it too. A goroutine
 // that needs the session calls enter, which stops the watcher (by putting a
 // read deadline in the past, which pgx survives: a read that times out
 // leaves the connection usable) and waits for it to let go. Watchers are
-// started only by the heartbeat after a probe and after a wait was granted,
-// so a busy session pays for at most one stop per heartbeat.
+// started by the heartbeat after a probe, after a wait was granted, and once
+// a session that holds locks or listens has been idle for idleWatchAfter,
+// so a busy session pays for none between its statements.
 
 // watcher is one watch of a holder's session.
 type watcher struct {
-	pg      *pgconn.PgConn
+	c       conn
 	stopped atomic.Bool
 	kicked  chan struct{} // closed once the read deadline is set
 	done    chan struct{} // closed once the watcher let go of the session
@@ -34,7 +36,7 @@ type watcher struct {
 // kick stops w: at most once, and returns at once.
 func (w *watcher) kick() {
 	if w.stopped.CompareAndSwap(false, true) {
-		_ = w.pg.Conn().SetReadDeadline(time.Now())
+		_ = w.c.setReadDeadline(time.Now())
 		close(w.kicked)
 	}
 }
@@ -70,15 +72,52 @@ func (h *holder) stopWatch() {
 	}
 }
 
+// idleWatch arms h's idle timer after a batch: if h holds locks or listens
+// and stays idle for idleWatchAfter, a watcher reads its socket.
+func (s *sessions) idleWatch(h *holder) {
+	if !h.c.watchable() || (h.held.Load() == 0 && !h.listening) {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || h.dead.Load() {
+		return
+	}
+	if h.idle == nil {
+		h.idle = time.AfterFunc(idleWatchAfter, func() { s.watchIdle(h) })
+		return
+	}
+	h.idle.Reset(idleWatchAfter)
+}
+
+// watchIdle starts a watcher on h if nobody uses it.
+func (s *sessions) watchIdle(h *holder) {
+	s.mu.Lock()
+	if s.closed || h.dead.Load() || h.watcher.Load() != nil {
+		s.mu.Unlock()
+		return
+	}
+	s.bg.Add(1) // s.closed is false: Close has not begun to wait
+	s.mu.Unlock()
+	defer s.bg.Done()
+	h.qmu.Lock()
+	busy := h.leading || len(h.queue) > 0
+	h.qmu.Unlock()
+	if busy || !h.tryEnter() {
+		return
+	}
+	s.drain(h)
+	s.watch(h)
+}
+
 // watch hands h's session, which the caller holds (h.sem), to a watcher, or
 // gives it up if it cannot be watched.
-func (l *Locker) watch(h *holder) {
-	pg := h.c.pgConn()
-	if pg == nil || h.broken != nil {
+func (s *sessions) watch(h *holder) {
+	if !h.c.watchable() || h.broken != nil {
 		h.leave()
 		return
 	}
-	w := &watcher{pg: pg, kicked: make(chan struct{}), done: make(chan struct{})}
+	w := &watcher{c: h.c, kicked: make(chan struct{}), done: make(chan struct{})}
 	h.watcher.Store(w)
 	if h.want.Load() > 0 {
 		// Someone is waiting for the session. They may have seen w and
@@ -87,24 +126,28 @@ func (l *Locker) watch(h *holder) {
 		h.watcher.Store(nil)
 		if !w.stopped.CompareAndSwap(false, true) {
 			<-w.kicked
-			_ = pg.Conn().SetReadDeadline(time.Time{})
+			_ = h.c.setReadDeadline(time.Time{})
 		}
 		h.leave()
 		close(w.done)
 		return
 	}
-	l.bg.Add(1)
-	go l.watchLoop(h, w)
+	s.bg.Add(1)
+	go s.watchLoop(h, w)
 }
 
-func (l *Locker) watchLoop(h *holder, w *watcher) {
-	defer l.bg.Done()
-	stop := context.AfterFunc(l.closeCtx, w.kick)
+func (s *sessions) watchLoop(h *holder, w *watcher) {
+	defer s.bg.Done()
+	stop := context.AfterFunc(s.closeCtx, w.kick)
 	var err error
 	for !w.stopped.Load() {
-		// Nothing but a notification ends this wait without an error, and
-		// the Locker never listens: any other message is handled by pgx.
-		err = w.pg.WaitForNotification(context.Background())
+		// Only a notification ends this wait without an error; any other
+		// message is handled by pgx.
+		var n *pgconn.Notification
+		n, err = h.c.waitIdle(context.Background())
+		if n != nil && h.listening {
+			s.heard(n)
+		}
 		if err != nil && !pgconn.Timeout(err) {
 			break
 		}
@@ -112,13 +155,36 @@ func (l *Locker) watchLoop(h *holder, w *watcher) {
 	}
 	stop()
 	if err != nil {
-		l.fail(h, fmt.Errorf("the server ended the session: %w", err))
+		s.fail(h, fmt.Errorf("the server ended the session: %w", err))
 	}
 	if w.stopped.Load() {
 		<-w.kicked
-		_ = w.pg.Conn().SetReadDeadline(time.Time{})
+		_ = h.c.setReadDeadline(time.Time{})
 	}
 	h.watcher.CompareAndSwap(w, nil)
 	h.leave()
 	close(w.done)
+}
+
+// drained is a context that is already done: waitIdle with it returns the
+// notifications that arrived during earlier statements, and then at once.
+var drained = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
+
+// drain hands on the notifications that arrived on h, the listening
+// session, while it ran statements. The caller holds h.sem.
+func (s *sessions) drain(h *holder) {
+	if !h.listening || h.broken != nil {
+		return
+	}
+	for {
+		n, _ := h.c.waitIdle(drained)
+		if n == nil {
+			return
+		}
+		s.heard(n)
+	}
 }

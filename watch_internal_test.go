@@ -17,13 +17,13 @@ import (
 // handed to the next wait (whose discard would close it a second time, which
 // pgxpool answers with a panic).
 func TestSpareClosedByItsWatcher(t *testing.T) {
-	s, err := pgtest.StartLocal(pgtest.Options{})
+	srv, err := pgtest.StartLocal(pgtest.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(s.Stop)
+	t.Cleanup(srv.Stop)
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, s.URL)
+	pool, err := pgxpool.New(ctx, srv.URL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,28 +53,27 @@ func TestSpareClosedByItsWatcher(t *testing.T) {
 	}
 	<-unlock
 	h := lk.e.h
-	l.mu.Lock()
-	h.users++ // the heartbeat picks h for a probe ...
-	l.mu.Unlock()
+	s := l.sessions
+	s.use(h)                                // the heartbeat picks h for a probe ...
 	if err := lk.Release(ctx); err != nil { // ... the release ends first ...
 		t.Fatal(err)
 	}
-	l.probe(h) // ... the probe starts a watcher ...
-	l.unuse(h) // ... and h becomes a spare, watched.
-	l.mu.Lock()
-	spare := slices.Contains(l.spare, h)
-	l.mu.Unlock()
+	s.probe(h) // ... the probe starts a watcher ...
+	s.unuse(h) // ... and h becomes a spare, watched.
+	s.mu.Lock()
+	spare := slices.Contains(s.spare, h)
+	s.mu.Unlock()
 	if !spare || h.watcher.Load() == nil {
 		t.Fatalf("setup: spare %v, watched %v", spare, h.watcher.Load() != nil)
 	}
-	if _, err := s.Admin.Exec(ctx, "SELECT pg_terminate_backend($1)", h.pid); err != nil {
+	if _, err := srv.Admin.Exec(ctx, "SELECT pg_terminate_backend($1)", h.pid); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		l.mu.Lock()
-		spare = slices.Contains(l.spare, h)
-		l.mu.Unlock()
+		s.mu.Lock()
+		spare = slices.Contains(s.spare, h)
+		s.mu.Unlock()
 		if !spare {
 			break
 		}

@@ -314,17 +314,6 @@ func connect(ctx context.Context, cfg *pgxpool.Config) (*pgxpool.Pool, error) {
 	return pool, nil
 }
 
-// keyWhere is the pg_locks condition for key, with its three arguments.
-func keyWhere(key pglocks.Key) (string, []any) {
-	if id, ok := key.Int64(); ok {
-		return "l.objsubid = 1 AND l.classid::bigint = $1 AND l.objid::bigint = $2",
-			[]any{int64(uint32(id >> 32)), int64(uint32(id))}
-	}
-	a, b, _ := key.Int32s()
-	return "l.objsubid = 2 AND l.classid::bigint = $1 AND l.objid::bigint = $2",
-		[]any{int64(uint32(a)), int64(uint32(b))}
-}
-
 // oneLine is err's text on one line. pgx lists each attempt on a line of its
 // own, and with sslmode=prefer tries each address twice (with TLS, then
 // without), so the same line often comes twice: it is said once.

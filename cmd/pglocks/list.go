@@ -78,7 +78,7 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			return usageError(stderr, "ls", "%v", err)
 		}
-		labels[keyLabel(key)] = n
+		labels[key.String()] = n
 	}
 	cfg, err := poolConfig(dsn)
 	if err != nil {
@@ -132,15 +132,6 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-// keyLabel is how ls writes a key.
-func keyLabel(key pglocks.Key) string {
-	if id, ok := key.Int64(); ok {
-		return strconv.FormatInt(id, 10)
-	}
-	a, b, _ := key.Int32s()
-	return fmt.Sprintf("%d,%d", a, b)
-}
-
 func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[string]string) ([]lockInfo, error) {
 	rows, err := pool.Query(ctx, `
 		SELECT l.objsubid, l.classid::bigint, l.objid::bigint, l.mode, l.granted, l.pid,
@@ -160,16 +151,17 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[string]string
 		if err := r.Scan(&sub, &classid, &objid, &li.Mode, &li.Granted, &li.PID, &li.Application, &li.Client, &li.Since, &blocking); err != nil {
 			return li, err
 		}
-		var key pglocks.Key
-		if sub == 1 {
-			key = pglocks.ID(classid<<32 | objid)
-			id, _ := key.Int64()
+		key, ok := pglocks.KeyFromPgLocks(sub, uint32(classid), uint32(objid))
+		if !ok {
+			return li, fmt.Errorf("pg_locks shows an advisory lock with objsubid %d", sub)
+		}
+		if id, ok := key.Int64(); ok {
 			li.Bigint = &id
 		} else {
-			key = pglocks.Pair(int32(classid), int32(objid))
-			li.Pair = &[2]int32{int32(classid), int32(objid)}
+			a, b, _ := key.Int32s()
+			li.Pair = &[2]int32{a, b}
 		}
-		li.Key = keyLabel(key)
+		li.Key = key.String()
 		li.Name = labels[li.Key]
 		li.Mode = strings.TrimSuffix(strings.ToLower(li.Mode), "lock")
 		li.BlockedBy = []int{}

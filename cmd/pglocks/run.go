@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -12,8 +13,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglocks/pglocks"
 )
@@ -94,7 +93,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 
 	host, _ := os.Hostname()
 	app := cut(fmt.Sprintf("pglocks run %s on %s[%d]", name, host, os.Getpid()), 63)
-	pool, locker, closeAll, code := openLocker(ctx, "run", cfg, 4, stderr, pglocks.WithApplicationName(app))
+	_, locker, closeAll, code := openLocker(ctx, "run", cfg, 4, stderr, pglocks.WithApplicationName(app))
 	if code >= 0 {
 		return code
 	}
@@ -104,7 +103,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if shared {
 		opts = append(opts, pglocks.Shared())
 	}
-	lk, code := acquire(ctx, cancel, sigs, locker, pool, key, name, opts, noWait, timeout, quiet, stderr)
+	lk, code := acquire(ctx, cancel, sigs, locker, key, name, opts, noWait, timeout, quiet, stderr)
 	if lk == nil {
 		if code < 0 {
 			return conflictCode
@@ -120,7 +119,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 
 // acquire takes the lock, telling stderr who holds it while it waits. It
 // returns the lock, or nil and the exit status.
-func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.Signal, locker *pglocks.Locker, pool *pgxpool.Pool,
+func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.Signal, locker *pglocks.Locker,
 	key pglocks.Key, name string, opts []pglocks.LockOption, noWait bool, timeout time.Duration, quiet bool, stderr io.Writer) (*pglocks.Lock, int) {
 	type result struct {
 		lk  *pglocks.Lock
@@ -157,12 +156,12 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 				fmt.Fprintf(stderr, "pglocks run: %v while waiting for %s; gave up\n", sig, name)
 				return nil, 128 + int(sig.(syscall.Signal))
 			case errors.Is(r.err, pglocks.ErrLocked) || errors.Is(r.err, context.DeadlineExceeded):
-				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired\n", name, holders(pool, key))
+				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired\n", name, holders(locker, key))
 				return nil, -1 // the caller's conflict code
 			case errors.Is(r.err, pglocks.ErrServerTimeout):
 				// Not had, as on a timeout of our own (-w), though the
 				// server ended the wait: say why.
-				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired: %s\n", name, holders(pool, key), oneLine(r.err))
+				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired: %s\n", name, holders(locker, key), oneLine(r.err))
 				return nil, -1
 			}
 			fmt.Fprintf(stderr, "pglocks run: %s\n", oneLine(r.err))
@@ -172,7 +171,7 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 			cancel(fmt.Errorf("%v", s))
 		case <-tick.C:
 			if !quiet {
-				status.show(holders(pool, key))
+				status.show(holders(locker, key))
 			}
 			tick.Reset(time.Second)
 		}
@@ -181,35 +180,24 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 
 // holders describes who holds key, as ", by pid 123 (app) from 10.0.0.1,
 // connected 5s ago", or "" if that cannot be told.
-func holders(pool *pgxpool.Pool, key pglocks.Key) string {
+func holders(locker *pglocks.Locker, key pglocks.Key) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	where, args := keyWhere(key)
-	rows, err := pool.Query(ctx, `
-		SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local socket'), now() - a.backend_start
-		FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-		WHERE l.locktype = 'advisory' AND l.granted AND `+where+`
-		  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-		ORDER BY a.pid`, args...)
-	if err != nil {
+	hs, err := locker.Holders(ctx, key)
+	if err != nil || len(hs) == 0 {
 		return ""
 	}
-	defer rows.Close()
 	var parts []string
-	for rows.Next() {
-		var pid int
-		var app, client string
-		var age time.Duration
-		if err := rows.Scan(&pid, &app, &client, &age); err != nil {
-			return ""
-		}
+	for _, h := range hs {
+		app, client := h.ApplicationName, "local socket"
 		if app == "" {
 			app = "no application_name"
 		}
-		parts = append(parts, fmt.Sprintf("pid %d (%s) from %s, connected %v ago", pid, app, client, age.Round(time.Second)))
-	}
-	if len(parts) == 0 {
-		return ""
+		if host, _, err := net.SplitHostPort(h.ClientAddr); err == nil {
+			client = host
+		}
+		parts = append(parts, fmt.Sprintf("pid %d (%s) from %s, connected %v ago", h.PID, app, client,
+			time.Since(h.BackendStart).Round(time.Second)))
 	}
 	return " by " + strings.Join(parts, "; ")
 }
