@@ -26,6 +26,10 @@ type grant struct {
 	h      *holder
 	tokens []int64
 	own    bool
+	// keys and shared, for a multiplexed grant: what to let go if its
+	// waiter gave up meanwhile.
+	keys   []Key
+	shared bool
 }
 
 // acquire takes keys, sorted and without duplicates, all or nothing, and
@@ -145,11 +149,9 @@ func (l *Locker) acquireServer(ctx context.Context, es []*entry, o lockConfig, w
 			return nil, lockError(keys[0], err)
 		}
 		if g.own {
-			// A session of its own that waited: watch it from the start.
+			// A session of its own that waited: watched once idle.
 			l.sessions.waited(g.h)
-			if g.h.tryEnter() {
-				l.sessions.watch(g.h)
-			}
+			l.sessions.idleWatch(g.h)
 		}
 		l.sessions.unuse(g.h)
 		return locks, nil
@@ -160,11 +162,28 @@ func (l *Locker) acquireServer(ctx context.Context, es []*entry, o lockConfig, w
 // on the primary (unless o.own: straight to a wait on a session of its own);
 // then, if some are held elsewhere and wait is set, waited for.
 func (l *Locker) serverTake(ctx context.Context, keys []Key, o lockConfig, wait bool) (grant, error) {
+	if wait && !o.own && len(keys) == 1 && l.contended.has(keys[0]) && !l.mux.waiting() {
+		// The key was held elsewhere lately: a try would most likely fail
+		// (a try never jumps the server's queue), so wait at once if a
+		// session for it can be had now.
+		w, err := l.sessions.waitSession(ctx, false)
+		if err != nil {
+			return grant{}, lockError(keys[0], err)
+		}
+		if w != nil {
+			g, _, err := l.waitOn(ctx, w, keys, o)
+			if err != nil {
+				return grant{}, lockError(keys[0], err)
+			}
+			return g, nil
+		}
+	}
 	if !o.own {
 		g, err := l.tryAll(ctx, keys, o)
 		if err == nil || !errors.Is(err, ErrLocked) || !wait {
 			return g, err
 		}
+		l.contended.add(keys...)
 	}
 	for retried := false; ; retried = true {
 		g, at, err := l.waitFor(ctx, keys, o)
@@ -181,14 +200,20 @@ func (l *Locker) serverTake(ctx context.Context, keys []Key, o lockConfig, wait 
 	}
 }
 
-// waitFor waits for keys on a session of its own. It returns the index of
-// the key whose wait failed, and why.
+// waitFor waits for keys: on a session of its own in the server's queue if
+// the Locker may have one now and no multiplexed wait is older, else
+// multiplexed. It returns the index of the key whose wait failed, and why.
 func (l *Locker) waitFor(ctx context.Context, keys []Key, o lockConfig) (grant, int, error) {
-	w, err := l.sessions.waitSession(ctx, true)
-	if err != nil {
-		return grant{}, 0, err
+	if !l.mux.waiting() {
+		w, err := l.sessions.waitSession(ctx, false)
+		if err != nil {
+			return grant{}, 0, err
+		}
+		if w != nil {
+			return l.waitOn(ctx, w, keys, o)
+		}
 	}
-	return l.waitOn(ctx, w, keys, o)
+	return l.mux.wait(ctx, keys, o)
 }
 
 // brokenSession is a tryAll that failed because the primary's session had

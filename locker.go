@@ -5,10 +5,9 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"math"
+
 	"sync"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -42,6 +41,30 @@ type Locker struct {
 
 	table    *table    // what this process holds and waits for
 	sessions *sessions // the server sessions it holds them on
+	mux      *mux      // the waits without a session of their own
+
+	contended contended // keys found held elsewhere lately
+}
+
+// contended remembers the keys whose try failed lately, so that the next
+// Lock of one of them waits at once.
+type contended struct {
+	mu     sync.Mutex
+	recent recentKeys
+}
+
+func (c *contended) add(keys ...Key) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, k := range keys {
+		c.recent.add(k)
+	}
+}
+
+func (c *contended) has(k Key) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.recent.has(k)
 }
 
 // New returns a Locker that takes its connections from pool. The pool stays
@@ -84,13 +107,19 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 	l.closeCtx, l.closeNow = context.WithCancel(context.Background())
 	l.closing = l.closeCtx.Done()
 	l.table = newTable(l, cfg.maxLocks)
-	l.sessions = newSessions(l.src, &l.cfg, math.MaxInt, l.closeCtx, &l.bg)
+	max := cfg.maxConns
+	if pm := l.src.maxConns(); pm > 0 && pm < max {
+		max = pm // more could not be had
+	}
+	l.sessions = newSessions(l.src, &l.cfg, max, l.closeCtx, &l.bg)
+	l.mux = newMux(l)
 	l.sessions.lost = l.table.lost
-	l.sessions.heard = func(*pgconn.Notification) {}
-	l.sessions.freed = func() {}
-	l.sessions.busy = func() bool { return false }
-	l.bg.Add(1)
+	l.sessions.heard = l.mux.heard
+	l.sessions.freed = l.mux.poke
+	l.sessions.busy = l.mux.waiting
+	l.bg.Add(2)
 	go l.sessions.heartbeat()
+	go l.mux.run()
 	return l, nil
 }
 

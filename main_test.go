@@ -61,11 +61,27 @@ func runHelper(name string) int {
 // driver is one way to reach PostgreSQL that the Locker supports.
 type driver struct {
 	name string
-	// pool opens a pool on dsn, for a Locker, with at most max connections.
-	pool func(t *testing.T, dsn string, max int) (newLocker func(...pglocks.Option) (*pglocks.Locker, error), closePool func())
+	// open opens a pool on dsn with at most max connections, shared by a
+	// Locker and the application.
+	open func(t *testing.T, dsn string, max int) testPool
 	// beginOn starts a transaction on a new connection to dsn, closed
 	// with e.
 	beginOn func(t *testing.T, e *env, dsn string) testTx
+}
+
+// testPool is a pool that a Locker and the application share.
+type testPool struct {
+	newLocker func(...pglocks.Option) (*pglocks.Locker, error)
+	close     func()
+	// acquire takes a connection of the pool for the application, as its
+	// own queries do, and runs SELECT 1 on it.
+	acquire func(ctx context.Context) (release func(), err error)
+}
+
+// pool opens a pool on dsn, for a Locker, with at most max connections.
+func (d driver) pool(t *testing.T, dsn string, max int) (newLocker func(...pglocks.Option) (*pglocks.Locker, error), closePool func()) {
+	p := d.open(t, dsn, max)
+	return p.newLocker, p.close
 }
 
 // begin starts a transaction on a new connection to e's database.
@@ -83,7 +99,7 @@ type testTx interface {
 var drivers = []driver{
 	{
 		name: "pgxpool",
-		pool: func(t *testing.T, dsn string, max int) (func(...pglocks.Option) (*pglocks.Locker, error), func()) {
+		open: func(t *testing.T, dsn string, max int) testPool {
 			cfg, err := pgxpool.ParseConfig(dsn)
 			if err != nil {
 				t.Fatal(err)
@@ -93,7 +109,21 @@ var drivers = []driver{
 			if err != nil {
 				t.Fatal(err)
 			}
-			return func(o ...pglocks.Option) (*pglocks.Locker, error) { return pglocks.New(p, o...) }, p.Close
+			return testPool{
+				newLocker: func(o ...pglocks.Option) (*pglocks.Locker, error) { return pglocks.New(p, o...) },
+				close:     p.Close,
+				acquire: func(ctx context.Context) (func(), error) {
+					c, err := p.Acquire(ctx)
+					if err != nil {
+						return nil, err
+					}
+					if _, err := c.Exec(ctx, "SELECT 1"); err != nil {
+						c.Release()
+						return nil, err
+					}
+					return c.Release, nil
+				},
+			}
 		},
 		beginOn: func(t *testing.T, e *env, dsn string) testTx {
 			c, err := pgx.Connect(context.Background(), dsn)
@@ -124,9 +154,23 @@ func sqlDriver(name, driverName string) driver {
 	}
 	return driver{
 		name: name,
-		pool: func(t *testing.T, dsn string, max int) (func(...pglocks.Option) (*pglocks.Locker, error), func()) {
+		open: func(t *testing.T, dsn string, max int) testPool {
 			db := open(t, dsn, max)
-			return func(o ...pglocks.Option) (*pglocks.Locker, error) { return pglocks.NewDB(db, o...) }, func() { _ = db.Close() }
+			return testPool{
+				newLocker: func(o ...pglocks.Option) (*pglocks.Locker, error) { return pglocks.NewDB(db, o...) },
+				close:     func() { _ = db.Close() },
+				acquire: func(ctx context.Context) (func(), error) {
+					c, err := db.Conn(ctx)
+					if err != nil {
+						return nil, err
+					}
+					if _, err := c.ExecContext(ctx, "SELECT 1"); err != nil {
+						_ = c.Close()
+						return nil, err
+					}
+					return func() { _ = c.Close() }, nil
+				},
+			}
 		},
 		beginOn: func(t *testing.T, e *env, dsn string) testTx {
 			db := open(t, dsn, 1)

@@ -22,6 +22,7 @@ type config struct {
 	kaCount    int
 	fencing    bool
 	maxLocks   int
+	maxConns   int
 	err        error
 }
 
@@ -35,6 +36,7 @@ func defaultConfig() config {
 		kaInterval: 2 * time.Second,
 		kaCount:    3,
 		maxLocks:   1000,
+		maxConns:   defaultMaxConns,
 	}
 }
 
@@ -201,6 +203,31 @@ func WithMaxLocks(n int) Option {
 			return
 		}
 		c.maxLocks = n
+	}
+}
+
+// defaultMaxConns is WithMaxConns's default: pgxpool's smallest default
+// pool is 4, and the application keeps the other 2.
+const defaultMaxConns = 2
+
+// WithMaxConns bounds how many connections the Locker takes from its pool,
+// for holding locks and waiting for them together: n, or the pool's own
+// maximum if that is smaller. The default is 2, which leaves half of a pool
+// of pgxpool's smallest default size (4) to the application however many
+// goroutines wait: one connection (the primary) holds the Locker's locks
+// and tries new ones, the others wait in the server's queue for a key held
+// elsewhere and then hold it. Beyond them waits are multiplexed (see
+// [Locker.Lock]): they cost no connection, and locks granted to them are
+// held on the primary. Idle connections kept ready for waits count against
+// n too, and go back to the pool at once when it has no other to give. With
+// n = 1 every wait is multiplexed; n must be at least 1.
+func WithMaxConns(n int) Option {
+	return func(c *config) {
+		if n < 1 {
+			c.fail(errors.New("pglocks: WithMaxConns: n must be at least 1"))
+			return
+		}
+		c.maxConns = n
 	}
 }
 

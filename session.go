@@ -36,9 +36,9 @@ type sessions struct {
 	// Callbacks into the Locker, never called with s.mu held.
 	//   lost: h's session ended or was closed after an error; it returns
 	//     how many locks were lost with it.
-	//   heard: a notification came on the listening session. It runs on
-	//     the watcher's goroutine or the batch's: it must not block, nor
-	//     use the session.
+	//   heard: a notification from another session came on the listening
+	//     session. It runs on the watcher's goroutine or the batch's: it
+	//     must not block, nor use the session.
 	//   freed: a session may have become free for a wait.
 	//   busy: whether the Locker needs its primary though nothing is
 	//     held (goroutines wait for keys through it).
@@ -58,7 +58,12 @@ type sessions struct {
 	spare   []*holder     // idle readied sessions, oldest first
 	waiting int           // sessions in a wait in the server's queue
 	changed chan struct{} // closed and replaced when a session is given back
+	press   *time.Timer   // armed while sessions are idle: see yield
 }
+
+// pressureEvery is how often a Locker with idle sessions checks whether the
+// pool has run short, in which case it gives them back (see yield).
+const pressureEvery = 10 * time.Millisecond
 
 // primaryLinger is how long an idle primary or spare is kept before it goes
 // back to the pool, so that a busy Locker does not ready a session for every
@@ -273,11 +278,25 @@ func (s *sessions) dropWait(h *holder, stuck <-chan error) {
 	s.freed()
 }
 
-// use counts a use of h, which the caller knows to be registered (it holds
-// locks the caller is about to release).
-func (s *sessions) use(h *holder) {
+// unwait gives back a wait session that was not used for a wait.
+func (s *sessions) unwait(h *holder) {
 	s.mu.Lock()
-	h.users++
+	if h.waiting {
+		h.waiting = false
+		s.waiting--
+	}
+	s.mu.Unlock()
+	s.unuse(h)
+}
+
+// use counts a use of h, which the caller knows to be registered (it holds
+// locks the caller is about to release, or it uses h already).
+func (s *sessions) use(h *holder) { s.useN(h, 1) }
+
+// useN counts n uses of h.
+func (s *sessions) useN(h *holder, n int) {
+	s.mu.Lock()
+	h.users += n
 	s.mu.Unlock()
 }
 
@@ -294,6 +313,7 @@ func (s *sessions) unuse(h *holder) {
 	}
 	h.idleSince = time.Now()
 	if h == s.primary {
+		s.armYield()
 		s.mu.Unlock()
 		return
 	}
@@ -303,6 +323,7 @@ func (s *sessions) unuse(h *holder) {
 		// primaryLinger.
 		h.waited = false
 		s.spare = append(s.spare, h)
+		s.armYield()
 		s.mu.Unlock()
 		s.freed()
 		return
@@ -312,6 +333,69 @@ func (s *sessions) unuse(h *holder) {
 	s.mu.Unlock()
 	s.giveBack(h)
 	s.freed()
+}
+
+// armYield makes sure yield runs soon. It runs with s.mu held.
+func (s *sessions) armYield() {
+	if s.closed {
+		return
+	}
+	if s.press == nil {
+		s.press = time.AfterFunc(pressureEvery, s.yield)
+		return
+	}
+	s.press.Reset(pressureEvery)
+}
+
+// yield gives idle sessions (spares, an idle primary) back to the pool at
+// once when the pool has no other to give, so that sessions kept ready for
+// the Locker never make the application wait for its own pool for long. It
+// runs every pressureEvery while there are idle sessions.
+func (s *sessions) yield() {
+	busy := s.busy()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	idle := func(h *holder) bool { return h != nil && h.users == 0 && h.held.Load() == 0 }
+	if len(s.spare) == 0 && !idle(s.primary) {
+		s.mu.Unlock()
+		return // nothing idle: armed again when something is
+	}
+	if !s.src.exhausted() {
+		s.press.Reset(pressureEvery)
+		s.mu.Unlock()
+		return
+	}
+	retire := s.spare
+	s.spare = nil
+	if p := s.primary; idle(p) && !s.holding() && !busy {
+		s.primary = nil
+		delete(s.holders, p)
+		retire = append(retire, p)
+	}
+	for _, h := range retire {
+		h.dead.Store(true)
+		s.uncount(h)
+	}
+	s.bg.Add(1) // s.closed is false: Close has not begun to wait
+	s.mu.Unlock()
+	defer s.bg.Done()
+	for _, h := range retire {
+		s.giveBack(h)
+	}
+	s.freed()
+}
+
+// holding reports whether any session holds locks. It runs with s.mu held.
+func (s *sessions) holding() bool {
+	for h := range s.holders {
+		if h.held.Load() > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // uncount takes h out of s.n, once. It runs with s.mu held.
@@ -494,6 +578,9 @@ func (s *sessions) close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true
+	if s.press != nil {
+		s.press.Stop()
+	}
 	for h := range s.holders {
 		if h.idle != nil {
 			h.idle.Stop()

@@ -134,6 +134,12 @@ const (
 	sqlListen   = "LISTEN " + notifyChannel
 	sqlUnlisten = "UNLISTEN " + notifyChannel
 
+	// sqlNotify sends $1, a payload, on notifyChannel.
+	sqlNotify = "SELECT pg_notify('" + notifyChannel + "', $1)::text"
+	// sqlToken is a fencing token read in a transaction of its own, after
+	// the grants it stands for (see mux.poll).
+	sqlToken = "SELECT pg_current_xact_id()::text::bigint"
+
 	sqlUnlockAll  = "SELECT pg_advisory_unlock_all()"
 	sqlBackendPID = "SELECT pg_backend_pid()"
 	sqlCancel     = "SELECT pg_cancel_backend($1)"
@@ -201,6 +207,54 @@ var statements = func() (s [numStmtKinds][2][2][2]string) {
 				call("advisory_xact_lock") + "::text, set_config('lock_timeout', p.v, true), " +
 				"set_config('statement_timeout', " + after + ", true) " +
 				"FROM (SELECT current_setting('lock_timeout') AS v OFFSET 0) p"
+		}
+	}
+	return s
+}()
+
+// Statements over many keys at once, for multiplexed waits (keysStmt).
+const (
+	stmtMuxTry = iota
+	stmtMuxUnlock
+)
+
+// keysStmt returns a statement that tries (stmtMuxTry) or unlocks
+// (stmtMuxUnlock) every key of keys in one mode, in one statement, and
+// returns one row: the keys it got (or unlocked), as Key.String separated
+// by spaces. Keys travel as text ($1 the bigint keys, $2 and $3 the pairs'
+// halves, space-separated), which every driver can send.
+//
+//	SELECT coalesce(string_agg(x, ' ') FILTER (WHERE g), '') FROM (
+//	  SELECT k::text AS x, pg_try_advisory_lock(k) AS g FROM unnest(string_to_array($1, ' ')::bigint[]) AS k
+//	  UNION ALL
+//	  SELECT a || ',' || b, pg_try_advisory_lock(a, b) FROM unnest(string_to_array($2, ' ')::int4[], string_to_array($3, ' ')::int4[]) AS u(a, b)
+//	) t
+func keysStmt(kind int, keys []Key, shared bool) (string, []any) {
+	q := keysStatements[kind][0]
+	if shared {
+		q = keysStatements[kind][1]
+	}
+	var ids, as, bs []string
+	for _, k := range keys {
+		if a, b, ok := k.Int32s(); ok {
+			as = append(as, strconv.FormatInt(int64(a), 10))
+			bs = append(bs, strconv.FormatInt(int64(b), 10))
+			continue
+		}
+		ids = append(ids, strconv.FormatInt(k.v, 10))
+	}
+	return q, []any{strings.Join(ids, " "), strings.Join(as, " "), strings.Join(bs, " ")}
+}
+
+// keysStatements[kind][shared] are keysStmt's texts.
+var keysStatements = func() (s [2][2]string) {
+	for kind, fn := range []string{"try_advisory_lock", "advisory_unlock"} {
+		for shared, mode := range []string{"", "_shared"} {
+			s[kind][shared] = "SELECT coalesce(string_agg(x, ' ') FILTER (WHERE g), '') FROM (" +
+				"SELECT k::text AS x, pg_" + fn + mode + "(k) AS g FROM unnest(string_to_array($1, ' ')::bigint[]) AS k " +
+				"UNION ALL " +
+				"SELECT a::text || ',' || b::text, pg_" + fn + mode + "(a, b) " +
+				"FROM unnest(string_to_array($2, ' ')::int4[], string_to_array($3, ' ')::int4[]) AS u(a, b)) t"
 		}
 	}
 	return s

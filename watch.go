@@ -145,8 +145,8 @@ func (s *sessions) watchLoop(h *holder, w *watcher) {
 		// message is handled by pgx.
 		var n *pgconn.Notification
 		n, err = h.c.waitIdle(context.Background())
-		if n != nil && h.listening {
-			s.heard(n)
+		if n != nil && h.listening && n.PID != uint32(h.pid) {
+			s.heard(n) // not our own
 		}
 		if err != nil && !pgconn.Timeout(err) {
 			break
@@ -185,6 +185,8 @@ func (s *sessions) drain(h *holder) {
 		if n == nil {
 			return
 		}
-		s.heard(n)
+		if n.PID != uint32(h.pid) {
+			s.heard(n) // not our own
+		}
 	}
 }

@@ -1,0 +1,36 @@
+package pglocks
+
+import "time"
+
+// Hooks for the tests of package pglocks_test.
+
+// WaitsForTest returns how many goroutines of l wait for a key: in the
+// server's queue on a session of their own, and multiplexed.
+func WaitsForTest(l *Locker) (server, multiplexed int) {
+	l.sessions.mu.Lock()
+	server = l.sessions.waiting
+	l.sessions.mu.Unlock()
+	l.mux.mu.Lock()
+	defer l.mux.mu.Unlock()
+	for _, r := range l.mux.reqs {
+		if !r.cancelled {
+			multiplexed++
+		}
+	}
+	return server, multiplexed
+}
+
+// SessionsForTest returns how many connections l has taken from its pool.
+func SessionsForTest(l *Locker) int {
+	l.sessions.mu.Lock()
+	defer l.sessions.mu.Unlock()
+	return l.sessions.n
+}
+
+// SetPollForTest sets the backoff bounds of l's poller: a test that must see
+// a notification at work sets them long.
+func SetPollForTest(l *Locker, min, max time.Duration) {
+	l.mux.mu.Lock()
+	defer l.mux.mu.Unlock()
+	l.mux.minPoll, l.mux.maxPoll = min, max
+}
