@@ -44,12 +44,15 @@ func (l *Locker) acquire(ctx context.Context, keys []Key, o lockConfig, wait boo
 	// joined, else the entry to take on the server.
 	locks := make([]*Lock, len(keys))
 	var mine []*entry
-	undo := func() {
+	release := func() {
 		for _, lk := range locks {
 			if lk != nil {
 				_ = lk.Release(context.WithoutCancel(ctx))
 			}
 		}
+	}
+	undo := func() {
+		release()
 		l.table.abandon(mine...)
 	}
 	for i, k := range keys {
@@ -75,7 +78,7 @@ func (l *Locker) acquire(ctx context.Context, keys []Key, o lockConfig, wait boo
 	}
 	held, err := l.acquireServer(ctx, mine, o, wait)
 	if err != nil {
-		undo()
+		release() // acquireServer abandoned mine
 		return nil, err
 	}
 	j := 0
@@ -309,6 +312,12 @@ func unlockReqs(keys []Key, shared, notify bool) []*req {
 		rs[i] = unlockReq(k, shared, notify)
 	}
 	return rs
+}
+
+// notifyReq sends payload p on notifyChannel.
+func notifyReq(p string) *req {
+	var s string
+	return &req{row: row{q: sqlNotify, args: []any{p}, dest: []any{&s}}}
 }
 
 func unlockReq(k Key, shared, notify bool) *req {

@@ -424,6 +424,162 @@ func BenchmarkLockAll10(b *testing.B) {
 	})
 }
 
+// B7: 1,000 goroutines of one process wait for 1,000 keys that another
+// process holds, through a pool of 4 that the application's own queries
+// share; then the keys are freed. It reports the connections the waiters
+// take while they wait, the application's query latency meanwhile (a
+// query that does not run within a second counts as 1,000 ms), and the time
+// from the release to the last waiter's acquisition.
+//
+//   - raw: what every lock library does, a pool connection per waiter in
+//     pg_advisory_lock; freed by plain SQL.
+//   - pglocks: one Locker over the pool; freed by plain SQL (found by the
+//     poll), and by another Locker (which tells).
+func BenchmarkManyWaiters(b *testing.B) {
+	const n = 1000
+	type waiters struct {
+		pool    *pgxpool.Pool
+		wait    func(ctx context.Context, k int64) error // takes and releases k
+		waiting func() bool                              // all n wait (or queue for a connection)
+	}
+	run := func(b *testing.B, byLocker bool, newWaiters func(dsn string, started *atomic.Int64) waiters) {
+		dsn := srv.DB(b)
+		var started atomic.Int64
+		w := newWaiters(dsn, &started)
+		keys := make([]pglocks.Key, n)
+		ids := make([]int64, n)
+		for i := range keys {
+			ids[i] = int64(1000 + i)
+			keys[i] = pglocks.ID(ids[i])
+		}
+		holderPool := benchPool(b, dsn, 2)
+		holder := benchLocker(b, holderPool, pglocks.WithMaxLocks(n))
+		ctx := context.Background()
+		var conns, lastMS, appMS []float64
+		for b.Loop() {
+			b.StopTimer()
+			var free func()
+			if byLocker {
+				set, err := holder.TryLockAll(ctx, keys)
+				if err != nil {
+					b.Fatal(err)
+				}
+				free = func() {
+					if err := set.Release(ctx); err != nil {
+						b.Error(err)
+					}
+				}
+			} else {
+				c, err := holderPool.Acquire(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := c.Exec(ctx, "SELECT pg_advisory_lock(k) FROM unnest($1::bigint[]) k", ids); err != nil {
+					b.Fatal(err)
+				}
+				free = func() {
+					if _, err := c.Exec(ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
+						b.Error(err)
+					}
+					c.Release()
+				}
+			}
+			started.Store(0)
+			var wg sync.WaitGroup
+			var last atomic.Int64
+			for _, id := range ids {
+				wg.Go(func() {
+					started.Add(1)
+					if err := w.wait(ctx, id); err != nil {
+						b.Error(err)
+					}
+					last.Store(max(last.Load(), time.Now().UnixNano()))
+				})
+			}
+			for !w.waiting() {
+				time.Sleep(5 * time.Millisecond)
+			}
+			conns = append(conns, float64(w.pool.Stat().AcquiredConns())) // by the waiters: none is the application's yet
+			for range 3 {
+				qctx, cancel := context.WithTimeout(ctx, time.Second)
+				began := time.Now()
+				_, err := w.pool.Exec(qctx, "SELECT 1")
+				cancel()
+				d := time.Since(began)
+				if err != nil {
+					d = time.Second
+				}
+				appMS = append(appMS, float64(d.Microseconds())/1000)
+			}
+			b.StartTimer()
+			released := time.Now()
+			free()
+			wg.Wait()
+			b.StopTimer()
+			lastMS = append(lastMS, float64(time.Unix(0, last.Load()).Sub(released).Microseconds())/1000)
+			b.StartTimer()
+		}
+		median := func(xs []float64) float64 {
+			slices.Sort(xs)
+			return xs[len(xs)/2]
+		}
+		b.ReportMetric(median(conns), "conns-while-waiting")
+		b.ReportMetric(median(appMS), "app-query-ms")
+		b.ReportMetric(median(lastMS), "release-to-last-ms")
+	}
+	b.Run("raw", func(b *testing.B) {
+		run(b, false, func(dsn string, started *atomic.Int64) waiters {
+			p := benchPool(b, dsn, 4)
+			return waiters{
+				pool: p,
+				wait: func(ctx context.Context, k int64) error {
+					c, err := p.Acquire(ctx)
+					if err != nil {
+						return err
+					}
+					defer c.Release()
+					if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", k); err != nil {
+						return err
+					}
+					_, err = c.Exec(ctx, "SELECT pg_advisory_unlock($1)", k)
+					return err
+				},
+				waiting: func() bool {
+					if started.Load() < n {
+						return false
+					}
+					var w int
+					_ = srv.Admin.QueryRow(context.Background(), `SELECT count(*) FROM pg_locks l JOIN pg_database d
+						ON d.oid = l.database WHERE d.datname = $1 AND NOT l.granted`, dbOf(dsn)).Scan(&w)
+					return w == 4 // the pool's every connection; the others queue for one
+				},
+			}
+		})
+	})
+	for _, by := range []string{"sql", "locker"} {
+		b.Run("pglocks-freed-by-"+by, func(b *testing.B) {
+			run(b, by == "locker", func(dsn string, started *atomic.Int64) waiters {
+				p := benchPool(b, dsn, 4)
+				l := benchLocker(b, p, pglocks.WithMaxLocks(n))
+				return waiters{
+					pool: p,
+					wait: func(ctx context.Context, k int64) error {
+						lk, err := l.Lock(ctx, pglocks.ID(k))
+						if err != nil {
+							return err
+						}
+						return lk.Release(ctx)
+					},
+					waiting: func() bool {
+						s, m := pglocks.WaitsForTest(l)
+						return s+m == n
+					},
+				}
+			})
+		})
+	}
+}
+
 // B5: hashing names.
 func BenchmarkName(b *testing.B) {
 	for _, size := range []int{16, 1024} {

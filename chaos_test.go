@@ -40,7 +40,9 @@ func (s *spans) add(x span) {
 }
 
 // 9. Chaos: workers on a few keys, session locks and transaction locks,
-// while backends are terminated, the server restarts and the network is cut.
+// and crowds of goroutines contending for the same keys through one Locker
+// on a small pool (most of their waits multiplexed), while backends are
+// terminated, the server restarts and the network is cut.
 // Every critical section is written through a fence (the classic use of
 // fencing tokens). At the end: no two accepted sections of a key overlap, and
 // nothing is left behind.
@@ -68,7 +70,8 @@ func TestChaos(t *testing.T) {
 
 	ctx, stop := context.WithTimeout(context.Background(), run)
 	defer stop()
-	var sessionOK, txOK, setOK, leaderOK, stale, lost, failed atomic.Int64
+	var sessionOK, txOK, setOK, leaderOK, crowdOK, stale, lost, failed atomic.Int64
+	var muxSeen atomic.Int64 // the most multiplexed waits a crowd's Locker had at once
 	var seen, faultSpans spans
 	var wg sync.WaitGroup
 	for w := range workers {
@@ -111,6 +114,50 @@ func TestChaos(t *testing.T) {
 					time.Sleep(50 * time.Millisecond)
 				}
 			}
+		})
+	}
+
+	// Two crowds: one Locker each on a pool of 3 that the sections' own
+	// writes share, 12 goroutines each on the same keys.
+	for c := range 2 {
+		pool, l, done := chaosLockerMax(t, dsn, 3)
+		if l == nil {
+			break
+		}
+		var crowd sync.WaitGroup
+		for g := range 12 {
+			crowd.Go(func() {
+				r := rand.New(rand.NewPCG(uint64(200+c*100+g), 9))
+				for ctx.Err() == nil {
+					// The workers' keys, and more of their own (below leaderKey).
+					ks := []int{r.IntN(leaderKey)}
+					if r.IntN(3) == 0 {
+						ks = append(ks, (ks[0]+1+r.IntN(leaderKey-1))%leaderKey)
+					}
+					err := sessionSection(ctx, l, pool, ks, r, &seen)
+					switch {
+					case err == nil:
+						crowdOK.Add(1)
+					case errors.Is(err, errStale):
+						stale.Add(1)
+					case errors.Is(err, pglocks.ErrLockLost):
+						lost.Add(1)
+					default:
+						failed.Add(1)
+						time.Sleep(50 * time.Millisecond)
+					}
+				}
+			})
+		}
+		wg.Go(func() {
+			defer done()
+			for ctx.Err() == nil {
+				if _, m := pglocks.WaitsForTest(l); int64(m) > muxSeen.Load() {
+					muxSeen.Store(int64(m))
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			crowd.Wait()
 		})
 	}
 
@@ -211,12 +258,12 @@ func TestChaos(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("faults: %v", faults)
-	t.Logf("sections: %d session-lock, %d transaction-lock, %d two-key LockAll and %d leader sections done, %d accepted by the fence; %d refused as stale, %d ended by a lost lock, %d failed (faults)",
-		sessionOK.Load(), txOK.Load(), setOK.Load(), leaderOK.Load(), accepted, stale.Load(), lost.Load(), failed.Load())
+	t.Logf("sections: %d session-lock, %d transaction-lock, %d two-key LockAll, %d leader and %d crowd sections done (up to %d waits multiplexed at once), %d accepted by the fence; %d refused as stale, %d ended by a lost lock, %d failed (faults)",
+		sessionOK.Load(), txOK.Load(), setOK.Load(), leaderOK.Load(), crowdOK.Load(), muxSeen.Load(), accepted, stale.Load(), lost.Load(), failed.Load())
 	if overlaps != 0 {
 		t.Errorf("%d pairs of accepted critical sections overlap", overlaps)
 	}
-	if sessionOK.Load() == 0 || txOK.Load() == 0 || setOK.Load() == 0 || leaderOK.Load() == 0 {
+	if sessionOK.Load() == 0 || txOK.Load() == 0 || setOK.Load() == 0 || leaderOK.Load() == 0 || crowdOK.Load() == 0 || muxSeen.Load() == 0 {
 		t.Error("a kind of critical section never completed: the test did not exercise it")
 	}
 	waitFor(t, 30*time.Second, "no locks and no worker sessions on the server", func() bool {
@@ -230,7 +277,21 @@ func TestChaos(t *testing.T) {
 // a fencing Locker on it; done closes both. On error it reports it and
 // returns a nil Locker.
 func chaosLocker(t *testing.T, dsn string) (*pgxpool.Pool, *pglocks.Locker, func()) {
-	pool, err := pgxpool.New(context.Background(), dsn)
+	return chaosLockerMax(t, dsn, 0)
+}
+
+// chaosLockerMax is chaosLocker on a pool of at most max connections (0:
+// pgxpool's default).
+func chaosLockerMax(t *testing.T, dsn string, max int32) (*pgxpool.Pool, *pglocks.Locker, func()) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		t.Error(err)
+		return nil, nil, nil
+	}
+	if max > 0 {
+		cfg.MaxConns = max
+	}
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
 	if err != nil {
 		t.Error(err)
 		return nil, nil, nil

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 
@@ -76,6 +77,37 @@ func interop(t *testing.T, key pglocks.Key, start func(dsn, mode string) *exec.C
 		_, err := l.TryLock(t.Context(), key)
 		wantErr(t, err, pglocks.ErrLocked)
 		other.release(t)
+
+		// A Locker waits while the other library holds: in the server's
+		// queue, and multiplexed (a Locker of one connection that holds a
+		// lock already). The other library does not notify: the poll finds
+		// the freed key.
+		for _, conns := range []int{2, 1} {
+			lw := e.locker(4, pglocks.WithMaxConns(conns))
+			before := mustLock(t, lw, pglocks.ID(-7))
+			other := holdExternal(t, start(e.dsn, "wait"))
+			got := make(chan error, 1)
+			go func() {
+				lk, err := lw.Lock(t.Context(), key)
+				if err == nil {
+					err = lk.Release(t.Context())
+				}
+				got <- err
+			}()
+			server, multiplexed := 1, 0
+			if conns == 1 {
+				server, multiplexed = 0, 1
+			}
+			waitWaits(t, lw, server, multiplexed)
+			began := time.Now()
+			other.release(t)
+			if err := <-got; err != nil {
+				t.Fatalf("waiting with %d connections: %v", conns, err)
+			}
+			t.Logf("%d connections (%d in the server's queue, %d multiplexed): had it %v after the other library let go",
+				conns, server, multiplexed, time.Since(began).Round(100*time.Microsecond))
+			mustRelease(t, before)
+		}
 
 		lk := mustLock(t, l, key)
 		if got := holdExternal(t, start(e.dsn, "nowait")); got.said != "not acquired" {

@@ -83,10 +83,25 @@ func (l *Locker) unlock(ctx context.Context, us []*unlock) []error {
 	ctx = context.WithoutCancel(ctx)
 	rs := make([]*req, len(us))
 	byHolder := map[*holder][]*req{}
+	tell := map[*holder][]Key{} // wanted keys: their release notifies
+	for _, u := range us {
+		if u.notify {
+			tell[u.h] = append(tell[u.h], u.e.key)
+		}
+	}
 	for i, u := range us {
-		rs[i] = unlockReq(u.e.key, u.shared, u.notify)
+		// One wanted key: its unlock notifies. More: plain unlocks, then
+		// the keys told together, in the same round trip.
+		rs[i] = unlockReq(u.e.key, u.shared, u.notify && len(tell[u.h]) == 1)
 		byHolder[u.h] = append(byHolder[u.h], rs[i])
 		l.sessions.use(u.h)
+	}
+	for h, keys := range tell {
+		if len(keys) > 1 {
+			for _, p := range payloads(freedMark, keys) {
+				byHolder[h] = append(byHolder[h], notifyReq(p))
+			}
+		}
 	}
 	if len(byHolder) == 1 {
 		l.unlockOn(ctx, us[0].h, byHolder[us[0].h])
@@ -110,7 +125,7 @@ func (l *Locker) unlock(ctx context.Context, us []*unlock) []error {
 	return errs
 }
 
-// unlockOn runs rs, unlocks, on h.
+// unlockOn runs rs, unlocks (and notifications), on h.
 func (l *Locker) unlockOn(ctx context.Context, h *holder, rs []*req) {
 	if len(rs) == 1 {
 		rs[0].err = l.sessions.do(ctx, h, rs[0])

@@ -38,6 +38,7 @@ type mux struct {
 	mu               sync.Mutex
 	minPoll, maxPoll time.Duration // muxMinPoll and muxMaxPoll, but for tests
 	reqs             []*muxReq     // oldest first
+	awaited          map[Key]int   // the keys of reqs, and how many reqs want each
 	free             []Key         // keys to tell freed: wanted by another Locker just after this one let them go
 }
 
@@ -67,7 +68,30 @@ type muxResult struct {
 }
 
 func newMux(l *Locker) *mux {
-	return &mux{l: l, kick: make(chan struct{}, 1), minPoll: muxMinPoll, maxPoll: muxMaxPoll}
+	return &mux{l: l, kick: make(chan struct{}, 1), minPoll: muxMinPoll, maxPoll: muxMaxPoll, awaited: make(map[Key]int)}
+}
+
+// add queues r. It runs with m.mu held.
+func (m *mux) add(r *muxReq) {
+	m.reqs = append(m.reqs, r)
+	for _, k := range r.keys {
+		m.awaited[k]++
+	}
+}
+
+// remove takes r out of the queue, if it is there. It runs with m.mu held.
+func (m *mux) remove(r *muxReq) bool {
+	i := slices.Index(m.reqs, r)
+	if i < 0 {
+		return false
+	}
+	m.reqs = slices.Delete(m.reqs, i, i+1)
+	for _, k := range r.keys {
+		if m.awaited[k]--; m.awaited[k] == 0 {
+			delete(m.awaited, k)
+		}
+	}
+	return true
 }
 
 // poke makes the poller run at once.
@@ -90,7 +114,7 @@ func (m *mux) waiting() bool {
 func (m *mux) wait(ctx context.Context, keys []Key, o lockConfig) (grant, int, error) {
 	r := &muxReq{keys: keys, shared: o.shared, done: make(chan muxResult, 1)}
 	m.mu.Lock()
-	m.reqs = append(m.reqs, r)
+	m.add(r)
 	m.mu.Unlock()
 	m.poke()
 	var err error
@@ -106,8 +130,7 @@ func (m *mux) wait(ctx context.Context, keys []Key, o lockConfig) (grant, int, e
 		err = ErrClosed
 	}
 	m.mu.Lock()
-	if i := slices.Index(m.reqs, r); i >= 0 && !r.inFlight {
-		m.reqs = slices.Delete(m.reqs, i, i+1)
+	if !r.inFlight && m.remove(r) {
 		m.mu.Unlock()
 		return grant{}, 0, err
 	}
@@ -155,16 +178,10 @@ func (m *mux) heard(n *pgconn.Notification) {
 			m.poke()
 		}
 	case freedMark:
-		freed := make(map[Key]bool, len(keys))
-		for _, k := range keys {
-			freed[k] = true
-		}
 		m.mu.Lock()
 		wanted := false
-		for _, r := range m.reqs {
-			for _, k := range r.keys {
-				wanted = wanted || freed[k]
-			}
+		for _, k := range keys {
+			wanted = wanted || m.awaited[k] > 0
 		}
 		m.mu.Unlock()
 		if wanted {
@@ -230,13 +247,11 @@ func (m *mux) move() {
 			return
 		}
 		m.mu.Lock()
-		i := slices.Index(m.reqs, r)
-		if i < 0 || r.inFlight || r.cancelled {
+		if r.inFlight || r.cancelled || !m.remove(r) {
 			m.mu.Unlock()
 			m.l.sessions.unwait(w)
 			continue
 		}
-		m.reqs = slices.Delete(m.reqs, i, i+1)
 		r.done <- muxResult{moveTo: w}
 		m.mu.Unlock()
 	}
@@ -246,12 +261,12 @@ func (m *mux) move() {
 func (m *mux) failAll(err error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for _, r := range m.reqs {
+	for _, r := range slices.Clone(m.reqs) {
 		if !r.inFlight {
+			m.remove(r)
 			r.done <- muxResult{err: err}
 		}
 	}
-	m.reqs = slices.DeleteFunc(m.reqs, func(r *muxReq) bool { return !r.inFlight })
 }
 
 // poll sends what is pending in one round trip on the primary: the keys
@@ -304,8 +319,7 @@ func (m *mux) poll() bool {
 	}
 	var rs []*req
 	for _, p := range append(payloads(wantedMark, announce), payloads(freedMark, free)...) {
-		var s string
-		rs = append(rs, &req{row: row{q: sqlNotify, args: []any{p}, dest: []any{&s}}})
+		rs = append(rs, notifyReq(p))
 	}
 	// One try per mode for the waits of one key, one per wait of several
 	// (all or nothing).
@@ -435,7 +449,7 @@ func (m *mux) finishGranted(batch []*muxReq, h *holder, granted map[*muxReq]bool
 		}
 		// A goroutine that gave up waits for done, and undoes what it was
 		// given (see wait).
-		m.reqs = slices.DeleteFunc(m.reqs, func(x *muxReq) bool { return x == r })
+		m.remove(r)
 		r.done <- res
 	}
 }
