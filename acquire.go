@@ -137,18 +137,19 @@ func (l *Locker) acquireServer(ctx context.Context, es []*entry, o lockConfig, w
 			return nil, err
 		}
 		locks, err := l.table.grant(es, g.h, g.tokens)
-		if errors.Is(err, errSessionGone) && attempt < 3 && ctx.Err() == nil && !l.isClosed() {
-			// Another goroutine's statement on g.h failed between the
-			// grant and now, and the session was closed: the server freed
-			// the keys with it. Nobody has seen them held: take them again.
-			l.sessions.unuse(g.h)
-			continue
-		}
 		if err != nil {
+			// errSessionGone: another goroutine's statement on g.h failed
+			// between the grant and now, and the session was closed: the
+			// server freed the keys with it, and nobody has seen them held,
+			// so take them again. ErrClosed: Close has begun, and will not
+			// know of them: let them go here.
+			l.dropGrant(g, keys, o.shared, errors.Is(err, errSessionGone))
+			if errors.Is(err, errSessionGone) && attempt < 3 && ctx.Err() == nil && !l.isClosed() {
+				continue
+			}
 			if errors.Is(err, errSessionGone) {
 				l.table.abandon(es...)
 			}
-			l.sessions.unuse(g.h)
 			return nil, lockError(keys[0], err)
 		}
 		if g.own {
@@ -159,6 +160,21 @@ func (l *Locker) acquireServer(ctx context.Context, es []*entry, o lockConfig, w
 		l.sessions.unuse(g.h)
 		return locks, nil
 	}
+}
+
+// dropGrant hands back what the server granted but the table did not take:
+// a session of its own is cleared and closed; on a shared one the keys are
+// unlocked, unless the session is gone (and they with it).
+func (l *Locker) dropGrant(g grant, keys []Key, shared, gone bool) {
+	if g.own {
+		l.sessions.dropWait(g.h, nil)
+		return
+	}
+	if !gone {
+		// If an unlock fails, its session is closed, which frees the rest.
+		l.sessions.doMany(context.Background(), g.h, unlockReqs(keys, shared))
+	}
+	l.sessions.unuse(g.h)
 }
 
 // serverTake takes keys on the server, all or nothing: first tried together
@@ -294,7 +310,7 @@ func (l *Locker) tryAll1(ctx context.Context, keys []Key, o lockConfig) (grant, 
 	}
 	if len(got) > 0 {
 		// If an unlock fails, its session is closed, which frees the rest.
-		l.sessions.doMany(context.WithoutCancel(ctx), h, unlockReqs(got, o.shared, false))
+		l.sessions.doMany(context.WithoutCancel(ctx), h, unlockReqs(got, o.shared))
 	}
 	dead := h.dead.Load()
 	l.sessions.unuse(h)
@@ -304,28 +320,27 @@ func (l *Locker) tryAll1(ctx context.Context, keys []Key, o lockConfig) (grant, 
 	return grant{}, first
 }
 
-// unlockReqs are the unlocks of keys, held in one mode on one session;
-// with notify, each tells other Lockers that its key is free.
-func unlockReqs(keys []Key, shared, notify bool) []*req {
+// unlockReqs are the unlocks of keys, held in one mode on one session.
+func unlockReqs(keys []Key, shared bool) []*req {
 	rs := make([]*req, len(keys))
 	for i, k := range keys {
-		rs[i] = unlockReq(k, shared, notify)
+		rs[i] = unlockReq(k, shared)
 	}
 	return rs
 }
 
-// notifyReq sends payload p on notifyChannel.
+// notifyReq sends payload p on notifyChannel. A notification is sent when
+// its transaction commits, so if a later statement of the same pipelined
+// batch aborts it, it is sent again (txn); one the server refuses (its
+// notification queue full) leaves the session as it was.
 func notifyReq(p string) *req {
 	var s string
-	return &req{row: row{q: sqlNotify, args: []any{p}, dest: []any{&s}}}
+	return &req{row: row{q: sqlNotify, args: []any{p}, dest: []any{&s}}, txn: true,
+		onErr: func(_ context.Context, err error) error { return keepConn{err} }}
 }
 
-func unlockReq(k Key, shared, notify bool) *req {
+func unlockReq(k Key, shared bool) *req {
 	q, args := stmt(stmtUnlock, k, shared, false)
-	if notify {
-		q, args = stmt(stmtUnlockNotify, k, shared, false)
-		args = append(args, freedPayload(k))
-	}
 	ok := new(bool)
 	return &req{row: row{q: q, args: args, dest: []any{ok}}, check: func() error {
 		if !*ok {

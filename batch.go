@@ -14,8 +14,12 @@ type req struct {
 	// onErr, if set, sees a server error first; it may run statements on
 	// the session, and returns keepConn when the session is intact.
 	onErr func(ctx context.Context, err error) error
-	err   error
-	done  chan struct{}
+	// txn marks a statement whose effect is transactional (a notification,
+	// a set_config): in a pipelined batch, which is one transaction, a later
+	// statement's error undoes it, so it is run again.
+	txn  bool
+	err  error
+	done chan struct{}
 }
 
 // keepConn marks a statement error after which the session is known to be
@@ -169,7 +173,14 @@ func (s *sessions) runBatch(h *holder, batch []*req) (redo []*req) {
 		if _, keep := r.err.(keepConn); !keep {
 			bad = r.err
 		} else {
-			redo = batch[failed+1:]
+			// The batch's transaction aborted: what ran before the error
+			// and was transactional is undone; run it again with the rest.
+			for _, before := range batch[:failed] {
+				if before.txn {
+					redo = append(redo, before)
+				}
+			}
+			redo = append(redo, batch[failed+1:]...)
 		}
 	}
 	ran := batch
@@ -177,7 +188,7 @@ func (s *sessions) runBatch(h *holder, batch []*req) (redo []*req) {
 		ran = batch[:failed]
 	}
 	for _, r := range ran {
-		if r.check != nil {
+		if r.check != nil && !contains(redo, r) {
 			if err := r.check(); err != nil {
 				r.err = err
 				if bad == nil {

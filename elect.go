@@ -23,7 +23,10 @@ const leadRetry = time.Second
 //
 //   - Campaign: wait for key, exclusively, inside the server's lock queue, on
 //     a server session of its own. Candidates are elected in the order they
-//     began to wait, the moment the leader lets go.
+//     began to wait, the moment the leader lets go. (When the Locker has no
+//     session to spare for it, see [WithMaxConns], the campaign is
+//     multiplexed as a Lock's wait is, until one frees; leadership won that
+//     way shares the Locker's primary session, and [Holder.Since] is zero.)
 //   - Lead: run fn with a ctx that is cancelled the moment leadership is lost
 //     (the session ended, or could not be checked: see [WithHeartbeat]), or
 //     when ctx ends. fn must return promptly once its ctx is done.
@@ -147,7 +150,7 @@ func (l *Locker) markLeader(lk *Lock) {
 		base = base[:len(base)-n]
 	}
 	var set string
-	err := l.sessions.do(context.Background(), h, &req{row: row{q: sqlMarkLeader, args: []any{base + sinceMark}, dest: []any{&set}}})
+	err := l.sessions.do(context.Background(), h, &req{row: row{q: sqlMarkLeader, args: []any{base + sinceMark}, dest: []any{&set}}, txn: true})
 	if err == nil && h.tryEnter() {
 		l.sessions.watch(h) // the statement stopped the watcher
 	}

@@ -23,10 +23,11 @@ type holder struct {
 	// watcher (see watch.go).
 	sem chan struct{}
 	// Guarded by sem: why the session was closed; a statement abandoned by
-	// runStmt that may still run; whether the session LISTENs.
-	broken    error
-	stuck     <-chan error
-	listening bool
+	// runStmt that may still run.
+	broken error
+	stuck  <-chan error
+	// listening says the session LISTENs (set under sem, read anywhere).
+	listening atomic.Bool
 	// busySince is when the statement running under do started (UnixNano),
 	// or 0.
 	busySince atomic.Int64
@@ -197,7 +198,7 @@ func (s *sessions) giveBack(h *holder) {
 		return
 	}
 	err := s.runStmt(ctx, h, func(ctx context.Context) error {
-		if h.listening {
+		if h.listening.Load() {
 			if err := h.c.exec(ctx, sqlUnlisten); err != nil {
 				return err
 			}

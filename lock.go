@@ -84,23 +84,19 @@ func (l *Locker) unlock(ctx context.Context, us []*unlock) []error {
 	rs := make([]*req, len(us))
 	byHolder := map[*holder][]*req{}
 	tell := map[*holder][]Key{} // wanted keys: their release notifies
-	for _, u := range us {
+	for i, u := range us {
+		rs[i] = unlockReq(u.e.key, u.shared)
+		byHolder[u.h] = append(byHolder[u.h], rs[i])
+		l.sessions.use(u.h)
 		if u.notify {
 			tell[u.h] = append(tell[u.h], u.e.key)
 		}
 	}
-	for i, u := range us {
-		// One wanted key: its unlock notifies. More: plain unlocks, then
-		// the keys told together, in the same round trip.
-		rs[i] = unlockReq(u.e.key, u.shared, u.notify && len(tell[u.h]) == 1)
-		byHolder[u.h] = append(byHolder[u.h], rs[i])
-		l.sessions.use(u.h)
-	}
 	for h, keys := range tell {
-		if len(keys) > 1 {
-			for _, p := range payloads(freedMark, keys) {
-				byHolder[h] = append(byHolder[h], notifyReq(p))
-			}
+		// After the unlocks, in the same round trip where the driver
+		// pipelines: sent when they are done.
+		for _, p := range payloads(freedMark, keys) {
+			byHolder[h] = append(byHolder[h], notifyReq(p))
 		}
 	}
 	if len(byHolder) == 1 {
@@ -113,14 +109,20 @@ func (l *Locker) unlock(ctx context.Context, us []*unlock) []error {
 		wg.Wait()
 	}
 	errs := make([]error, len(us))
+	var late []Key // wanted while being released: told now
 	for i, u := range us {
-		l.table.released(u)
+		if l.table.released(u) {
+			late = append(late, u.e.key)
+		}
 		l.sessions.unuse(u.h)
 		if err := rs[i].err; err != nil {
 			errs[i] = lockError(u.e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))
 			continue
 		}
 		l.cfg.logger.Debug("pglocks: released", "key", u.e.key)
+	}
+	if len(late) > 0 {
+		l.mux.tellFreed(late)
 	}
 	return errs
 }

@@ -14,12 +14,17 @@ import (
 // A Locker takes and holds session-level advisory locks for one process. It
 // is a lock manager, not a wrapper around one connection:
 //
+//   - It takes at most [WithMaxConns] connections of its pool (default 2),
+//     for holding and waiting together, however many goroutines use it.
 //   - Locks are taken with pg_try_advisory_lock on a shared holder
-//     connection. Held locks share the few holder connections, so holding a
-//     thousand uncontended locks costs one server connection, not a thousand.
-//   - Only a wait for a key that another session holds takes a connection of
-//     its own, and waits inside the server's lock queue on it; once granted,
-//     that connection holds the lock until it is released.
+//     connection, the primary. Held locks share it, so holding a thousand
+//     uncontended locks costs one server connection, not a thousand.
+//   - A wait for a key that another session holds takes a connection of its
+//     own while the Locker may have one, and waits inside the server's lock
+//     queue on it; once granted, that connection holds the lock until it is
+//     released. Beyond those, waits are multiplexed: they take no
+//     connection, the primary tries the awaited keys together, and locks
+//     granted to them are held on the primary (see [Locker.Lock]).
 //   - PostgreSQL lets a session take a lock it already holds, so the Locker
 //     arbitrates between its own goroutines: they exclude each other exactly
 //     as separate sessions would, in first-come order.
@@ -124,13 +129,22 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 }
 
 // Lock takes key, waiting as long as ctx allows while another session or
-// another goroutine of this Locker holds it in a conflicting mode. The wait
-// happens in the server's lock queue, so the lock is had as soon as it is
-// free. ctx's deadline is enforced by the server; when ctx ends first, Lock
-// returns an error matching ctx.Err() and nothing of it stays held or queued
-// on the server. (If the server does not answer the cancellation within the
-// statement timeout, Lock closes the connection and returns; the server then
-// drops the wait when it notices.)
+// another goroutine of this Locker holds it in a conflicting mode. When ctx
+// ends first, Lock returns an error matching ctx.Err() and nothing of it
+// stays held or queued on the server. Goroutines of this Locker that want
+// key are served first come, first served.
+//
+// The wait happens in the server's lock queue on a session of its own while
+// the Locker may have one ([WithMaxConns]), so the lock is had as soon as it
+// is free, in queue order, and ctx's deadline is enforced by the server. (If
+// the server does not answer the cancellation within the statement timeout,
+// Lock closes the connection and returns; the server then drops the wait
+// when it notices.) Beyond those sessions the wait is multiplexed: it costs
+// no connection, and the Locker tries the awaited keys together on its
+// primary session, at once when another Locker (of any process, with a pgx
+// driver) tells that it let the key go, and otherwise at least every 250 ms.
+// A multiplexed try never jumps the server's queue, and the oldest
+// multiplexed wait moves into the server's queue when a session frees.
 //
 // The wait runs on a session of its own while the Locker's other locks stay
 // on theirs, so PostgreSQL's deadlock detector cannot see a cycle that runs

@@ -149,9 +149,17 @@ func (m *mux) undo(res muxResult) {
 		m.l.sessions.unwait(res.moveTo)
 	case res.g.h != nil:
 		// keys are not in the table: unlock them as the try took them.
-		m.l.sessions.doMany(context.Background(), res.g.h, unlockReqs(res.g.keys, res.g.shared, false))
+		m.l.sessions.doMany(context.Background(), res.g.h, unlockReqs(res.g.keys, res.g.shared))
 		m.l.sessions.unuse(res.g.h)
 	}
+}
+
+// tellFreed has the poller tell other Lockers that keys are free.
+func (m *mux) tellFreed(keys []Key) {
+	m.mu.Lock()
+	m.free = append(m.free, keys...)
+	m.mu.Unlock()
+	m.poke()
 }
 
 // heard handles a notification of another Locker's.
@@ -172,16 +180,28 @@ func (m *mux) heard(n *pgconn.Notification) {
 			}
 		}
 		if len(tell) > 0 {
-			m.mu.Lock()
-			m.free = append(m.free, tell...)
-			m.mu.Unlock()
-			m.poke()
+			m.tellFreed(tell)
 		}
 	case freedMark:
 		m.mu.Lock()
 		wanted := false
 		for _, k := range keys {
 			wanted = wanted || m.awaited[k] > 0
+		}
+		if wanted {
+			// If another process takes the key first, its holder must hear
+			// that we want it: say so again with the next try.
+			freed := make(map[Key]bool, len(keys))
+			for _, k := range keys {
+				freed[k] = true
+			}
+			for _, r := range m.reqs {
+				for _, k := range r.keys {
+					if freed[k] {
+						r.announced = false
+					}
+				}
+			}
 		}
 		m.mu.Unlock()
 		if wanted {
@@ -229,7 +249,7 @@ func (m *mux) run() {
 
 // move hands free wait sessions to the oldest multiplexed waits.
 func (m *mux) move() {
-	for {
+	for m.l.closeCtx.Err() == nil {
 		m.mu.Lock()
 		var r *muxReq
 		for _, x := range m.reqs {
@@ -408,13 +428,13 @@ func (m *mux) poll() bool {
 		}
 	}
 	for shared, keys := range partial {
-		m.l.sessions.doMany(context.Background(), h, unlockReqs(keys, shared, false))
+		m.l.sessions.doMany(context.Background(), h, unlockReqs(keys, shared))
 	}
 	var token int64
 	if gotAny && m.l.cfg.fencing {
 		// Read after every grant of this round, in a transaction of its
 		// own: higher than the token of any earlier holder of these keys.
-		if err := m.l.sessions.do(ctx, h, &req{row: row{q: sqlToken, dest: []any{&token}}}); err != nil {
+		if err := m.l.sessions.do(context.Background(), h, &req{row: row{q: sqlToken, dest: []any{&token}}}); err != nil {
 			granted = map[*muxReq]bool{} // its session failed, and was closed: nothing is held
 		}
 	}

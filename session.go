@@ -57,6 +57,7 @@ type sessions struct {
 	making  chan struct{} // closed when the goroutine making the primary is done
 	spare   []*holder     // idle readied sessions, oldest first
 	waiting int           // sessions in a wait in the server's queue
+	stop    chan struct{} // closed by close: the heartbeat ends
 	changed chan struct{} // closed and replaced when a session is given back
 	press   *time.Timer   // armed while sessions are idle: see yield
 }
@@ -78,7 +79,7 @@ const idleWatchAfter = 3 * time.Millisecond
 
 func newSessions(src source, cfg *config, max int, closeCtx context.Context, bg *sync.WaitGroup) *sessions {
 	return &sessions{src: src, cfg: cfg, max: max, closeCtx: closeCtx, bg: bg,
-		holders: make(map[*holder]struct{}), changed: make(chan struct{})}
+		holders: make(map[*holder]struct{}), changed: make(chan struct{}), stop: make(chan struct{})}
 }
 
 // primaryHolder returns the session where locks are tried, with users
@@ -92,10 +93,12 @@ func (s *sessions) primaryHolder(ctx context.Context) (*holder, error) {
 			s.mu.Unlock()
 			return nil, ErrClosed
 		}
-		if h := s.primary; h != nil {
+		if h := s.primary; h != nil && !h.dead.Load() {
 			h.users++
 			s.mu.Unlock()
 			return h, nil
+		} else if h != nil {
+			s.primary = nil // closed after an error; lose is forgetting it
 		}
 		if wait := s.making; wait != nil {
 			s.mu.Unlock()
@@ -110,7 +113,7 @@ func (s *sessions) primaryHolder(ctx context.Context) (*holder, error) {
 			h.users++
 			s.primary = h
 			s.mu.Unlock()
-			s.listen(h)
+			_ = s.listen(h) // if it fails, the session is closed and h's users see why
 			return h, nil
 		}
 		if s.n >= s.max {
@@ -131,7 +134,9 @@ func (s *sessions) primaryHolder(ctx context.Context) (*holder, error) {
 
 		h, err := s.ready(ctx)
 		if err == nil {
-			s.listen(h)
+			if err = s.listen(h); err != nil {
+				s.closeConn(h) // listen reported it failed: nothing holds it
+			}
 		}
 		s.mu.Lock()
 		s.making = nil
@@ -191,18 +196,23 @@ func (s *sessions) waitSession(ctx context.Context, block bool) (*holder, error)
 	for len(s.spare) > 0 {
 		h := s.spare[len(s.spare)-1]
 		s.spare = s.spare[:len(s.spare)-1]
+		s.waiting++ // reserved: the limit holds while the lock is let go
+		h.waiting, h.users = true, 1
 		s.mu.Unlock()
 		h.enter() // a heartbeat may have left a watcher on it
 		broken := h.broken
 		h.leave()
-		s.mu.Lock()
 		if broken == nil && !h.dead.Load() {
-			s.waiting++
-			h.waiting, h.users = true, 1
-			s.mu.Unlock()
 			return h, nil
 		}
 		// Its watcher saw the session end, and closed it.
+		s.mu.Lock()
+		s.waiting--
+		h.waiting = false
+		if s.closed {
+			s.mu.Unlock()
+			return nil, ErrClosed
+		}
 	}
 	if (s.n >= s.max || s.src.exhausted()) && !block {
 		s.mu.Unlock()
@@ -252,6 +262,7 @@ func (s *sessions) waited(h *holder) {
 	h.waited = true
 	if !h.dead.Load() {
 		s.holders[h] = struct{}{}
+		s.signal() // it may be made primary now
 	}
 }
 
@@ -307,7 +318,7 @@ func (s *sessions) useN(h *holder, n int) {
 func (s *sessions) unuse(h *holder) {
 	s.mu.Lock()
 	h.users--
-	if h.users > 0 || h.held.Load() > 0 || h.dead.Load() || s.closed {
+	if h.users > 0 || h.held.Load() > 0 || h.dead.Load() {
 		s.mu.Unlock()
 		return
 	}
@@ -317,21 +328,47 @@ func (s *sessions) unuse(h *holder) {
 		s.mu.Unlock()
 		return
 	}
+	_, registered := s.holders[h]
 	delete(s.holders, h)
+	if s.closed {
+		// A session Close does not know of yet (a wait session handed back
+		// by the poller): clear gives it back.
+		if !registered {
+			s.spare = append(s.spare, h)
+		} else {
+			s.holders[h] = struct{}{}
+		}
+		s.mu.Unlock()
+		return
+	}
 	if len(s.spare) < min(maxSpare, s.max-1) && !h.marked && !s.src.exhausted() {
 		// Kept ready for the next wait; the heartbeat retires it after
 		// primaryLinger.
 		h.waited = false
 		s.spare = append(s.spare, h)
 		s.armYield()
+		s.signal() // it may be made primary now
 		s.mu.Unlock()
 		s.freed()
 		return
 	}
 	h.dead.Store(true)
-	s.uncount(h)
 	s.mu.Unlock()
-	s.giveBack(h)
+	s.retire(h)
+}
+
+// retire gives sessions, marked dead and forgotten by the caller, back to
+// the pool, and only then stops counting them: the Locker never has more
+// than max.
+func (s *sessions) retire(hs ...*holder) {
+	for _, h := range hs {
+		s.giveBack(h)
+	}
+	s.mu.Lock()
+	for _, h := range hs {
+		s.uncount(h)
+	}
+	s.mu.Unlock()
 	s.freed()
 }
 
@@ -377,15 +414,11 @@ func (s *sessions) yield() {
 	}
 	for _, h := range retire {
 		h.dead.Store(true)
-		s.uncount(h)
 	}
 	s.bg.Add(1) // s.closed is false: Close has not begun to wait
 	s.mu.Unlock()
 	defer s.bg.Done()
-	for _, h := range retire {
-		s.giveBack(h)
-	}
-	s.freed()
+	s.retire(retire...)
 }
 
 // holding reports whether any session holds locks. It runs with s.mu held.
@@ -462,22 +495,25 @@ func (s *sessions) lose(h *holder, cause error) {
 
 // listen makes h, the new primary, listen for the Locker's notifications,
 // if its driver lets them be read.
-func (s *sessions) listen(h *holder) {
+func (s *sessions) listen(h *holder) error {
 	if !h.c.watchable() {
-		return
+		return nil
 	}
 	h.enter()
 	defer h.leave()
-	if h.listening || h.broken != nil {
-		return
+	if h.listening.Load() || h.broken != nil {
+		return h.broken
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.stmtTime)
 	defer cancel()
 	if err := h.c.exec(ctx, sqlListen); err != nil {
-		s.fail(h, fmt.Errorf("listen: %w", err))
-		return
+		if h.counted {
+			s.fail(h, fmt.Errorf("listen: %w", err))
+		}
+		return fmt.Errorf("listen: %w", err)
 	}
-	h.listening = true
+	h.listening.Store(true)
+	return nil
 }
 
 // heartbeat checks every session that holds locks once per interval, starts
@@ -488,8 +524,10 @@ func (s *sessions) heartbeat() {
 	t := time.NewTicker(s.cfg.hbInterval)
 	defer t.Stop()
 	for {
+		// Until close, not until Close begins: statements Close waits for
+		// must still be cut off if their session goes silent.
 		select {
-		case <-s.closeCtx.Done():
+		case <-s.stop:
 			return
 		case <-t.C:
 		}
@@ -510,14 +548,12 @@ func (s *sessions) heartbeat() {
 			s.primary = nil
 			delete(s.holders, p)
 			p.dead.Store(true)
-			s.uncount(p)
 			retire = append(retire, p)
 		}
 		for len(s.spare) > 0 && (short || time.Since(s.spare[0].idleSince) >= primaryLinger) {
 			p := s.spare[0]
 			s.spare = s.spare[1:]
 			p.dead.Store(true)
-			s.uncount(p)
 			retire = append(retire, p)
 		}
 		s.mu.Unlock()
@@ -526,7 +562,7 @@ func (s *sessions) heartbeat() {
 			s.bg.Add(1)
 			go func() {
 				defer s.bg.Done()
-				s.giveBack(h)
+				s.retire(h)
 			}()
 		}
 		for _, h := range probe {
@@ -578,6 +614,7 @@ func (s *sessions) close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true
+	close(s.stop)
 	if s.press != nil {
 		s.press.Stop()
 	}

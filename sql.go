@@ -14,7 +14,6 @@ import (
 //	wait:         SELECT '', pg_advisory_lock[_shared](key)::text, <token>
 //	wait+timeout: SELECT set_config('lock_timeout', $n, true), pg_advisory_lock[_shared](key)::text, <token>
 //	unlock:       SELECT pg_advisory_unlock[_shared](key)
-//	unlock+tell:  SELECT pg_advisory_unlock[_shared](key) FROM (SELECT pg_notify('pglocks', $n)) n
 //
 // <token> is 0, or with fencing tokens pg_current_xact_id() read after the
 // lock is granted (columns are evaluated left to right; the try reads it only
@@ -50,7 +49,6 @@ const (
 	stmtWait
 	stmtWaitTimeout
 	stmtUnlock
-	stmtUnlockNotify
 	stmtXactTry
 	stmtXactWait
 	numStmtKinds
@@ -195,10 +193,6 @@ var statements = func() (s [numStmtKinds][2][2][2]string) {
 					call("advisory_lock") + "::text, " + token
 			}
 			s[stmtUnlock][shared][pair][0] = "SELECT " + call("advisory_unlock")
-			// The notification is sent when the statement's transaction
-			// commits, after the unlock.
-			s[stmtUnlockNotify][shared][pair][0] = "SELECT " + call("advisory_unlock") +
-				" FROM (SELECT pg_notify('" + notifyChannel + "', " + next + ")) n"
 			s[stmtXactTry][shared][pair][0] = "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE " +
 				call("try_advisory_xact_lock") + " END, current_setting('statement_timeout')"
 			// OFFSET 0 keeps the subquery from being flattened, so the old

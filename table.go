@@ -242,8 +242,11 @@ func (t *table) release(lk *Lock) (*unlock, error) {
 }
 
 // released finishes an unlock: the key is no longer held by this Locker
-// (if the unlock failed, its session was closed, which freed it).
-func (t *table) released(u *unlock) {
+// (if the unlock failed, its session was closed, which freed it). tell
+// reports that a waiter elsewhere asked for the key while it was being
+// released, after its unlock was sent without a notification: the caller
+// tells it now.
+func (t *table) released(u *unlock) (tell bool) {
 	defer t.ops.Done()
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -259,9 +262,17 @@ func (t *table) released(u *unlock) {
 	}
 	t.recent.add(e.key)
 	u.lk.cancel(ErrReleased)
+	wanted := e.wanted
+	tell = wanted && !u.notify
 	t.setIdle(e)
 	t.dispatch(e)
+	if e.state == stateAcquiring {
+		// Handed to a goroutine of this Locker: a waiter elsewhere still
+		// wants it, and must hear when this process lets it go.
+		e.wanted = wanted
+	}
 	t.gc(e)
+	return tell
 }
 
 // lost reports every lock held on h lost with cause, and forgets them: h's
@@ -353,7 +364,8 @@ func (t *table) closeAll() {
 func (t *table) want(key Key) (releasedLately bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if e := t.keys[key]; e != nil && (e.state == stateHeld || e.state == stateAcquiring) {
+	if e := t.keys[key]; e != nil && e.state != stateIdle {
+		// Held, being taken, or being released (then released tells).
 		e.wanted = true
 		return false
 	}

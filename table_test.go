@@ -205,12 +205,22 @@ func TestTableWant(t *testing.T) {
 	if !tb.want(k) {
 		t.Fatal("a key just released is not reported released lately")
 	}
+	// Asked for while its unlock is on its way (sent without a notification):
+	// released says to tell.
+	lk = grantOne(t, tb, mustClaim(t, tb, k, false), h)
+	u, _ = tb.release(lk)
+	if u.notify || tb.want(k) {
+		t.Fatal("setup")
+	}
+	if !tb.released(u) {
+		t.Fatal("a want heard during the release is not told")
+	}
 	// wanted does not outlive the hold.
 	lk = grantOne(t, tb, mustClaim(t, tb, k, false), h)
 	if u, _ := tb.release(lk); u.notify {
 		t.Fatal("a new hold inherited the old one's want")
-	} else {
-		tb.released(u)
+	} else if tb.released(u) {
+		t.Fatal("an unwanted release says to tell")
 	}
 }
 

@@ -75,7 +75,7 @@ func (h *holder) stopWatch() {
 // idleWatch arms h's idle timer after a batch: if h holds locks or listens
 // and stays idle for idleWatchAfter, a watcher reads its socket.
 func (s *sessions) idleWatch(h *holder) {
-	if !h.c.watchable() || (h.held.Load() == 0 && !h.listening) {
+	if !h.c.watchable() || (h.held.Load() == 0 && !h.listening.Load()) {
 		return
 	}
 	s.mu.Lock()
@@ -106,6 +106,12 @@ func (s *sessions) watchIdle(h *holder) {
 	if busy || !h.tryEnter() {
 		return
 	}
+	// dead is set before a session is given back, and giving back enters
+	// the session: holding it now, we see it if it happened.
+	if h.dead.Load() {
+		h.leave()
+		return
+	}
 	s.drain(h)
 	s.watch(h)
 }
@@ -113,7 +119,7 @@ func (s *sessions) watchIdle(h *holder) {
 // watch hands h's session, which the caller holds (h.sem), to a watcher, or
 // gives it up if it cannot be watched.
 func (s *sessions) watch(h *holder) {
-	if !h.c.watchable() || h.broken != nil {
+	if !h.c.watchable() || h.broken != nil || h.dead.Load() {
 		h.leave()
 		return
 	}
@@ -145,7 +151,7 @@ func (s *sessions) watchLoop(h *holder, w *watcher) {
 		// message is handled by pgx.
 		var n *pgconn.Notification
 		n, err = h.c.waitIdle(context.Background())
-		if n != nil && h.listening && n.PID != uint32(h.pid) {
+		if n != nil && h.listening.Load() && n.PID != uint32(h.pid) {
 			s.heard(n) // not our own
 		}
 		if err != nil && !pgconn.Timeout(err) {
@@ -177,7 +183,7 @@ var drained = func() context.Context {
 // drain hands on the notifications that arrived on h, the listening
 // session, while it ran statements. The caller holds h.sem.
 func (s *sessions) drain(h *holder) {
-	if !h.listening || h.broken != nil {
+	if !h.listening.Load() || h.broken != nil {
 		return
 	}
 	for {
