@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglocks/pglocks"
+	"github.com/pglocks/pglocks/internal/benchkit"
 )
 
 // The benchmarks measure pglocks against hand-written pgx doing the same
@@ -63,151 +64,24 @@ func dbOf(dsn string) string { return dsn[strings.LastIndex(dsn, "/")+1 : string
 
 // B1: one goroutine, Lock+Release of one key.
 func BenchmarkUncontended(b *testing.B) {
-	b.Run("raw", func(b *testing.B) {
-		p := benchPool(b, srv.DB(b), 4)
-		c, err := p.Acquire(context.Background())
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer c.Release()
-		ctx := context.Background()
-		for b.Loop() {
-			if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", int64(1)); err != nil {
-				b.Fatal(err)
-			}
-			var ok bool
-			if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1)", int64(1)).Scan(&ok); err != nil || !ok {
-				b.Fatal(ok, err)
-			}
-		}
-	})
-	b.Run("pglocks", func(b *testing.B) {
-		l := benchLocker(b, benchPool(b, srv.DB(b), 4))
-		ctx := context.Background()
-		for b.Loop() {
-			lk, err := l.Lock(ctx, pglocks.ID(1))
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := lk.Release(ctx); err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
+	b.Run("raw", func(b *testing.B) { benchkit.Uncontended(b, benchkit.Raw(b, srv.DB(b), 1)) })
+	b.Run("pglocks", func(b *testing.B) { benchkit.Uncontended(b, benchkit.Pglocks(b, srv.DB(b), pglocks.ID(1))) })
 }
 
-// B2: 8 sessions hand one key over. Hand-over latency runs from the
-// holder's Release being called to the next holder's Lock returning.
+// B2: 8 sessions hand one key over (see benchkit.Handover).
 func BenchmarkHandover(b *testing.B) {
-	type session struct {
-		lock    func(ctx context.Context) error
-		release func(ctx context.Context) error
-	}
-	run := func(b *testing.B, newSession func(dsn string) session) {
-		const workers = 8
+	const workers = 8
+	run := func(b *testing.B, newSession func(dsn string) benchkit.Session) {
 		dsn := srv.DB(b)
-		sessions := make([]session, workers)
+		sessions := make([]benchkit.Session, workers)
 		for i := range sessions {
 			sessions[i] = newSession(dsn)
 		}
-		var (
-			released atomic.Int64 // UnixNano of the last Release call
-			mu       sync.Mutex
-			handover []time.Duration
-			counts   = make([]int, workers)
-			longest  time.Duration
-			left     atomic.Int64
-		)
-		ctx := context.Background()
-		// Warm up: every session hands the key over twice, so that
-		// connections are open and readied before the timer starts.
-		var warm sync.WaitGroup
-		for _, s := range sessions {
-			warm.Go(func() {
-				for range 2 {
-					if err := s.lock(ctx); err != nil {
-						b.Error(err)
-						return
-					}
-					if err := s.release(ctx); err != nil {
-						b.Error(err)
-						return
-					}
-				}
-			})
-		}
-		warm.Wait()
-		left.Store(int64(b.N))
-		b.ResetTimer()
-		var wg sync.WaitGroup
-		for w := range workers {
-			wg.Go(func() {
-				s := sessions[w]
-				for left.Add(-1) >= 0 {
-					asked := time.Now()
-					if err := s.lock(ctx); err != nil {
-						b.Error(err)
-						return
-					}
-					got := time.Now()
-					mu.Lock()
-					if r := released.Load(); r != 0 {
-						handover = append(handover, got.Sub(time.Unix(0, r)))
-					}
-					counts[w]++
-					longest = max(longest, got.Sub(asked))
-					mu.Unlock()
-					released.Store(time.Now().UnixNano())
-					if err := s.release(ctx); err != nil {
-						b.Error(err)
-						return
-					}
-				}
-			})
-		}
-		wg.Wait()
-		b.StopTimer()
-		slices.Sort(handover)
-		if len(handover) > 0 {
-			b.ReportMetric(float64(handover[len(handover)/2].Microseconds()), "p50-handover-µs")
-			b.ReportMetric(float64(handover[len(handover)*99/100].Microseconds()), "p99-handover-µs")
-		}
-		if hi := slices.Max(counts); hi > 0 {
-			b.ReportMetric(float64(slices.Min(counts))/float64(hi), "fairness")
-		}
-		b.ReportMetric(float64(longest.Milliseconds()), "longest-wait-ms")
+		benchkit.Handover(b, sessions)
 	}
-	b.Run("raw", func(b *testing.B) {
-		run(b, func(dsn string) session {
-			c, err := pgx.Connect(context.Background(), dsn)
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { c.Close(context.Background()) })
-			return session{
-				lock: func(ctx context.Context) error {
-					_, err := c.Exec(ctx, "SELECT pg_advisory_lock(7)")
-					return err
-				},
-				release: func(ctx context.Context) error {
-					_, err := c.Exec(ctx, "SELECT pg_advisory_unlock(7)")
-					return err
-				},
-			}
-		})
-	})
+	b.Run("raw", func(b *testing.B) { run(b, func(dsn string) benchkit.Session { return benchkit.Raw(b, dsn, 7) }) })
 	b.Run("pglocks", func(b *testing.B) {
-		run(b, func(dsn string) session {
-			l := benchLocker(b, benchPool(b, dsn, 4))
-			var lk *pglocks.Lock
-			return session{
-				lock: func(ctx context.Context) (err error) {
-					lk, err = l.Lock(ctx, pglocks.ID(7))
-					return err
-				},
-				release: func(ctx context.Context) error { return lk.Release(ctx) },
-			}
-		})
+		run(b, func(dsn string) benchkit.Session { return benchkit.Pglocks(b, dsn, pglocks.ID(7)) })
 	})
 }
 

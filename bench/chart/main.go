@@ -19,12 +19,14 @@ import (
 
 func main() { os.Exit(run(os.Stdin, os.Stdout, os.Stderr)) }
 
-// comparisons: benchmark, the metric compared, and what the bar means.
-var comparisons = []struct{ bench, metric, raw, label string }{
-	{"Uncontended", "ns/op", "raw", "B1 uncontended Lock+Release"},
-	{"Handover", "p50-handover-µs", "raw", "B2 hand-over latency p50 (8 sessions)"},
-	{"ParallelKeys", "ns/op", "raw", "B3 32 goroutines, own keys (pglocks on 1-4 conns)"},
-	{"ManyHeld", "ns/lock", "raw-one-round-trip-each", "B4 taking 10,000 locks"},
+// comparisons: benchmark, the metric compared, the raw and pglocks
+// sub-benchmarks, and what the bar means.
+var comparisons = []struct{ bench, metric, raw, pg, label string }{
+	{"Uncontended", "ns/op", "raw", "pglocks", "B1 uncontended Lock+Release"},
+	{"Handover", "ns/op", "raw", "pglocks", "B2 hand-over cycle (8 sessions)"},
+	{"ParallelKeys", "ns/op", "raw", "pglocks", "B3 32 goroutines, own keys (pglocks on 1-2 conns)"},
+	{"ManyHeld", "ns/lock", "raw-one-round-trip-each", "pglocks", "B4 taking 10,000 locks"},
+	{"ManyWaiters", "release-to-last-ms", "raw", "pglocks-freed-by-locker", "B7 1,000 waiters: release to last grant"},
 }
 
 func run(in io.Reader, out, errw io.Writer) int {
@@ -59,7 +61,7 @@ func run(in io.Reader, out, errw io.Writer) int {
 	scale := 40.0 // px per 1x
 	for i, c := range comparisons {
 		raw, ok1 := median(c.bench + "/" + c.raw + " " + c.metric)
-		pg, ok2 := median(c.bench + "/pglocks " + c.metric)
+		pg, ok2 := median(c.bench + "/" + c.pg + " " + c.metric)
 		if !ok1 || !ok2 || pg == 0 {
 			// A run too short to measure it (CI's -benchtime 1x has no
 			// hand-over to time): leave the row empty.

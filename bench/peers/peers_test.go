@@ -10,11 +10,8 @@ package peers
 import (
 	"context"
 	"database/sql"
-	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/golang-migrate/migrate/v4/database/postgres"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -22,6 +19,7 @@ import (
 	"github.com/pressly/goose/v3/lock"
 
 	"github.com/pglocks/pglocks"
+	"github.com/pglocks/pglocks/internal/benchkit"
 	"github.com/pglocks/pglocks/internal/pgtest"
 )
 
@@ -47,112 +45,63 @@ func sqlConn(b *testing.B, db *sql.DB) *sql.Conn {
 	return c
 }
 
-// locker is one library's lock on one session: lock waits, unlock releases.
-type locker struct{ lock, unlock func() error }
-
-func gooseLocker(b *testing.B, c *sql.Conn, id int64) locker {
+func gooseSession(b *testing.B, c *sql.Conn, id int64) benchkit.Session {
 	// goose polls pg_try_advisory_lock; 1 s is its shortest period.
 	l, err := lock.NewPostgresSessionLocker(lock.WithLockID(id), lock.WithLockTimeout(1, 3600))
 	if err != nil {
 		b.Fatal(err)
 	}
-	ctx := context.Background()
-	return locker{func() error { return l.SessionLock(ctx, c) }, func() error { return l.SessionUnlock(ctx, c) }}
+	return benchkit.Session{
+		Lock:   func(ctx context.Context) error { return l.SessionLock(ctx, c) },
+		Unlock: func(ctx context.Context) error { return l.SessionUnlock(ctx, c) },
+	}
 }
 
-func migrateLocker(b *testing.B, db *sql.DB) locker {
+func migrateSession(b *testing.B, db *sql.DB) benchkit.Session {
 	d, err := postgres.WithInstance(db, &postgres.Config{})
 	if err != nil {
 		b.Fatal(err)
 	}
-	return locker{d.Lock, d.Unlock}
+	return benchkit.Session{
+		Lock:   func(context.Context) error { return d.Lock() },
+		Unlock: func(context.Context) error { return d.Unlock() },
+	}
 }
 
-func pglocksLocker(b *testing.B, dsn string, key pglocks.Key) locker {
-	p, err := pgxpool.New(context.Background(), dsn)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(p.Close)
-	l, err := pglocks.New(p)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { l.Close() })
-	var lk *pglocks.Lock
-	return locker{
-		func() (err error) { lk, err = l.Lock(context.Background(), key); return err },
-		func() error { return lk.Release(context.Background()) },
-	}
+// libraries are the ways of holding one key on a session of its own, in the
+// order each benchmark runs them: raw pgx first, pglocks last.
+var libraries = []struct {
+	name    string
+	session func(b *testing.B, dsn string, key int64) benchkit.Session
+}{
+	{"raw", benchkit.Raw},
+	{"goose", func(b *testing.B, dsn string, key int64) benchkit.Session {
+		return gooseSession(b, sqlConn(b, openDB(b, dsn)), key)
+	}},
+	{"migrate", func(b *testing.B, dsn string, _ int64) benchkit.Session { return migrateSession(b, openDB(b, dsn)) }},
+	{"pglocks", func(b *testing.B, dsn string, key int64) benchkit.Session {
+		return benchkit.Pglocks(b, dsn, pglocks.ID(key))
+	}},
 }
 
 // B1: one goroutine, lock and unlock one key.
 func BenchmarkUncontended(b *testing.B) {
-	cases := map[string]func(b *testing.B, dsn string) locker{
-		"goose":   func(b *testing.B, dsn string) locker { return gooseLocker(b, sqlConn(b, openDB(b, dsn)), 1) },
-		"migrate": func(b *testing.B, dsn string) locker { return migrateLocker(b, openDB(b, dsn)) },
-		"pglocks": func(b *testing.B, dsn string) locker { return pglocksLocker(b, dsn, pglocks.ID(1)) },
-	}
-	for _, name := range []string{"goose", "migrate", "pglocks"} {
-		b.Run(name, func(b *testing.B) {
-			l := cases[name](b, srv.DB(b))
-			for b.Loop() {
-				if err := l.lock(); err != nil {
-					b.Fatal(err)
-				}
-				if err := l.unlock(); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
+	for _, lib := range libraries {
+		b.Run(lib.name, func(b *testing.B) { benchkit.Uncontended(b, lib.session(b, srv.DB(b), 1)) })
 	}
 }
 
-// B2: 8 sessions hand one key over; fairness and the longest wait.
+// B2: 8 sessions hand one key over (see benchkit.Handover).
 func BenchmarkHandover(b *testing.B) {
 	const workers = 8
-	cases := map[string]func(b *testing.B, dsn string) locker{
-		"goose":   func(b *testing.B, dsn string) locker { return gooseLocker(b, sqlConn(b, openDB(b, dsn)), 7) },
-		"migrate": func(b *testing.B, dsn string) locker { return migrateLocker(b, openDB(b, dsn)) },
-		"pglocks": func(b *testing.B, dsn string) locker { return pglocksLocker(b, dsn, pglocks.ID(7)) },
-	}
-	for _, name := range []string{"goose", "migrate", "pglocks"} {
-		b.Run(name, func(b *testing.B) {
+	for _, lib := range libraries {
+		b.Run(lib.name, func(b *testing.B) {
 			dsn := srv.DB(b)
-			ls := make([]locker, workers)
-			for i := range ls {
-				ls[i] = cases[name](b, dsn)
+			ss := make([]benchkit.Session, workers)
+			for i := range ss {
+				ss[i] = lib.session(b, dsn, 7)
 			}
-			var left atomic.Int64
-			left.Store(int64(b.N))
-			counts := make([]int, workers)
-			var mu sync.Mutex
-			var longest time.Duration
-			var wg sync.WaitGroup
-			b.ResetTimer()
-			for w := range workers {
-				wg.Go(func() {
-					for left.Add(-1) >= 0 {
-						asked := time.Now()
-						if err := ls[w].lock(); err != nil {
-							b.Error(err)
-							return
-						}
-						mu.Lock()
-						counts[w]++
-						longest = max(longest, time.Since(asked))
-						mu.Unlock()
-						if err := ls[w].unlock(); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				})
-			}
-			wg.Wait()
-			b.StopTimer()
-			b.ReportMetric(float64(slices.Min(counts))/float64(max(slices.Max(counts), 1)), "fairness")
-			b.ReportMetric(float64(longest.Milliseconds()), "longest-wait-ms")
+			benchkit.Handover(b, ss)
 		})
 	}
 }
@@ -163,13 +112,14 @@ func BenchmarkManyHeld(b *testing.B) {
 	const n = 10000
 	b.Run("goose", func(b *testing.B) {
 		c := sqlConn(b, openDB(b, srv.DB(b)))
-		ls := make([]locker, n)
+		ls := make([]benchkit.Session, n)
 		for i := range ls {
-			ls[i] = gooseLocker(b, c, int64(i))
+			ls[i] = gooseSession(b, c, int64(i))
 		}
+		ctx := context.Background()
 		for b.Loop() {
 			for _, l := range ls {
-				if err := l.lock(); err != nil {
+				if err := l.Lock(ctx); err != nil {
 					b.Fatal(err)
 				}
 			}

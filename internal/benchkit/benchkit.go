@@ -1,0 +1,163 @@
+// Package benchkit holds the benchmark loops that pglocks and its peers
+// (bench/peers, a module of its own) run the same way, so that figures from
+// one run compare like with like.
+package benchkit
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pglocks/pglocks"
+)
+
+// Session is one library's hold of one key from a session of its own: Lock
+// waits for the key, Unlock lets it go.
+type Session struct {
+	Lock, Unlock func(ctx context.Context) error
+}
+
+// Raw is hand-written pgx on a connection of its own: pg_advisory_lock and
+// pg_advisory_unlock of key.
+func Raw(b *testing.B, dsn string, key int64) Session {
+	c, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close(context.Background()) })
+	return Session{
+		Lock: func(ctx context.Context) error {
+			_, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", key)
+			return err
+		},
+		Unlock: func(ctx context.Context) error {
+			var ok bool
+			if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1)", key).Scan(&ok); err != nil {
+				return err
+			}
+			if !ok {
+				return errNotHeld
+			}
+			return nil
+		},
+	}
+}
+
+var errNotHeld = errors.New("the lock was not held")
+
+// Pglocks is a Locker of its own, over a pool of 4 (as another process
+// would have), taking key.
+func Pglocks(b *testing.B, dsn string, key pglocks.Key, opts ...pglocks.Option) Session {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg.MaxConns = 4
+	p, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(p.Close)
+	l, err := pglocks.New(p, opts...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = l.Close() })
+	var lk *pglocks.Lock
+	return Session{
+		Lock:   func(ctx context.Context) (err error) { lk, err = l.Lock(ctx, key); return err },
+		Unlock: func(ctx context.Context) error { return lk.Release(ctx) },
+	}
+}
+
+// Uncontended is B1: one goroutine takes and lets go of one key.
+func Uncontended(b *testing.B, s Session) {
+	ctx := context.Background()
+	for b.Loop() {
+		if err := s.Lock(ctx); err != nil {
+			b.Fatal(err)
+		}
+		if err := s.Unlock(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// Handover is B2: the sessions, one goroutine each, hand one key over b.N
+// times in all. Every session first takes the key twice, untimed, so that
+// connections are open and readied. It reports the hand-over latency (from
+// the holder's Unlock being called to the next holder's Lock returning,
+// p50 and p99), fairness (the fewest acquisitions of a session over the
+// most) and the longest single wait.
+func Handover(b *testing.B, sessions []Session) {
+	ctx := context.Background()
+	var warm sync.WaitGroup
+	for _, s := range sessions {
+		warm.Go(func() {
+			for range 2 {
+				if err := s.Lock(ctx); err != nil {
+					b.Error(err)
+					return
+				}
+				if err := s.Unlock(ctx); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	warm.Wait()
+	var (
+		released atomic.Int64 // UnixNano of the last Unlock call
+		mu       sync.Mutex
+		handover []time.Duration
+		counts   = make([]int, len(sessions))
+		longest  time.Duration
+		left     atomic.Int64
+	)
+	left.Store(int64(b.N))
+	b.ResetTimer()
+	var wg sync.WaitGroup
+	for w, s := range sessions {
+		wg.Go(func() {
+			for left.Add(-1) >= 0 {
+				asked := time.Now()
+				if err := s.Lock(ctx); err != nil {
+					b.Error(err)
+					return
+				}
+				got := time.Now()
+				mu.Lock()
+				if r := released.Load(); r != 0 {
+					handover = append(handover, got.Sub(time.Unix(0, r)))
+				}
+				counts[w]++
+				longest = max(longest, got.Sub(asked))
+				mu.Unlock()
+				released.Store(time.Now().UnixNano())
+				if err := s.Unlock(ctx); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	b.StopTimer()
+	slices.Sort(handover)
+	if len(handover) > 0 {
+		b.ReportMetric(float64(handover[len(handover)/2].Microseconds()), "p50-handover-µs")
+		b.ReportMetric(float64(handover[len(handover)*99/100].Microseconds()), "p99-handover-µs")
+	}
+	if hi := slices.Max(counts); hi > 0 {
+		b.ReportMetric(float64(slices.Min(counts))/float64(hi), "fairness")
+	}
+	b.ReportMetric(float64(longest.Milliseconds()), "longest-wait-ms")
+}
