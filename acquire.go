@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // One pipeline takes one key (Lock, TryLock) or several (LockAll,
@@ -88,7 +89,9 @@ func (l *Locker) acquire(ctx context.Context, keys []Key, o lockConfig, wait boo
 			j++
 		}
 	}
-	l.cfg.logger.Debug("pglocks: acquired", "keys", len(keys), "shared", o.shared)
+	if l.cfg.debug {
+		l.cfg.logger.Debug("pglocks: acquired", "keys", len(keys), "shared", o.shared)
+	}
 	return locks, nil
 }
 
@@ -162,6 +165,10 @@ func (l *Locker) acquireServer(ctx context.Context, es []*entry, o lockConfig, w
 	}
 }
 
+// contendedWait is how long a wait on a ready session must take for its key
+// to count as still contended: an uncontended one takes a round trip.
+const contendedWait = time.Millisecond
+
 // dropGrant hands back what the server granted but the table did not take:
 // a session of its own is cleared and closed; on a shared one the keys are
 // unlocked, unless the session is gone (and they with it).
@@ -190,9 +197,13 @@ func (l *Locker) serverTake(ctx context.Context, keys []Key, o lockConfig, wait 
 			return grant{}, lockError(keys[0], err)
 		}
 		if w != nil {
+			began := time.Now()
 			g, _, err := l.waitOn(ctx, w, keys, o)
 			if err != nil {
 				return grant{}, lockError(keys[0], err)
+			}
+			if time.Since(began) > contendedWait {
+				l.contended.add(keys[0]) // it waited: still contended
 			}
 			return g, nil
 		}
@@ -329,6 +340,15 @@ func unlockReqs(keys []Key, shared bool) []*req {
 	return rs
 }
 
+// cutter returns what cuts c's socket under a running statement, for
+// waitSpec.cut, or nil if its driver is not interruptible.
+func cutter(c conn) func() {
+	if !c.interruptible() {
+		return nil
+	}
+	return c.closeSocket
+}
+
 // notifyReq sends payload p on notifyChannel. A notification is sent when
 // its transaction commits, so if a later statement of the same pipelined
 // batch aborts it, it is sent again (txn); one the server refuses (its
@@ -379,8 +399,9 @@ func (l *Locker) waitOn(ctx context.Context, w *holder, keys []Key, o lockConfig
 				var s1, s2 string
 				return w.c.query(ctx, q, args, &s1, &s2, &tokens[i])
 			},
-			cancel: cancel, grace: l.cfg.stmtTime, closing: l.closing,
+			cancel: cancel, grace: l.cfg.stmtTime, closing: l.closing, closeCtx: l.closeCtx,
 			abandon: func(done <-chan error) { stuck = done },
+			cut:     cutter(w.c),
 		})
 		if err != nil {
 			break

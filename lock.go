@@ -82,6 +82,14 @@ func (lk *Lock) Release(ctx context.Context) error {
 func (l *Locker) unlock(ctx context.Context, us []*unlock) []error {
 	ctx = context.WithoutCancel(ctx)
 	rs := make([]*req, len(us))
+	if len(us) == 1 && !us[0].notify {
+		// The common case, without the maps.
+		u := us[0]
+		rs[0] = unlockReq(u.e.key, u.shared)
+		l.sessions.use(u.h)
+		rs[0].err = l.sessions.do(ctx, u.h, rs[0])
+		return l.unlocked(us, rs)
+	}
 	byHolder := map[*holder][]*req{}
 	tell := map[*holder][]Key{} // wanted keys: their release notifies
 	for i, u := range us {
@@ -108,6 +116,11 @@ func (l *Locker) unlock(ctx context.Context, us []*unlock) []error {
 		}
 		wg.Wait()
 	}
+	return l.unlocked(us, rs)
+}
+
+// unlocked finishes unlocks us, whose statements rs have run.
+func (l *Locker) unlocked(us []*unlock, rs []*req) []error {
 	errs := make([]error, len(us))
 	var late []Key // wanted while being released: told now
 	for i, u := range us {
@@ -119,7 +132,9 @@ func (l *Locker) unlock(ctx context.Context, us []*unlock) []error {
 			errs[i] = lockError(u.e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))
 			continue
 		}
-		l.cfg.logger.Debug("pglocks: released", "key", u.e.key)
+		if l.cfg.debug {
+			l.cfg.logger.Debug("pglocks: released", "key", u.e.key)
+		}
 	}
 	if len(late) > 0 {
 		l.mux.tellFreed(late)

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"log/slog"
 
 	"sync"
 
@@ -108,6 +109,7 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 		return nil, fmt.Errorf("pglocks: heartbeat interval+timeout (%v) must be shorter than the server keepalive bound (%v), or the server could give a lock away before its holder hears of the loss",
 			cfg.hbInterval+cfg.hbTimeout, cfg.serverBound())
 	}
+	cfg.debug = cfg.logger.Enabled(context.Background(), slog.LevelDebug)
 	l.cfg = cfg
 	l.closeCtx, l.closeNow = context.WithCancel(context.Background())
 	l.closing = l.closeCtx.Done()
@@ -120,7 +122,11 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 	l.mux = newMux(l)
 	l.sessions.lost = l.table.lost
 	l.sessions.heard = l.mux.heard
-	l.sessions.freed = l.mux.poke
+	l.sessions.freed = func() {
+		if l.mux.waiting() {
+			l.mux.poke() // a session may be free for the oldest wait
+		}
+	}
 	l.sessions.busy = l.mux.waiting
 	l.bg.Add(2)
 	go l.sessions.heartbeat()

@@ -26,7 +26,6 @@ const (
 // maxPayload is the longest payload sent; the server allows 7999 bytes.
 const maxPayload = 7000
 
-
 // payloads packs keys into as few payloads of kind as fit.
 func payloads(kind byte, keys []Key) []string {
 	var out []string

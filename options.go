@@ -13,6 +13,7 @@ import (
 // config is what the Options set.
 type config struct {
 	logger     *slog.Logger
+	debug      bool // logger logs Debug: set by New
 	appName    string
 	stmtTime   time.Duration
 	hbInterval time.Duration
@@ -190,8 +191,9 @@ func WithServerKeepalive(idle, interval time.Duration, count int) Option {
 func WithFencingTokens() Option { return func(c *config) { c.fencing = true } }
 
 // WithMaxLocks caps how many locks the Locker holds on the server at once
-// (locks shared by several goroutines of the Locker count once). Beyond it,
-// Lock and TryLock fail with [ErrTooManyLocks] before asking the server. The
+// (locks shared by several goroutines of the Locker count once), counting the
+// keys it is waiting for, which it will hold once granted. Beyond it, Lock
+// and TryLock fail with [ErrTooManyLocks] before asking the server. The
 // server's shared lock table is small (about 12,800 locks on default
 // settings, for all sessions together) and a full table stops every session
 // from taking any lock, so the cap protects the whole server from one runaway
@@ -219,8 +221,10 @@ const defaultMaxConns = 2
 // elsewhere and then hold it. Beyond them waits are multiplexed (see
 // [Locker.Lock]): they cost no connection, and locks granted to them are
 // held on the primary. Idle connections kept ready for waits count against
-// n too, and go back to the pool at once when it has no other to give. With
-// n = 1 every wait is multiplexed; n must be at least 1.
+// n too, and go back to the pool within 10 ms when it has no other to give.
+// With n = 1 every wait is multiplexed; n must be at least 1. (Holders,
+// Leader and Observe take a pool connection for their one query, as an
+// application query would, outside this bound.)
 func WithMaxConns(n int) Option {
 	return func(c *config) {
 		if n < 1 {

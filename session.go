@@ -59,7 +59,10 @@ type sessions struct {
 	waiting int           // sessions in a wait in the server's queue
 	stop    chan struct{} // closed by close: the heartbeat ends
 	changed chan struct{} // closed and replaced when a session is given back
-	press   *time.Timer   // armed while sessions are idle: see yield
+	// changedSeen says someone waits on changed (so signal closes it).
+	changedSeen bool
+	lastUsed    time.Time   // when a session last became idle
+	press       *time.Timer // armed while sessions are idle: see yield
 }
 
 // pressureEvery is how often a Locker with idle sessions checks whether the
@@ -119,6 +122,7 @@ func (s *sessions) primaryHolder(ctx context.Context) (*holder, error) {
 		if s.n >= s.max {
 			// Every session is being readied or given back: wait for one.
 			changed := s.changed
+			s.changedSeen = true
 			s.mu.Unlock()
 			select {
 			case <-changed:
@@ -323,6 +327,7 @@ func (s *sessions) unuse(h *holder) {
 		return
 	}
 	h.idleSince = time.Now()
+	s.lastUsed = h.idleSince
 	if h == s.primary {
 		s.armYield()
 		s.mu.Unlock()
@@ -442,8 +447,11 @@ func (s *sessions) uncount(h *holder) {
 
 // signal wakes those waiting for a change in s.n. It runs with s.mu held.
 func (s *sessions) signal() {
-	close(s.changed)
-	s.changed = make(chan struct{})
+	if s.changedSeen {
+		close(s.changed)
+		s.changed = make(chan struct{})
+		s.changedSeen = false
+	}
 }
 
 // mark counts a use of h for naming it a leader's, if it holds only what
@@ -543,8 +551,11 @@ func (s *sessions) heartbeat() {
 			}
 			holding = holding || h.held.Load() > 0
 		}
+		// The primary goes once the whole Locker has been idle for a while
+		// (or the pool is short), not whenever it happens to be idle: a
+		// Locker whose locks live on other sessions still tries on it.
 		if p := s.primary; p != nil && p.users == 0 && p.held.Load() == 0 && !holding && !busy &&
-			(short || time.Since(p.idleSince) >= primaryLinger) {
+			(short || time.Since(p.idleSince) >= primaryLinger && time.Since(s.lastUsed) >= primaryLinger) {
 			s.primary = nil
 			delete(s.holders, p)
 			p.dead.Store(true)

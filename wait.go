@@ -2,9 +2,11 @@ package pglocks
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"strconv"
+	"sync"
 	"time"
 )
 
@@ -24,12 +26,21 @@ type waitSpec struct {
 	// client waits for the server's lock_timeout before giving up on it.
 	grace   time.Duration
 	closing <-chan struct{} // nil, or closed when the Locker closes
+	// closeCtx, if set, is done when the Locker closes (as closing), for
+	// waitInline.
+	closeCtx context.Context
 	// abandon, if set, is called when waitLock returns although the
 	// statement is still running, because the driver did not stop it within
 	// grace of being told to (lib/pq on a silent network). The caller must
 	// not touch the connection until done yields. If abandon is nil,
 	// waitLock waits for the statement however long it takes.
 	abandon func(done <-chan error)
+	// cut, if set, closes the session's socket from another goroutine so
+	// that the statement fails at once (pgx). waitLock then runs the
+	// statement on the caller's goroutine, without a context for the driver
+	// to watch, and a goroutine of its own cancels it or cuts it off: the
+	// grant reaches the caller without a goroutine hand-off.
+	cut func()
 }
 
 // cancelRetry is how often a cancel request is repeated: one that reaches
@@ -50,6 +61,9 @@ const cancelTimeout = time.Second
 // After an error the lock may still have been granted (a cancel can race with
 // the grant): the caller must discard the connection or roll back.
 func waitLock(ctx context.Context, s waitSpec) error {
+	if s.cut != nil && s.cancel != nil {
+		return waitInline(ctx, s)
+	}
 	deadline, hasDeadline := ctx.Deadline()
 	limit := ""
 	qctx, qcancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -158,4 +172,149 @@ func (s waitSpec) giveUp(qcancel context.CancelFunc, done <-chan error) bool {
 		s.abandon(done)
 		return false
 	}
+}
+
+// lockTimeout returns lock_timeout for a wait that ctx bounds, in
+// milliseconds as text, or "" when ctx has no deadline or one beyond
+// lock_timeout's range (the client then ends the wait itself); expired
+// reports a deadline already past.
+func lockTimeout(ctx context.Context) (limit string, deadline time.Time, expired bool) {
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		return "", deadline, false
+	}
+	left := time.Until(deadline)
+	if left <= 0 {
+		return "", deadline, true
+	}
+	ms := (left + time.Millisecond - 1) / time.Millisecond // lock_timeout 0 would mean "no limit"
+	if ms > math.MaxInt32 {
+		return "", deadline, false // beyond lock_timeout's range (24.8 days)
+	}
+	return strconv.FormatInt(int64(ms), 10), deadline, false
+}
+
+// waitInline is waitLock for a session whose socket can be cut (s.cut): the
+// statement runs here, without a context for the driver to watch, and no
+// goroutine watches it unless it must be stopped: callbacks on ctx and on
+// the Locker's closing start one, which sends cancel requests and cuts the
+// socket if the server does not stop the statement within s.grace; a timer
+// cuts it if the server does not answer by the deadline plus s.grace. If
+// the wait was stopped, it fails even if the server granted the lock
+// meanwhile: the caller discards the session.
+func waitInline(ctx context.Context, s waitSpec) error {
+	limit, deadline, expired := lockTimeout(ctx)
+	if expired {
+		return context.DeadlineExceeded
+	}
+	hasDeadline := limit != ""
+	q, args := s.stmt(limit)
+
+	var (
+		mu       sync.Mutex
+		ended    bool  // the statement returned: nothing may cancel it now
+		stop     error // why the statement was stopped, or nil
+		stopping sync.WaitGroup
+	)
+	finished := make(chan struct{})
+	// act records why the statement is being stopped, unless it has ended;
+	// it reports whether the caller is the one to stop it.
+	act := func(why error) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if ended || stop != nil {
+			return false
+		}
+		stop = why
+		stopping.Add(1)
+		return true
+	}
+	stopper := func(why error) {
+		if !act(why) {
+			return
+		}
+		go func() {
+			defer stopping.Done()
+			if hasDeadline && errors.Is(why, context.DeadlineExceeded) {
+				return // the server's lock_timeout ends it at the same moment
+			}
+			grace := time.NewTimer(s.grace)
+			defer grace.Stop()
+			retry := time.NewTicker(cancelRetry)
+			defer retry.Stop()
+			for {
+				cctx, ccancel := context.WithTimeout(context.Background(), cancelTimeout)
+				err := s.cancel(cctx)
+				ccancel()
+				if err != nil {
+					s.cut() // the cancel could not be sent
+					return
+				}
+				select {
+				case <-finished:
+					return
+				case <-retry.C:
+				case <-grace.C:
+					s.cut()
+					return
+				}
+			}
+		}()
+	}
+	unCtx := context.AfterFunc(ctx, func() { stopper(ctxError(ctx)) })
+	unClose := func() bool { return true }
+	if s.closeCtx != nil {
+		unClose = context.AfterFunc(s.closeCtx, func() { stopper(ErrClosed) })
+	}
+	var giveUp *time.Timer
+	if hasDeadline {
+		// The server answers at its lock_timeout; if it does not (a silent
+		// network), cut the socket.
+		giveUp = time.AfterFunc(time.Until(deadline)+s.grace, func() {
+			mu.Lock()
+			over := ended
+			mu.Unlock()
+			if !over {
+				s.cut()
+			}
+		})
+	}
+
+	err := s.run(context.Background(), q, args)
+	mu.Lock()
+	ended = true
+	why := stop
+	mu.Unlock()
+	close(finished)
+	unCtx()
+	unClose()
+	if giveUp != nil {
+		giveUp.Stop()
+	}
+	if why != nil {
+		// A cancel request being sent must reach the server before the
+		// caller's next statement on the session (its clearing), or it could
+		// cancel that one instead.
+		stopping.Wait()
+	}
+	switch {
+	case why != nil && hasDeadline && errors.Is(why, context.DeadlineExceeded):
+		if err != nil {
+			return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
+		}
+		return context.DeadlineExceeded
+	case why != nil:
+		// The wait was stopped: it fails, whatever the server said last.
+		if err != nil {
+			return fmt.Errorf("%w: %w", why, err)
+		}
+		return why
+	case err == nil:
+		return nil
+	case ctx.Err() != nil:
+		return fmt.Errorf("%w: %w", ctxError(ctx), err)
+	case hasDeadline && (sqlState(err) == stateLockNotAvailable || time.Now().After(deadline)):
+		return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
+	}
+	return serverEnded(err)
 }
