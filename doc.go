@@ -58,8 +58,16 @@
 //     goroutines of one Locker, which the Locker arbitrates itself (the server
 //     would let one session take its own lock twice). Shared holders coexist;
 //     an exclusive one excludes all.
-//   - Lock waits in the server's lock queue, so a waiter gets the lock as soon
-//     as it is released; there is no polling.
+//   - A Locker takes at most [WithMaxConns] connections of its pool (default
+//     2), for holding and waiting together, however many goroutines wait:
+//     the application's own queries through the pool go on. Up to that many
+//     waits, less one, wait in the server's lock queue on sessions of their
+//     own and get the lock the moment it is free, in queue order. Waits
+//     beyond them are multiplexed: the Locker tries their keys together on
+//     its primary session; a key freed by a pglocks Locker of any process
+//     (pgx drivers) reaches such a waiter at once, by notification, and one
+//     freed by any other client within 250 ms plus a round trip. The oldest
+//     multiplexed wait moves into the server's queue when a session frees.
 //   - Waits last as long as ctx allows, whatever timeouts the role, the
 //     database or the server's configuration set. Every session a Locker
 //     readies sets statement_timeout, lock_timeout, idle_session_timeout,
@@ -80,9 +88,8 @@
 //     grant, so the library never trusts the error alone).
 //   - A connection never goes back to the pool holding a lock. If an unlock
 //     fails, the connection is closed, which frees its locks on the server.
-//   - Held locks share a few connections: holding a thousand uncontended locks
-//     uses one server session. Only a wait for a lock held elsewhere needs a
-//     connection of its own, which then holds that lock.
+//   - Held locks share a few connections: holding a thousand locks, contended
+//     or not, uses at most [WithMaxConns] server sessions.
 //   - Transaction locks end with their transaction, including a rollback to a
 //     savepoint taken before them. A failed transaction-lock wait is rolled
 //     back to a savepoint of its own and leaves lock_timeout as it was.
@@ -133,6 +140,13 @@
 //     deterministic default collation (the usual case).
 //   - With database/sql, a transaction-lock wait cancelled before its
 //     deadline ends the transaction's connection (see [LockSQLTx]).
+//   - First come, first served holds among the goroutines of one Locker that
+//     want a key, and among waits in the server's queue; not among
+//     multiplexed waits of different processes, whose tries race (a try
+//     never jumps the server's queue). A multiplexed LockAll tries all its
+//     keys at once, all or nothing, so the server cannot see a deadlock
+//     through it. A multiplexed waiter of a Locker on lib/pq finds freed keys
+//     by polling only (the driver hides notifications).
 //   - No deadlock detection for separate Lock calls: a Locker waits for a
 //     lock on a session of its own, separate from the sessions holding its
 //     other locks, so the server's deadlock detector cannot see a cycle
