@@ -68,6 +68,7 @@ func (l *Locker) acquire(ctx context.Context, keys []Key, o lockConfig, wait boo
 		}
 	}
 	if len(mine) == 0 {
+		l.holdAtLeast(locks, o)
 		return locks, nil
 	}
 	if err := l.table.reserve(mine); err != nil {
@@ -89,10 +90,22 @@ func (l *Locker) acquire(ctx context.Context, keys []Key, o lockConfig, wait boo
 			j++
 		}
 	}
+	l.holdAtLeast(locks, o)
 	if l.cfg.debug {
 		l.cfg.logger.Debug("pglocks: acquired", "keys", len(keys), "shared", o.shared)
 	}
 	return locks, nil
+}
+
+// holdAtLeast starts the minimum hold of MinHold on locks, just granted.
+func (l *Locker) holdAtLeast(locks []*Lock, o lockConfig) {
+	if o.minHold <= 0 {
+		return
+	}
+	until := time.Now().Add(o.minHold)
+	for _, lk := range locks {
+		l.table.minHold(lk, until)
+	}
 }
 
 // claim arbitrates key between the goroutines of this Locker (see

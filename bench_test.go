@@ -454,6 +454,40 @@ func BenchmarkManyWaiters(b *testing.B) {
 	}
 }
 
+// B8 (issue 13): what a slot costs. Lock+Release with Slots(n), n = 1, 4,
+// 16, beside the plain key: uncontended (one goroutine: the first slot is
+// free, one statement tries the free ones and stops at the first it gets),
+// and contended (8 Lockers, as B2: a slot wait is multiplexed, woken by the
+// releaser's notification, where a plain key waits in the server's queue).
+func BenchmarkSlots(b *testing.B) {
+	variants := []struct {
+		name string
+		opts []pglocks.LockOption
+	}{{"key", nil}, {"slots-1", []pglocks.LockOption{pglocks.Slots(1)}},
+		{"slots-4", []pglocks.LockOption{pglocks.Slots(4)}}, {"slots-16", []pglocks.LockOption{pglocks.Slots(16)}}}
+	session := func(b *testing.B, dsn string, opts []pglocks.LockOption) benchkit.Session {
+		l := benchLocker(b, benchPool(b, dsn, 4))
+		var lk *pglocks.Lock
+		return benchkit.Session{
+			Lock:   func(ctx context.Context) (err error) { lk, err = l.Lock(ctx, pglocks.ID(8), opts...); return err },
+			Unlock: func(ctx context.Context) error { return lk.Release(ctx) },
+		}
+	}
+	for _, v := range variants {
+		b.Run("uncontended/"+v.name, func(b *testing.B) { benchkit.Uncontended(b, session(b, srv.DB(b), v.opts)) })
+	}
+	for _, v := range variants {
+		b.Run("contended-8/"+v.name, func(b *testing.B) {
+			dsn := srv.DB(b)
+			ss := make([]benchkit.Session, 8)
+			for i := range ss {
+				ss[i] = session(b, dsn, v.opts)
+			}
+			benchkit.Handover(b, ss)
+		})
+	}
+}
+
 // B5: hashing names.
 func BenchmarkName(b *testing.B) {
 	for _, size := range []int{16, 1024} {

@@ -92,3 +92,40 @@ func ExampleLockTx() {
 		fmt.Println(err)
 	}
 }
+
+func ExampleSlots() {
+	var locker *pglocks.Locker // from pglocks.New
+	ctx := context.Background()
+	// At most 3 exports at once across every replica: each takes one of the
+	// 3 slots of "exports", waiting for the first to free.
+	err := locker.Do(ctx, pglocks.Name("exports"), func(ctx context.Context) error {
+		return nil // the export
+	}, pglocks.Slots(3))
+	if err != nil {
+		fmt.Println(err)
+	}
+}
+
+func ExampleKey_Slot() {
+	// The slots of "exports", as psql computes them:
+	//   SELECT (h >> 32)::int4, h::bit(32)::int4
+	//   FROM (SELECT hashtextextended('pglocks:slot:' || hashtextextended('exports', 0) || ':0', 0) AS h) s;
+	key := pglocks.Name("exports")
+	fmt.Println(key.Slot(0), key.Slot(1))
+	// Output:
+	// -1306874080,1454835381 -2004245526,1298116869
+}
+
+func ExampleMinHold() {
+	var locker *pglocks.Locker // from pglocks.New
+	ctx := context.Background()
+	// Every replica runs this every 5 minutes, with clocks a few seconds
+	// apart. The first takes the lock and keeps it for at least 4 minutes,
+	// however soon the report is done: the others find it held, and skip.
+	err := locker.TryDo(ctx, pglocks.Name("nightly-report"), func(ctx context.Context) error {
+		return nil // the report
+	}, pglocks.MinHold(4*time.Minute))
+	if errors.Is(err, pglocks.ErrLocked) {
+		fmt.Println("done this window by another replica")
+	}
+}

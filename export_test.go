@@ -5,7 +5,8 @@ import "time"
 // Hooks for the tests of package pglocks_test.
 
 // WaitsForTest returns how many goroutines of l wait for a key: in the
-// server's queue on a session of their own, and multiplexed.
+// server's queue on a session of their own, and multiplexed (slot waits
+// included).
 func WaitsForTest(l *Locker) (server, multiplexed int) {
 	l.sessions.mu.Lock()
 	server = l.sessions.waiting
@@ -17,7 +18,7 @@ func WaitsForTest(l *Locker) (server, multiplexed int) {
 			multiplexed++
 		}
 	}
-	return server, multiplexed
+	return server, multiplexed + len(l.mux.watches)
 }
 
 // SessionsForTest returns how many connections l has taken from its pool.

@@ -89,6 +89,34 @@ func IDRails(id, prefix int64) Key {
 	return Pair(int32(id&0x7fffffff), int32(prefix&0x7fffffff))
 }
 
+// MaxSlots is the most slots [Slots] takes.
+const MaxSlots = 1024
+
+// Slot returns the key of slot i of k, which [Slots] takes: the pair key
+// whose two int4 are the high and the low 32 bits of
+//
+//	hashtextextended('pglocks:slot:' || K || ':' || I, 0)
+//
+// where K is k.String() ("42", or "1,2" for a pair) and I is i in decimal.
+// psql takes slot 0 of ID(42) with
+//
+//	SELECT pg_advisory_lock((h >> 32)::int4, h::bit(32)::int4)
+//	FROM (SELECT hashtextextended('pglocks:slot:42:0', 0) AS h) s;
+//
+// Slot keys are in the pair key space, so no key that [ID], [Name] or
+// [NameCRC32] makes is ever a slot key; a [Pair] is one only if its two
+// int4 happen to be such a hash (about 2^-64 for any given pair), and
+// NameNode, NameRails and IDRails pairs are other hashes or small numbers.
+// The rule holds in UTF-8 databases, as [Name] does. It returns the zero
+// Key for the zero Key or a negative i.
+func (k Key) Slot(i int) Key {
+	if !k.valid() || i < 0 {
+		return Key{}
+	}
+	h := hashBytesExtended("pglocks:slot:" + k.String() + ":" + strconv.Itoa(i))
+	return Key{kind: kindPair, v: int64(h)}
+}
+
 // valid reports whether k was made by a constructor.
 func (k Key) valid() bool { return k.kind == kindInt64 || k.kind == kindPair }
 

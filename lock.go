@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 )
 
 // A Lock is a session-level advisory lock held by a [Locker]. It stays held
@@ -17,10 +18,27 @@ type Lock struct {
 	cancel context.CancelCauseFunc
 	done   bool // guarded by table.mu: released, lost or closed
 	token  int64
+	// For a lock taken with Slots: the key asked for, and the slot held
+	// (e is the slot's entry); slot is -1 otherwise.
+	base Key
+	slot int
+	// holdUntil is when MinHold lets the server's hold go, or zero.
+	holdUntil time.Time
 }
 
-// Key returns the lock's key.
-func (lk *Lock) Key() Key { return lk.e.key }
+// Key returns the lock's key: for a lock taken with [Slots], the key asked
+// for, not its slot's (see [Lock.Slot]).
+func (lk *Lock) Key() Key {
+	if lk.slot >= 0 {
+		return lk.base
+	}
+	return lk.e.key
+}
+
+// Slot returns which slot of [Lock.Key] the lock holds, 0 to n-1, for a
+// lock taken with [Slots](n); it holds the key Key().Slot(i). It returns -1
+// for other locks.
+func (lk *Lock) Slot() int { return lk.slot }
 
 // Token returns the lock's fencing token, or 0 unless the Locker was made
 // with [WithFencingTokens]. Tokens increase strictly from one holder of a key
@@ -70,11 +88,35 @@ func (lk *Lock) Release(ctx context.Context) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	u, err := lk.l.table.release(lk)
+	u, err := lk.l.release(lk)
 	if u == nil {
 		return err
 	}
 	return lk.l.unlock(ctx, []*unlock{u})[0]
+}
+
+// release is table.release, and starts the rest of a minimum hold (see
+// MinHold) when the server's hold must outlast the handle.
+func (l *Locker) release(lk *Lock) (*unlock, error) {
+	u, until, err := l.table.release(lk)
+	if !until.IsZero() {
+		l.linger(lk.e, until)
+	}
+	return u, err
+}
+
+// linger lets e go on the server at until, unless it is taken again or
+// lost meanwhile, or the Locker closes first (Close clears every session).
+func (l *Locker) linger(e *entry, until time.Time) {
+	time.AfterFunc(time.Until(until), func() {
+		if !l.beginCall() {
+			return
+		}
+		defer l.endCall()
+		if u := l.table.endLinger(e, until); u != nil {
+			_ = l.unlock(context.Background(), []*unlock{u})
+		}
+	})
 }
 
 // unlock runs the unlocks that table.release asked for, those on one
@@ -138,6 +180,13 @@ func (l *Locker) unlocked(us []*unlock, rs []*req) []error {
 	}
 	if len(late) > 0 {
 		l.mux.tellFreed(late)
+	}
+	if l.mux.nwatch.Load() > 0 {
+		freed := make([]Key, len(us))
+		for i, u := range us {
+			freed[i] = u.e.key
+		}
+		l.mux.freed(freed) // goroutines of this Locker waiting for a slot
 	}
 	return errs
 }

@@ -177,8 +177,12 @@ func (l *Locker) lockOne(ctx context.Context, key Key, o lockConfig, wait bool) 
 		return nil, lockError(key, errNilContext)
 	case !key.valid():
 		return nil, lockError(key, ErrInvalidKey)
+	case o.err != nil:
+		return nil, lockError(key, o.err)
 	case ctx.Err() != nil:
 		return nil, lockError(key, ctxError(ctx))
+	case o.slots > 0:
+		return l.lockSlot(ctx, key, o, wait)
 	}
 	locks, err := l.acquire(ctx, []Key{key}, o, wait)
 	if err != nil {

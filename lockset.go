@@ -70,7 +70,7 @@ func (s *LockSet) Release(ctx context.Context) error {
 	var errs []error
 	var us []*unlock
 	for _, lk := range s.locks {
-		u, err := lk.l.table.release(lk)
+		u, err := lk.l.release(lk)
 		if u == nil {
 			errs = append(errs, err)
 			continue
@@ -182,6 +182,12 @@ func (l *Locker) acquireAll(ctx context.Context, keys []Key, o lockConfig, wait 
 	ks, err := sortedKeys(keys)
 	if err != nil {
 		return nil, err
+	}
+	switch {
+	case o.err != nil:
+		return nil, lockError(ks[0], o.err)
+	case o.slots > 0:
+		return nil, lockError(ks[0], errors.New("Slots works with Lock, TryLock, Do and TryDo, not with several keys"))
 	}
 	if ctx.Err() != nil {
 		return nil, lockError(ks[0], ctxError(ctx))

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -38,6 +39,8 @@ type mux struct {
 	mu               sync.Mutex
 	minPoll, maxPoll time.Duration // muxMinPoll and muxMaxPoll, but for tests
 	reqs             []*muxReq     // oldest first
+	watches          []*muxWatch   // waits that try for themselves (Slots)
+	nwatch           atomic.Int32  // len(watches), read without mu
 	awaited          map[Key]int   // the keys of reqs, and how many reqs want each
 	free             []Key         // keys to tell freed: wanted by another Locker just after this one let them go
 }
@@ -57,6 +60,78 @@ type muxReq struct {
 	inFlight  bool // in a try that has not answered yet
 	cancelled bool // its goroutine gave up while it was in flight
 	done      chan muxResult
+}
+
+// muxWatch is a wait that tries for itself (a wait for any of a key's
+// slots): the mux says its keys are wanted, and wakes it when one may have
+// freed.
+type muxWatch struct {
+	keys      []Key
+	announced bool
+	wake      chan struct{} // cap 1
+}
+
+// watch registers a wait for any of keys.
+func (m *mux) watch(keys []Key) *muxWatch {
+	w := &muxWatch{keys: keys, wake: make(chan struct{}, 1)}
+	m.mu.Lock()
+	m.watches = append(m.watches, w)
+	m.nwatch.Add(1)
+	for _, k := range keys {
+		m.awaited[k]++
+	}
+	m.mu.Unlock()
+	m.poke() // to say they are wanted
+	return w
+}
+
+// unwatch ends what watch began.
+func (m *mux) unwatch(w *muxWatch) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if i := slices.Index(m.watches, w); i >= 0 {
+		m.watches = slices.Delete(m.watches, i, i+1)
+		m.nwatch.Add(-1)
+		for _, k := range w.keys {
+			if m.awaited[k]--; m.awaited[k] == 0 {
+				delete(m.awaited, k)
+			}
+		}
+	}
+}
+
+// wakeWatches wakes the watches that want any of keys, which may be free:
+// told by another Locker (told), or let go by this one. It runs with m.mu
+// held.
+func (m *mux) wakeWatches(keys map[Key]bool, told bool) {
+	for _, w := range m.watches {
+		for _, k := range w.keys {
+			if keys[k] {
+				select {
+				case w.wake <- struct{}{}:
+				default:
+				}
+				if told {
+					w.announced = false // another process may take it first
+				}
+				break
+			}
+		}
+	}
+}
+
+// freed is told that this Locker let keys go.
+func (m *mux) freed(keys []Key) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.watches) == 0 {
+		return
+	}
+	set := make(map[Key]bool, len(keys))
+	for _, k := range keys {
+		set[k] = true
+	}
+	m.wakeWatches(set, false)
 }
 
 // muxResult ends a multiplexed wait: the keys were granted (g), or a session
@@ -106,7 +181,7 @@ func (m *mux) poke() {
 func (m *mux) waiting() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return len(m.reqs) > 0
+	return len(m.reqs) > 0 || len(m.watches) > 0
 }
 
 // wait waits multiplexed for keys, as long as ctx allows. It returns the
@@ -202,6 +277,7 @@ func (m *mux) heard(n *pgconn.Notification) {
 					}
 				}
 			}
+			m.wakeWatches(freed, true)
 		}
 		m.mu.Unlock()
 		if wanted {
@@ -218,7 +294,7 @@ func (m *mux) run() {
 	delay := muxMinPoll
 	for {
 		m.mu.Lock()
-		idle := len(m.reqs) == 0 && len(m.free) == 0
+		idle := len(m.reqs) == 0 && len(m.free) == 0 && !m.unannounced()
 		minPoll, maxPoll := m.minPoll, m.maxPoll
 		m.mu.Unlock()
 		delay = max(delay, minPoll)
@@ -294,7 +370,7 @@ func (m *mux) failAll(err error) {
 // reports whether anything was granted.
 func (m *mux) poll() bool {
 	m.mu.Lock()
-	pending := len(m.free) > 0
+	pending := len(m.free) > 0 || m.unannounced()
 	for _, r := range m.reqs {
 		pending = pending || !r.inFlight && !r.cancelled
 	}
@@ -331,10 +407,16 @@ func (m *mux) poll() bool {
 			announce = append(announce, r.keys...)
 		}
 	}
+	for _, w := range m.watches {
+		if !w.announced {
+			w.announced = true
+			announce = append(announce, w.keys...)
+		}
+	}
 	free := m.free
 	m.free = nil
 	m.mu.Unlock()
-	if len(batch) == 0 && len(free) == 0 {
+	if len(batch) == 0 && len(free) == 0 && len(announce) == 0 {
 		return false
 	}
 	var rs []*req
@@ -440,6 +522,17 @@ func (m *mux) poll() bool {
 	}
 	m.finishGranted(batch, h, granted, failed, token)
 	return gotAny
+}
+
+// unannounced reports whether a watch's keys are still to be said wanted.
+// It runs with m.mu held.
+func (m *mux) unannounced() bool {
+	for _, w := range m.watches {
+		if !w.announced {
+			return true
+		}
+	}
+	return false
 }
 
 // finishGranted ends the in-flight state of batch after a round on h: the

@@ -240,16 +240,71 @@ type lockConfig struct {
 	shared bool
 	// own takes the lock on a session of its own, waiting in the server's
 	// queue at once (Lead): the session can then be watched, and named.
-	own bool
+	own     bool
+	slots   int           // Slots: take one of this many slots of the key
+	minHold time.Duration // MinHold
+	err     error         // the first invalid option
 }
 
-// LockOption configures one acquisition.
+// LockOption configures one acquisition. An invalid one makes the
+// acquisition fail with an error that says why, before anything is taken.
 type LockOption func(*lockConfig)
 
 // Shared takes the lock in shared mode: any number of sessions may hold it
 // shared at once, while an exclusive holder excludes all of them. Without
-// Shared, locks are exclusive.
+// Shared, locks are exclusive. It cannot be combined with [Slots].
 func Shared() LockOption { return func(c *lockConfig) { c.shared = true } }
+
+// Slots takes any one of n slots of the key instead of the key itself, so
+// that at most n holders, in all processes, hold one at a time: a
+// fleet-wide semaphore with no table. [Locker.TryLock] fails with
+// [ErrLocked] when all n are held; [Locker.Lock] waits for the first slot
+// to free, multiplexed (it costs no connection per slot, and a slot freed by
+// a pglocks Locker is told at once, as for any multiplexed wait). The
+// returned [Lock] says which slot it holds ([Lock.Slot]); slot i is the key
+// [Key.Slot](i), which psql and other clients can take too.
+//
+// Everyone must agree on n. Slot i is the same key whatever n, so with
+// different n the holders are limited by the largest n among them: those
+// with a smaller n only ever take its first slots. n is from 1 to
+// [MaxSlots]; Slots cannot be combined with [Shared], and works with
+// [Locker.Lock], [Locker.TryLock], [Locker.Do] and [Locker.TryDo] only.
+// Waits for slots are not first come, first served: among waiting
+// goroutines and processes, whichever tries first once a slot frees gets it.
+func Slots(n int) LockOption {
+	return func(c *lockConfig) {
+		if n < 1 || n > MaxSlots {
+			c.setErr(fmt.Errorf("Slots(%d): n must be from 1 to %d", n, MaxSlots))
+			return
+		}
+		c.slots = n
+	}
+}
+
+// MinHold keeps the lock held on the server until at least d after it was
+// granted, even when [Lock.Release] is called (or [Locker.Do]'s fn returns)
+// sooner: for jobs that must run once per window rather than merely not at
+// the same time. Release then returns at once, and the handle reports
+// [ErrReleased] as usual; the Locker lets the lock go when d is up, in the
+// background. A loss is still reported while the handle is held; a loss
+// during the rest of the hold after Release ends it early (logged at Warn).
+// [Locker.Close] ends such holds at once. d must be positive and at most
+// 24.8 days.
+func MinHold(d time.Duration) LockOption {
+	return func(c *lockConfig) {
+		if d <= 0 || d > maxTimeout {
+			c.setErr(fmt.Errorf("MinHold(%v): d must be positive and at most %v", d, maxTimeout))
+			return
+		}
+		c.minHold = d
+	}
+}
+
+func (c *lockConfig) setErr(err error) {
+	if c.err == nil {
+		c.err = err
+	}
+}
 
 func lockOptions(opts []LockOption) lockConfig {
 	var c lockConfig
@@ -257,6 +312,9 @@ func lockOptions(opts []LockOption) lockConfig {
 		if o != nil {
 			o(&c)
 		}
+	}
+	if c.slots > 0 && c.shared {
+		c.setErr(errors.New("Shared and Slots cannot be combined: a slot is taken exclusively"))
 	}
 	return c
 }

@@ -30,6 +30,9 @@ type table struct {
 	// ops counts what Close waits for: acquisitions, releases, a leader's
 	// naming (see begin).
 	ops sync.WaitGroup
+	// yields are the keys let go lately that waiters elsewhere wanted
+	// (see yielding).
+	yields map[Key]time.Time
 	// recent remembers keys released lately, for a notification that asks
 	// for one just after it was let go (see Locker.heard).
 	recent recentKeys
@@ -62,6 +65,10 @@ type entry struct {
 	// wanted is set when a waiter of another process asked for the key
 	// while this Locker holds it: its release then notifies.
 	wanted bool
+	// holdUntil is when the server's hold may go at the earliest (MinHold);
+	// lingering is set once its last handle is released before then.
+	holdUntil time.Time
+	lingering bool
 }
 
 // waiter is a goroutine waiting in this process for a key.
@@ -141,6 +148,16 @@ func (t *table) reserve(es []*entry) error {
 	return nil
 }
 
+// moveCount moves reserve's count from one entry the caller has in
+// stateAcquiring to another (the slot it got instead).
+func (t *table) moveCount(from, to *entry) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if from != to && from.counted && !to.counted {
+		from.counted, to.counted = false, true
+	}
+}
+
 // abandon puts entries the caller had in stateAcquiring back to stateIdle:
 // their acquisition failed, and nothing of them is held.
 func (t *table) abandon(es ...*entry) {
@@ -192,7 +209,7 @@ func (t *table) grant(es []*entry, h *holder, tokens []int64) ([]*Lock, error) {
 // newLock makes a handle sharing e's hold. It runs with t.mu held.
 func (t *table) newLock(e *entry) *Lock {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	lk := &Lock{l: t.owner, e: e, ctx: ctx, cancel: cancel, token: e.token}
+	lk := &Lock{l: t.owner, e: e, ctx: ctx, cancel: cancel, token: e.token, slot: -1}
 	e.locks = append(e.locks, lk)
 	return lk
 }
@@ -207,12 +224,25 @@ type unlock struct {
 	notify bool
 }
 
+// minHold makes the server's hold of lk last at least until until
+// (MinHold): the entry lingers past its last handle's release.
+func (t *table) minHold(lk *Lock, until time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	lk.holdUntil = until
+	if until.After(lk.e.holdUntil) {
+		lk.e.holdUntil = until
+	}
+}
+
 // release marks lk released. If the server's hold must go (lk was its last
 // handle), it puts the entry in stateReleasing and returns the unlock to
-// run, counted in t.ops, after which the caller calls released. Otherwise it returns nil and
-// Release's result: nil when other handles share the hold, or why lk was
-// no longer held.
-func (t *table) release(lk *Lock) (*unlock, error) {
+// run, counted in t.ops, after which the caller calls released. Otherwise it
+// returns nil and Release's result: nil when other handles share the hold,
+// or why lk was no longer held. If the hold must last until a later time
+// (MinHold), the entry lingers, held and without handles: release returns
+// that time, when the caller is to call endLinger.
+func (t *table) release(lk *Lock) (u *unlock, lingerUntil time.Time, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e := lk.e
@@ -220,25 +250,67 @@ func (t *table) release(lk *Lock) (*unlock, error) {
 		err := lk.Err()
 		switch {
 		case errors.Is(err, ErrClosed):
-			return nil, lockError(e.key, ErrClosed)
+			return nil, time.Time{}, lockError(lk.Key(), ErrClosed)
 		case errors.Is(err, ErrLockLost):
-			return nil, err
+			return nil, time.Time{}, err
 		}
-		return nil, lockError(e.key, ErrReleased)
+		return nil, time.Time{}, lockError(lk.Key(), ErrReleased)
 	}
 	lk.done = true
 	e.locks = slices.DeleteFunc(e.locks, func(x *Lock) bool { return x == lk })
 	if t.closed {
 		lk.cancel(ErrClosed) // Close releases the server's hold
-		return nil, lockError(e.key, ErrClosed)
+		return nil, time.Time{}, lockError(lk.Key(), ErrClosed)
 	}
 	if len(e.locks) > 0 {
 		lk.cancel(ErrReleased) // others share the server's hold
-		return nil, nil
+		return nil, time.Time{}, nil
+	}
+	if until := e.holdUntil; time.Now().Before(until) {
+		lk.cancel(ErrReleased)
+		e.lingering = true
+		return nil, until, nil
 	}
 	e.state = stateReleasing
 	t.ops.Add(1)
-	return &unlock{lk: lk, e: e, h: e.h, shared: e.shared, notify: e.wanted}, nil
+	return &unlock{lk: lk, e: e, h: e.h, shared: e.shared, notify: e.wanted}, time.Time{}, nil
+}
+
+// endLinger ends a minimum hold that release began: it returns the unlock
+// to run, or nil if the entry is held by handles again, or was lost or
+// released meanwhile, or its hold was made longer since (a later endLinger
+// ends it).
+func (t *table) endLinger(e *entry, until time.Time) *unlock {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if e.state != stateHeld || !e.lingering || len(e.locks) > 0 || e.holdUntil.After(until) {
+		return nil
+	}
+	e.state = stateReleasing
+	t.ops.Add(1)
+	// No handle is left: the unlock's is a stand-in, released already.
+	ctx, cancel := context.WithCancelCause(context.Background())
+	cancel(ErrReleased)
+	return &unlock{lk: &Lock{e: e, ctx: ctx, cancel: cancel, slot: -1}, e: e, h: e.h, shared: e.shared, notify: e.wanted}
+}
+
+// yieldFor is how long a Locker leaves a slot it let go, that a waiter
+// elsewhere wanted, to that waiter: its next try comes a notification's
+// round trip later than the releaser's own, which would otherwise win again
+// and again (see trySlots).
+const yieldFor = 3 * time.Millisecond
+
+// yielding reports whether key was let go less than yieldFor ago while a
+// waiter elsewhere wanted it.
+func (t *table) yielding(key Key) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	at, ok := t.yields[key]
+	if ok && time.Since(at) >= yieldFor {
+		delete(t.yields, key)
+		return false
+	}
+	return ok
 }
 
 // released finishes an unlock: the key is no longer held by this Locker
@@ -264,6 +336,12 @@ func (t *table) released(u *unlock) (tell bool) {
 	u.lk.cancel(ErrReleased)
 	wanted := e.wanted
 	tell = wanted && !u.notify
+	if wanted && e.key.kind == kindPair {
+		if t.yields == nil {
+			t.yields = make(map[Key]time.Time)
+		}
+		t.yields[e.key] = time.Now()
+	}
 	t.setIdle(e)
 	t.dispatch(e)
 	if e.state == stateAcquiring {
@@ -285,6 +363,9 @@ func (t *table) lost(h *holder, cause error) int {
 	for e := range t.on[h] {
 		if e.state != stateHeld {
 			continue // being released: released finishes it
+		}
+		if e.lingering && len(e.locks) == 0 {
+			n++ // a minimum hold cut short
 		}
 		for _, lk := range e.locks {
 			lk.done = true
@@ -400,6 +481,7 @@ func (t *table) setIdle(e *entry) {
 		e.counted = false
 	}
 	e.state, e.h, e.token, e.wanted = stateIdle, nil, 0, false
+	e.holdUntil, e.lingering = time.Time{}, false
 }
 
 // gc forgets e when nothing refers to it any more. It runs with t.mu held.

@@ -162,6 +162,10 @@ func lockTx(ctx context.Context, tx txConn, key Key, o lockConfig, wait bool) er
 		return lockError(key, errNilContext)
 	case !key.valid():
 		return lockError(key, ErrInvalidKey)
+	case o.err != nil:
+		return lockError(key, o.err)
+	case o.slots > 0 || o.minHold > 0:
+		return lockError(key, errors.New("Slots and MinHold are for session locks: a transaction lock ends with its transaction"))
 	case ctx.Err() != nil:
 		return lockError(key, ctxError(ctx))
 	}

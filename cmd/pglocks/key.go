@@ -9,10 +9,11 @@ import (
 	"github.com/pglocks/pglocks"
 )
 
-const keyHead = `Usage: pglocks key [-k SCHEME] [--json] NAME
+const keyHead = `Usage: pglocks key [-k SCHEME] [--slots N] [--json] NAME
 
 Prints the key that NAME stands for, and the SQL that takes the same lock
-from psql or any other client.
+from psql or any other client; with --slots N, the keys of NAME's N slots
+(what 'pglocks run --slots N NAME' takes one of) and the SQL for each.
 `
 
 // keyInfo is what "pglocks key" prints.
@@ -22,6 +23,19 @@ type keyInfo struct {
 	Bigint *int64    `json:"bigint"` // the key, for the bigint key space
 	Pair   *[2]int32 `json:"pair"`   // the key, for the int4-pair key space
 	SQL    string    `json:"sql"`
+	Slots  []slotKey `json:"slots,omitempty"`
+}
+
+// slotKey is one slot of a key (--slots).
+type slotKey struct {
+	Slot int      `json:"slot"`
+	Pair [2]int32 `json:"pair"`
+	SQL  string   `json:"sql"`
+}
+
+// slotSQL is the SQL that takes slot i of key, computed by the server.
+func slotSQL(key pglocks.Key, i int) string {
+	return fmt.Sprintf("SELECT pg_advisory_lock((h >> 32)::int4, h::bit(32)::int4) FROM (SELECT hashtextextended('pglocks:slot:%s:%d', 0) AS h) s;", key, i)
 }
 
 func describeKey(scheme, name string, key pglocks.Key) keyInfo {
@@ -45,8 +59,10 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 	fs := flagSet("key", keyHead, stderr)
 	var scheme string
 	var asJSON bool
+	var slots int
 	keyFlag(fs, &scheme, "how NAME becomes a key: ")
 	fs.BoolVar(&asJSON, "json", false, "print JSON")
+	fs.IntVar(&slots, "slots", 0, "also print the keys of NAME's N slots")
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
@@ -58,7 +74,14 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return usageError(stderr, "key", "%v", err)
 	}
+	if slots < 0 || slots > pglocks.MaxSlots {
+		return usageError(stderr, "key", "--slots must be 1..%d", pglocks.MaxSlots)
+	}
 	ki := describeKey(scheme, name, key)
+	for i := range slots {
+		a, b, _ := key.Slot(i).Int32s()
+		ki.Slots = append(ki.Slots, slotKey{Slot: i, Pair: [2]int32{a, b}, SQL: slotSQL(key, i)})
+	}
 	if asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -72,5 +95,8 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "key:    %d,%d (int4 pair)\n", ki.Pair[0], ki.Pair[1])
 	}
 	fmt.Fprintf(stdout, "sql:    %s\n", ki.SQL)
+	for _, s := range ki.Slots {
+		fmt.Fprintf(stdout, "slot %d: %d,%d (int4 pair)\n        %s\n", s.Slot, s.Pair[0], s.Pair[1], s.SQL)
+	}
 	return 0
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -34,6 +35,7 @@ type lockInfo struct {
 	Bigint      *int64    `json:"bigint"`
 	Pair        *[2]int32 `json:"pair"`
 	Name        string    `json:"name,omitempty"`
+	Slot        *int      `json:"slot,omitempty"` // a slot of Name (pglocks run --slots)
 	Mode        string    `json:"mode"`
 	Granted     bool      `json:"granted"`
 	PID         int       `json:"pid"`
@@ -72,13 +74,17 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 	if watch < 0 {
 		return usageError(stderr, "ls", "--watch must be positive")
 	}
-	labels := map[string]string{}
+	labels := map[pglocks.Key]label{}
 	for _, n := range names {
 		key, err := parseKey(scheme, n)
 		if err != nil {
 			return usageError(stderr, "ls", "%v", err)
 		}
-		labels[key.String()] = n
+		labels[key] = label{n, -1}
+		// The slots of NAME (pglocks run --slots), whatever their number.
+		for i := range pglocks.MaxSlots {
+			labels[key.Slot(i)] = label{n, i}
+		}
 	}
 	cfg, err := poolConfig(dsn)
 	if err != nil {
@@ -104,6 +110,7 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	for {
 		locks, err := listLocks(ctx, pool, labels)
+		locks = grouped(locks, names)
 		if err != nil {
 			if ctx.Err() != nil {
 				return 0
@@ -132,7 +139,13 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[string]string) ([]lockInfo, error) {
+// label is what --name says of a key: NAME, or slot i of NAME.
+type label struct {
+	name string
+	slot int // -1: NAME itself
+}
+
+func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]label) ([]lockInfo, error) {
 	rows, err := pool.Query(ctx, `
 		SELECT l.objsubid, l.classid::bigint, l.objid::bigint, l.mode, l.granted, l.pid,
 		       coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local socket'),
@@ -144,7 +157,7 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[string]string
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (li lockInfo, err error) {
+	locks, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (li lockInfo, err error) {
 		var sub int16
 		var classid, objid int64
 		var blocking []int32
@@ -162,7 +175,12 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[string]string
 			li.Pair = &[2]int32{a, b}
 		}
 		li.Key = key.String()
-		li.Name = labels[li.Key]
+		if lb, ok := labels[key]; ok {
+			li.Name = lb.name
+			if lb.slot >= 0 {
+				li.Slot = &lb.slot
+			}
+		}
 		li.Mode = strings.TrimSuffix(strings.ToLower(li.Mode), "lock")
 		li.BlockedBy = []int{}
 		if !li.Granted {
@@ -172,6 +190,31 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[string]string
 		}
 		return li, nil
 	})
+	return locks, err
+}
+
+// grouped orders locks by --name: each NAME's key, then its slots in order,
+// then the locks no --name names, as the server listed them.
+func grouped(locks []lockInfo, names []string) []lockInfo {
+	rank := func(li lockInfo) (int, int) {
+		i := slices.Index(names, li.Name)
+		if li.Name == "" || i < 0 {
+			return len(names), 0
+		}
+		if li.Slot == nil {
+			return i, -1
+		}
+		return i, *li.Slot
+	}
+	slices.SortStableFunc(locks, func(a, b lockInfo) int {
+		an, as := rank(a)
+		bn, bs := rank(b)
+		if an != bn {
+			return an - bn
+		}
+		return as - bs
+	})
+	return locks
 }
 
 func printLocks(w io.Writer, locks []lockInfo) {
@@ -190,7 +233,11 @@ func printLocks(w io.Writer, locks []lockInfo) {
 		if l.Pair != nil {
 			key = "(" + key + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", key, dash(l.Name), l.Mode, state, l.PID,
+		name := l.Name
+		if l.Slot != nil {
+			name = fmt.Sprintf("%s[slot %d]", name, *l.Slot)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", key, dash(name), l.Mode, state, l.PID,
 			dash(l.Application), l.Client, l.Since.Local().Format("2006-01-02 15:04:05"), dash(strings.Join(by, ",")))
 	}
 	tw.Flush()

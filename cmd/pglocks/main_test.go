@@ -445,3 +445,102 @@ func TestBadInput(t *testing.T) {
 		}
 	}
 }
+
+// pglocks run --slots 2: three commands, at most two at once; -n fails
+// while both slots are held; ls --name shows the slot holders under NAME.
+func TestRunSlots(t *testing.T) {
+	t.Parallel()
+	dsn, db := testDB(t)
+	dir := t.TempDir()
+	log := filepath.Join(dir, "log")
+	script := `echo "start $$" >> ` + log + `; echo ready; sleep 1; echo "end $$" >> ` + log
+	var ps []*proc
+	for range 3 {
+		ps = append(ps, start(t, dsn, "run", "--slots", "2", "job", "--", "sh", "-c", script))
+	}
+	waitFor(t, "two holders", func() bool {
+		n := 0
+		for _, p := range ps {
+			if strings.Contains(p.stdout.String(), "ready") {
+				n++
+			}
+		}
+		return n == 2
+	})
+	_, stderr, code := pglocksRun(t, dsn, "run", "-n", "--slots", "2", "job", "--", "true")
+	if code != exitConflict || !strings.Contains(stderr, "job (2 slots) is held by pid") {
+		t.Errorf("-n with both slots held: exit %d: %s", code, stderr)
+	}
+	// Two slots held; the third waits multiplexed, not in the server's
+	// queue.
+	stdout, _, code := pglocksRun(t, dsn, "ls", "--name", "job")
+	if code != 0 || strings.Count(stdout, "job[slot ") != 2 || strings.Count(stdout, "held") != 2 {
+		t.Errorf("ls --name job: exit %d:\n%s", code, stdout)
+	}
+	for _, p := range ps {
+		if code := p.wait(t); code != 0 {
+			t.Errorf("exit %d: %s", code, p.stderr.String())
+		}
+	}
+	b, _ := os.ReadFile(log)
+	running, most := 0, 0
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if strings.HasPrefix(line, "start") {
+			running++
+		} else {
+			running--
+		}
+		most = max(most, running)
+	}
+	if most != 2 || strings.Count(string(b), "start") != 3 {
+		t.Errorf("at most %d ran at once (want 2):\n%s", most, b)
+	}
+	if l := locks(t, db); len(l) != 0 {
+		t.Errorf("left: %v", l)
+	}
+}
+
+// pglocks run --min-hold keeps the lock after COMMAND exits, until the time
+// is up, then exits with COMMAND's status: the cron job of the README runs
+// once per window although the replicas' clocks differ.
+func TestRunMinHold(t *testing.T) {
+	t.Parallel()
+	dsn, db := testDB(t)
+	began := time.Now()
+	first := start(t, dsn, "run", "-n", "--min-hold", "2s", "report", "--", "sh", "-c", "exit 3")
+	waitFor(t, "the first to hold", func() bool { return holderPID(t, db, pglocks.Name("report")) != 0 })
+	// A replica whose cron fires a moment later finds it held, though the
+	// first one's job is long done.
+	time.Sleep(300 * time.Millisecond)
+	_, stderr, code := pglocksRun(t, dsn, "run", "-n", "-E", "0", "report", "--", "sh", "-c", "exit 9")
+	if code != 0 || !strings.Contains(stderr, "not acquired") {
+		t.Errorf("the late replica: exit %d, want -E's 0 (not acquired): %s", code, stderr)
+	}
+	if code := first.wait(t); code != 3 {
+		t.Errorf("the first: exit %d, want its command's 3: %s", code, first.stderr.String())
+	}
+	if d := time.Since(began); d < 2*time.Second {
+		t.Errorf("the first exited after %v, before its --min-hold of 2s", d)
+	}
+	if _, _, code := pglocksRun(t, dsn, "run", "-n", "report", "--", "true"); code != 0 {
+		t.Errorf("after the minimum hold: exit %d", code)
+	}
+}
+
+// pglocks key --slots prints the slot keys, as Key.Slot computes them.
+func TestKeySlots(t *testing.T) {
+	t.Parallel()
+	stdout, stderr, code := pglocksRun(t, "", "key", "--json", "--slots", "3", "job")
+	var ki keyInfo
+	if err := json.Unmarshal([]byte(stdout), &ki); err != nil || code != 0 {
+		t.Fatalf("exit %d, %v: %q %q", code, err, stdout, stderr)
+	}
+	if len(ki.Slots) != 3 {
+		t.Fatalf("%d slots", len(ki.Slots))
+	}
+	for i, s := range ki.Slots {
+		if pglocks.Pair(s.Pair[0], s.Pair[1]) != pglocks.Name("job").Slot(i) || !strings.Contains(s.SQL, fmt.Sprintf("'pglocks:slot:%s:%d'", pglocks.Name("job"), i)) {
+			t.Errorf("slot %d: %+v", i, s)
+		}
+	}
+}

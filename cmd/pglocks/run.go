@@ -20,7 +20,11 @@ import (
 const runHead = `Usage: pglocks run [flags] NAME -- COMMAND [ARG...]
 
 Takes the advisory lock NAME, runs COMMAND, and releases the lock when
-COMMAND exits, like flock(1) for a whole fleet. While it waits it says who
+COMMAND exits, like flock(1) for a whole fleet. With --slots N it takes any
+one of N slots of NAME instead, so that at most N run at once (consul lock
+-n); with --min-hold D it keeps the lock until D after it was taken, even
+when COMMAND exits sooner, so that a job runs once per window across
+machines whose clocks differ. While it waits it says who
 holds the lock. SIGINT, SIGTERM and SIGHUP go to COMMAND. If the lock is lost
 while COMMAND runs, COMMAND gets SIGTERM, then SIGKILL after --kill-after.
 
@@ -34,10 +38,10 @@ while COMMAND ran; 126 COMMAND exists but cannot run; 127 COMMAND not found.
 func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	fs := flagSet("run", runHead, stderr)
 	var (
-		shared, noWait, quiet bool
-		timeout, killAfter    time.Duration
-		conflictCode          int
-		scheme, dsn           string
+		shared, noWait, quiet       bool
+		timeout, killAfter, minHold time.Duration
+		conflictCode, slots         int
+		scheme, dsn                 string
 	)
 	for _, n := range []string{"s", "shared"} {
 		fs.BoolVar(&shared, n, false, "take the lock in shared mode")
@@ -57,6 +61,8 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		fs.BoolVar(&quiet, n, false, "do not say who holds the lock while waiting")
 	}
 	fs.DurationVar(&killAfter, "kill-after", 10*time.Second, "after the lock is lost, SIGKILL COMMAND this long after SIGTERM")
+	fs.IntVar(&slots, "slots", 0, "take any one of N slots of NAME: at most N holders at once (0: NAME itself)")
+	fs.DurationVar(&minHold, "min-hold", 0, "keep the lock until this long after it was taken, even when COMMAND exits sooner")
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
@@ -69,6 +75,12 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		return usageError(stderr, "run", "--timeout and --kill-after must be positive")
 	case conflictCode < 0 || conflictCode > 255:
 		return usageError(stderr, "run", "-E must be 0..255")
+	case slots < 0 || slots > pglocks.MaxSlots:
+		return usageError(stderr, "run", "--slots must be 1..%d", pglocks.MaxSlots)
+	case slots > 0 && shared:
+		return usageError(stderr, "run", "--slots and --shared cannot be combined: a slot is taken exclusively")
+	case minHold < 0:
+		return usageError(stderr, "run", "--min-hold must be positive")
 	}
 	key, err := parseKey(scheme, name)
 	if err != nil {
@@ -103,24 +115,62 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if shared {
 		opts = append(opts, pglocks.Shared())
 	}
-	lk, code := acquire(ctx, cancel, sigs, locker, key, name, opts, noWait, timeout, quiet, stderr)
+	watched := []pglocks.Key{key} // whose holders it names
+	if slots > 0 {
+		opts = append(opts, pglocks.Slots(slots))
+		watched = watched[:0]
+		for i := range slots {
+			watched = append(watched, key.Slot(i))
+		}
+	}
+	shown := name
+	if slots > 0 {
+		shown = fmt.Sprintf("%s (%d slots)", name, slots)
+	}
+	lk, code := acquire(ctx, cancel, sigs, locker, key, watched, shown, opts, noWait, timeout, quiet, stderr)
 	if lk == nil {
 		if code < 0 {
 			return conflictCode
 		}
 		return code
 	}
+	taken := time.Now()
 	defer lk.Release(context.Background())
-	code, _ = runChild(path, argv, stdin, stdout, stderr, child{
+	code, signalled := runChild(path, argv, stdin, stdout, stderr, child{
 		prog: "run", lost: lk.Done(), why: lk.Err, what: "lock", sigs: sigs, killAfter: killAfter,
 	})
+	if code != exitLost && !signalled && minHold > 0 {
+		holdOn(lk, name, taken.Add(minHold), sigs, quiet, stderr)
+	}
 	return code
 }
 
-// acquire takes the lock, telling stderr who holds it while it waits. It
-// returns the lock, or nil and the exit status.
+// holdOn keeps lk until until (--min-hold), unless it is lost or a signal
+// comes first.
+func holdOn(lk *pglocks.Lock, name string, until time.Time, sigs <-chan os.Signal, quiet bool, stderr io.Writer) {
+	left := time.Until(until)
+	if left <= 0 {
+		return
+	}
+	if !quiet {
+		fmt.Fprintf(stderr, "pglocks run: holding %s for %v more (--min-hold)\n", name, left.Round(time.Millisecond))
+	}
+	t := time.NewTimer(left)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-lk.Done():
+		fmt.Fprintf(stderr, "pglocks run: %s lost during --min-hold: %v\n", name, lk.Err())
+	case s := <-sigs:
+		fmt.Fprintf(stderr, "pglocks run: %v during --min-hold; letting %s go\n", s, name)
+	}
+}
+
+// acquire takes the lock, telling stderr who holds keys (key, or its slots)
+// while it waits. It returns the lock, or nil and the exit status.
 func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.Signal, locker *pglocks.Locker,
-	key pglocks.Key, name string, opts []pglocks.LockOption, noWait bool, timeout time.Duration, quiet bool, stderr io.Writer) (*pglocks.Lock, int) {
+	key pglocks.Key, keys []pglocks.Key, name string, opts []pglocks.LockOption, noWait bool, timeout time.Duration, quiet bool,
+	stderr io.Writer) (*pglocks.Lock, int) {
 	type result struct {
 		lk  *pglocks.Lock
 		err error
@@ -156,12 +206,12 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 				fmt.Fprintf(stderr, "pglocks run: %v while waiting for %s; gave up\n", sig, name)
 				return nil, 128 + int(sig.(syscall.Signal))
 			case errors.Is(r.err, pglocks.ErrLocked) || errors.Is(r.err, context.DeadlineExceeded):
-				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired\n", name, holders(locker, key))
+				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired\n", name, holders(locker, keys))
 				return nil, -1 // the caller's conflict code
 			case errors.Is(r.err, pglocks.ErrServerTimeout):
 				// Not had, as on a timeout of our own (-w), though the
 				// server ended the wait: say why.
-				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired: %s\n", name, holders(locker, key), oneLine(r.err))
+				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired: %s\n", name, holders(locker, keys), oneLine(r.err))
 				return nil, -1
 			}
 			fmt.Fprintf(stderr, "pglocks run: %s\n", oneLine(r.err))
@@ -171,20 +221,27 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 			cancel(fmt.Errorf("%v", s))
 		case <-tick.C:
 			if !quiet {
-				status.show(holders(locker, key))
+				status.show(holders(locker, keys))
 			}
 			tick.Reset(time.Second)
 		}
 	}
 }
 
-// holders describes who holds key, as ", by pid 123 (app) from 10.0.0.1,
-// connected 5s ago", or "" if that cannot be told.
-func holders(locker *pglocks.Locker, key pglocks.Key) string {
+// holders describes who holds keys (the key, or its slots), as ", by pid
+// 123 (app) from 10.0.0.1, connected 5s ago", or "" if that cannot be told.
+func holders(locker *pglocks.Locker, keys []pglocks.Key) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	hs, err := locker.Holders(ctx, key)
-	if err != nil || len(hs) == 0 {
+	var hs []pglocks.Holder
+	for _, key := range keys {
+		h, err := locker.Holders(ctx, key)
+		if err != nil {
+			return ""
+		}
+		hs = append(hs, h...)
+	}
+	if len(hs) == 0 {
 		return ""
 	}
 	var parts []string
