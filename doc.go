@@ -33,6 +33,13 @@
 // all or nothing, in one global order (so two of them never deadlock each
 // other), as a [LockSet]. Duplicate keys are merged.
 //
+// # Slots and minimum holds
+//
+// [Slots](n) takes any one of n slots of a key ([Key.Slot]), so that at
+// most n holders in all processes hold one at a time: a fleet-wide
+// semaphore. [MinHold](d) keeps a lock held until at least d after its grant
+// however soon it is released, for jobs that must run once per window.
+//
 // # Leader election
 //
 // [Locker.Lead] runs a function on one process at a time among all that
