@@ -132,7 +132,7 @@ func (l *Locker) trySlots(ctx context.Context, base Key, keys []Key, o lockConfi
 		}
 		if got < 0 || got >= len(es) {
 			l.sessions.unuse(h)
-			l.table.abandon(es...)
+			l.table.abandon(es...) // held on the server: nobody here could have them
 			return nil, lockError(base, ErrLocked)
 		}
 		winner := es[got]
@@ -144,6 +144,14 @@ func (l *Locker) trySlots(ctx context.Context, base Key, keys []Key, o lockConfi
 			}
 		}
 		l.table.abandon(others...)
+		if l.mux.nwatch.Load() > 0 && len(others) > 0 {
+			// Other goroutines of this Locker may wait for these.
+			keys := make([]Key, len(others))
+			for i, e := range others {
+				keys[i] = e.key
+			}
+			l.mux.freed(keys)
+		}
 		es = []*entry{winner}
 		locks, err := l.table.grant(es, h, []int64{token})
 		if err != nil {
