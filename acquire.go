@@ -91,9 +91,6 @@ func (l *Locker) acquire(ctx context.Context, keys []Key, o lockConfig, wait boo
 		}
 	}
 	l.holdAtLeast(locks, o)
-	if l.cfg.debug {
-		l.cfg.logger.Debug("pglocks: acquired", "keys", len(keys), "shared", o.shared)
-	}
 	return locks, nil
 }
 
@@ -102,10 +99,7 @@ func (l *Locker) holdAtLeast(locks []*Lock, o lockConfig) {
 	if o.minHold <= 0 {
 		return
 	}
-	until := time.Now().Add(o.minHold)
-	for _, lk := range locks {
-		l.table.minHold(lk, until)
-	}
+	l.table.granted(locks, Key{}, -1, time.Now().Add(o.minHold))
 }
 
 // claim arbitrates key between the goroutines of this Locker (see

@@ -85,7 +85,7 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 				errors.Is(err, ErrTransactionPooling):
 				return err
 			}
-			l.cfg.logger.Warn("pglocks: campaign failed; trying again", "key", key, "err", err)
+			l.cfg.logger.Info("pglocks: campaign failed; trying again", "key", key, "err", err)
 			pause = leadRetry
 			continue
 		}
@@ -97,8 +97,18 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 			pause = 0
 			continue
 		}
+		if t := l.cfg.tracers.leader; t != nil {
+			t.TraceLeaderGained(ctx, l, key, lk.token)
+		}
 		began := time.Now()
 		err = lk.run(ctx, fn)
+		if t := l.cfg.tracers.leader; t != nil {
+			lost := err
+			if lost == nil && ctx.Err() != nil {
+				lost = ctxError(ctx)
+			}
+			t.TraceLeaderLost(ctx, l, key, lost)
+		}
 		switch {
 		case ctx.Err() != nil:
 			return lockError(key, ctxError(ctx))

@@ -20,10 +20,10 @@ type Lock struct {
 	token  int64
 	// For a lock taken with Slots: the key asked for, and the slot held
 	// (e is the slot's entry); slot is -1 otherwise.
-	base Key
-	slot int
-	// holdUntil is when MinHold lets the server's hold go, or zero.
-	holdUntil time.Time
+	base    Key
+	slot    int
+	granted time.Time       // when the handle was made
+	tctx    context.Context // the AcquireTracer's ctx, or nil
 }
 
 // Key returns the lock's key: for a lock taken with [Slots], the key asked
@@ -88,35 +88,27 @@ func (lk *Lock) Release(ctx context.Context) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	u, err := lk.l.release(lk)
-	if u == nil {
-		return err
+	u, err := lk.l.table.release(lk)
+	if u != nil {
+		err = lk.l.unlock(ctx, []*unlock{u})[0]
 	}
-	return lk.l.unlock(ctx, []*unlock{u})[0]
+	if lk.l.cfg.tracers.release != nil {
+		lk.l.traceRelease(lk, err)
+	}
+	return err
 }
 
-// release is table.release, and starts the rest of a minimum hold (see
-// MinHold) when the server's hold must outlast the handle.
-func (l *Locker) release(lk *Lock) (*unlock, error) {
-	u, until, err := l.table.release(lk)
-	if !until.IsZero() {
-		l.linger(lk.e, until)
+// endLinger lets e go on the server once its minimum hold is up, unless
+// it was taken again or lost meanwhile, or the Locker closed (Close clears
+// every session).
+func (l *Locker) endLinger(e *entry) {
+	if !l.beginCall() {
+		return
 	}
-	return u, err
-}
-
-// linger lets e go on the server at until, unless it is taken again or
-// lost meanwhile, or the Locker closes first (Close clears every session).
-func (l *Locker) linger(e *entry, until time.Time) {
-	time.AfterFunc(time.Until(until), func() {
-		if !l.beginCall() {
-			return
-		}
-		defer l.endCall()
-		if u := l.table.endLinger(e, until); u != nil {
-			_ = l.unlock(context.Background(), []*unlock{u})
-		}
-	})
+	defer l.endCall()
+	if u := l.table.endLinger(e); u != nil {
+		_ = l.unlock(context.Background(), []*unlock{u})
+	}
 }
 
 // unlock runs the unlocks that table.release asked for, those on one
@@ -173,9 +165,6 @@ func (l *Locker) unlocked(us []*unlock, rs []*req) []error {
 		if err := rs[i].err; err != nil {
 			errs[i] = lockError(u.e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))
 			continue
-		}
-		if l.cfg.debug {
-			l.cfg.logger.Debug("pglocks: released", "key", u.e.key)
 		}
 	}
 	if len(late) > 0 {

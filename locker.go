@@ -5,9 +5,8 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"log/slog"
-
 	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -44,6 +43,7 @@ type Locker struct {
 	closeCtx context.Context // cancelled by Close
 	closeNow context.CancelFunc
 	bg       sync.WaitGroup // background goroutines: the heartbeat, probes, watchers
+	counts   counts         // Stat's totals
 
 	table    *table    // what this process holds and waits for
 	sessions *sessions // the server sessions it holds them on
@@ -109,7 +109,6 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 		return nil, fmt.Errorf("pglocks: heartbeat interval+timeout (%v) must be shorter than the server keepalive bound (%v), or the server could give a lock away before its holder hears of the loss",
 			cfg.hbInterval+cfg.hbTimeout, cfg.serverBound())
 	}
-	cfg.debug = cfg.logger.Enabled(context.Background(), slog.LevelDebug)
 	l.cfg = cfg
 	l.closeCtx, l.closeNow = context.WithCancel(context.Background())
 	l.closing = l.closeCtx.Done()
@@ -120,7 +119,7 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 	}
 	l.sessions = newSessions(l.src, &l.cfg, max, l.closeCtx, &l.bg)
 	l.mux = newMux(l)
-	l.sessions.lost = l.table.lost
+	l.sessions.lost = l.onLost
 	l.sessions.heard = l.mux.heard
 	l.sessions.freed = func() {
 		if l.mux.waiting() {
@@ -131,6 +130,9 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 	l.bg.Add(2)
 	go l.sessions.heartbeat()
 	go l.mux.run()
+	if t := l.cfg.tracers.locker; t != nil {
+		t.TraceLockerNew(l)
+	}
 	return l, nil
 }
 
@@ -179,16 +181,31 @@ func (l *Locker) lockOne(ctx context.Context, key Key, o lockConfig, wait bool) 
 		return nil, lockError(key, ErrInvalidKey)
 	case o.err != nil:
 		return nil, lockError(key, o.err)
-	case ctx.Err() != nil:
-		return nil, lockError(key, ctxError(ctx))
-	case o.slots > 0:
-		return l.lockSlot(ctx, key, o, wait)
 	}
-	locks, err := l.acquire(ctx, []Key{key}, o, wait)
+	began := time.Now()
+	var tctx context.Context
+	if l.cfg.tracers.acquire != nil {
+		tctx = l.traceStart(ctx, []Key{key}, o, wait)
+	}
+	var lk *Lock
+	var err error
+	switch {
+	case ctx.Err() != nil:
+		err = lockError(key, ctxError(ctx))
+	case o.slots > 0:
+		lk, err = l.lockSlot(ctx, key, o, wait)
+	default:
+		var locks []*Lock
+		if locks, err = l.acquire(ctx, []Key{key}, o, wait); err == nil {
+			lk = locks[0]
+		}
+	}
 	if err != nil {
+		l.acquired(tctx, began, nil, err)
 		return nil, err
 	}
-	return locks[0], nil
+	l.acquired(tctx, began, []*Lock{lk}, nil)
+	return lk, nil
 }
 
 // Do runs fn while holding key, taken as [Locker.Lock] does, and releases it
@@ -237,6 +254,9 @@ func (l *Locker) Close() error {
 	l.bg.Wait() // nothing else touches the sessions after this
 	err := l.sessions.clear()
 	l.table.closeAll()
+	if t := l.cfg.tracers.locker; t != nil {
+		t.TraceLockerClose(l)
+	}
 	return err
 }
 

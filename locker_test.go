@@ -509,7 +509,8 @@ func TestClose(t *testing.T) {
 	})
 }
 
-// 10. Logging is silent by default and goes to the given logger; the
+// 10. Logging is silent by default and goes to the given logger, with
+// nothing per acquisition and a loss at Warn; the
 // application_name is the pool's unless WithApplicationName says otherwise.
 func TestObservability(t *testing.T) {
 	forEachDriver(t, func(t *testing.T, e *env) {
@@ -528,8 +529,24 @@ func TestObservability(t *testing.T) {
 		}
 		mustRelease(t, lk)
 		mustRelease(t, pl)
-		if !strings.Contains(buf.String(), "pglocks: acquired") {
-			t.Errorf("the logger got nothing: %q", buf.String())
+		// Nothing per acquisition, even at Debug.
+		if buf.String() != "" {
+			t.Errorf("acquisitions were logged: %q", buf.String())
+		}
+		// A loss is logged, at Warn.
+		lk = mustLock(t, l, k0)
+		var ok bool
+		if err := srv.Admin.QueryRow(t.Context(), "SELECT pg_terminate_backend($1)", e.held(bigint(k0))[0]).Scan(&ok); err != nil || !ok {
+			t.Fatalf("terminate: %v %v", ok, err)
+		}
+		select {
+		case <-lk.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("the loss was not noticed")
+		}
+		wantErr(t, lk.Err(), pglocks.ErrLockLost)
+		if out := buf.String(); !strings.Contains(out, "level=WARN") || !strings.Contains(out, "locks are lost") {
+			t.Errorf("the loss was not logged at Warn: %q", out)
 		}
 		// Back in the pool, the session has its own name again.
 		if err := l.Close(); err != nil {

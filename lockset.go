@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"time"
 )
 
 // A LockSet is several locks taken together by [Locker.LockAll] or
@@ -70,7 +71,7 @@ func (s *LockSet) Release(ctx context.Context) error {
 	var errs []error
 	var us []*unlock
 	for _, lk := range s.locks {
-		u, err := lk.l.release(lk)
+		u, err := lk.l.table.release(lk)
 		if u == nil {
 			errs = append(errs, err)
 			continue
@@ -79,6 +80,11 @@ func (s *LockSet) Release(ctx context.Context) error {
 	}
 	if len(us) > 0 {
 		errs = append(errs, s.locks[0].l.unlock(ctx, us)...)
+	}
+	if l := s.locks[0].l; l.cfg.tracers.release != nil {
+		for _, lk := range s.locks {
+			l.traceRelease(lk, nil)
+		}
 	}
 	s.watch()
 	s.cancel(s.Err()) // Done is closed when Release returns
@@ -189,10 +195,18 @@ func (l *Locker) acquireAll(ctx context.Context, keys []Key, o lockConfig, wait 
 	case o.slots > 0:
 		return nil, lockError(ks[0], errors.New("Slots works with Lock, TryLock, Do and TryDo, not with several keys"))
 	}
-	if ctx.Err() != nil {
-		return nil, lockError(ks[0], ctxError(ctx))
+	began := time.Now()
+	var tctx context.Context
+	if l.cfg.tracers.acquire != nil {
+		tctx = l.traceStart(ctx, ks, o, wait)
 	}
-	locks, err := l.acquire(ctx, ks, o, wait)
+	var locks []*Lock
+	if ctx.Err() != nil {
+		err = lockError(ks[0], ctxError(ctx))
+	} else {
+		locks, err = l.acquire(ctx, ks, o, wait)
+	}
+	l.acquired(tctx, began, locks, err)
 	if err != nil {
 		return nil, err
 	}

@@ -67,21 +67,29 @@ type muxReq struct {
 // freed.
 type muxWatch struct {
 	keys      []Key
+	local     bool // see watch
 	announced bool
 	wake      chan struct{} // cap 1
 }
 
 // watch registers a wait for any of keys.
-func (m *mux) watch(keys []Key) *muxWatch {
-	w := &muxWatch{keys: keys, wake: make(chan struct{}, 1)}
+//
+// A local watch (TryLock's) is woken only by this Locker's releases and
+// tries, and does not tell other Lockers that the keys are wanted.
+func (m *mux) watch(keys []Key, local bool) *muxWatch {
+	w := &muxWatch{keys: keys, local: local, announced: local, wake: make(chan struct{}, 1)}
 	m.mu.Lock()
 	m.watches = append(m.watches, w)
 	m.nwatch.Add(1)
-	for _, k := range keys {
-		m.awaited[k]++
+	if !local {
+		for _, k := range keys {
+			m.awaited[k]++
+		}
 	}
 	m.mu.Unlock()
-	m.poke() // to say they are wanted
+	if !local {
+		m.poke() // to say they are wanted
+	}
 	return w
 }
 
@@ -93,6 +101,9 @@ func (m *mux) unwatch(w *muxWatch) {
 		m.watches = slices.Delete(m.watches, i, i+1)
 		m.nwatch.Add(-1)
 		for _, k := range w.keys {
+			if w.local {
+				break
+			}
 			if m.awaited[k]--; m.awaited[k] == 0 {
 				delete(m.awaited, k)
 			}
@@ -111,7 +122,7 @@ func (m *mux) wakeWatches(keys map[Key]bool, told bool) {
 				case w.wake <- struct{}{}:
 				default:
 				}
-				if told {
+				if told && !w.local {
 					w.announced = false // another process may take it first
 				}
 				break
@@ -175,6 +186,19 @@ func (m *mux) poke() {
 	case m.kick <- struct{}{}:
 	default:
 	}
+}
+
+// stat returns how many multiplexed waits there are, for Stat.
+func (m *mux) stat() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := len(m.watches)
+	for _, r := range m.reqs {
+		if !r.cancelled {
+			n++
+		}
+	}
+	return n
 }
 
 // waiting reports whether multiplexed waits are pending.

@@ -13,7 +13,6 @@ import (
 // config is what the Options set.
 type config struct {
 	logger     *slog.Logger
-	debug      bool // logger logs Debug: set by New
 	appName    string
 	stmtTime   time.Duration
 	hbInterval time.Duration
@@ -24,6 +23,7 @@ type config struct {
 	fencing    bool
 	maxLocks   int
 	maxConns   int
+	tracers    tracers
 	err        error
 }
 
@@ -76,9 +76,13 @@ func (c *config) fail(err error) {
 	}
 }
 
-// WithLogger makes the Locker log what it does to logger: connections it
-// discards (Warn), acquisitions and releases (Debug). By default it logs
-// nothing.
+// WithLogger makes the Locker log what happens to it to logger, with one
+// policy for levels: Warn when locks were lost (a session ended or was
+// closed after an error; a minimum hold cut short) or a leader's fn
+// failed; Info for elections, resignations and retried campaigns; Debug for
+// sessions that ended idle (nothing lost) and polls that found no session.
+// Nothing is logged per acquisition or release: a tracer ([WithTracer]) sees
+// those. By default it logs nothing.
 func WithLogger(logger *slog.Logger) Option {
 	return func(c *config) {
 		if logger == nil {
@@ -243,6 +247,7 @@ type lockConfig struct {
 	own     bool
 	slots   int           // Slots: take one of this many slots of the key
 	minHold time.Duration // MinHold
+	label   string        // Label
 	err     error         // the first invalid option
 }
 
@@ -270,7 +275,12 @@ func Shared() LockOption { return func(c *lockConfig) { c.shared = true } }
 // [MaxSlots]; Slots cannot be combined with [Shared], and works with
 // [Locker.Lock], [Locker.TryLock], [Locker.Do] and [Locker.TryDo] only.
 // Waits for slots are not first come, first served: among waiting
-// goroutines and processes, whichever tries first once a slot frees gets it.
+// goroutines and processes, whichever tries first once a slot frees gets it,
+// except that a Locker that frees a slot which a waiter elsewhere asked for
+// leaves it to that waiter for a few milliseconds (its own goroutines'
+// tries skip it meanwhile, so a TryLock can answer ErrLocked then). A
+// TryLock that finds the free slots claimed by the tries of other
+// goroutines of its Locker waits for those tries to end before it answers.
 func Slots(n int) LockOption {
 	return func(c *lockConfig) {
 		if n < 1 || n > MaxSlots {
@@ -288,7 +298,9 @@ func Slots(n int) LockOption {
 // [ErrReleased] as usual; the Locker lets the lock go when d is up, in the
 // background. A loss is still reported while the handle is held; a loss
 // during the rest of the hold after Release ends it early (logged at Warn).
-// [Locker.Close] ends such holds at once. d must be positive and at most
+// [Locker.Close] ends such holds at once. A key in the rest of its hold
+// still counts against [WithMaxLocks], and other goroutines of the same
+// Locker wait for it like everyone else. d must be positive and at most
 // 24.8 days.
 func MinHold(d time.Duration) LockOption {
 	return func(c *lockConfig) {

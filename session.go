@@ -619,6 +619,14 @@ func (s *sessions) probe(h *holder) {
 	s.watch(h) // until the next statement or probe
 }
 
+// stat returns how many sessions there are, how many wait in the server's
+// queue and how many are spares, and whether there is a primary, for Stat.
+func (s *sessions) stat() (n, waiting, spare int, primary bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.n, s.waiting, len(s.spare), s.primary != nil
+}
+
 // close stops handing out sessions; the Locker then waits for its
 // goroutines (bg) before calling clear.
 func (s *sessions) close() {

@@ -3,6 +3,7 @@ package pglocks
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,16 +18,29 @@ import (
 // when they free one), and tries again when told, when a goroutine of this
 // Locker frees one, or after a backoff of muxMinPoll to muxMaxPoll.
 
+// errSlotsSettling says that no slot could be tried because goroutines of
+// this Locker are taking or releasing some of them.
+var errSlotsSettling = fmt.Errorf("%w: slots being taken or released in this process", ErrLocked)
+
+// maxSettle is how many times a TryLock with Slots waits for the tries of
+// other goroutines of the Locker to end.
+const maxSettle = 8
+
 // lockSlot is Lock and TryLock with Slots.
 func (l *Locker) lockSlot(ctx context.Context, base Key, o lockConfig, wait bool) (*Lock, error) {
 	if o.slots == 1 {
 		// One slot is one key: it waits in the server's queue, first come
 		// first served, like any key.
-		locks, err := l.acquire(ctx, []Key{base.Slot(0)}, o, wait)
+		slot := base.Slot(0)
+		locks, err := l.acquire(ctx, []Key{slot}, o, wait)
 		if err != nil {
-			return nil, lockError(base, errors.Unwrap(err))
+			// Name the key asked for, not its slot's.
+			if inner := errors.Unwrap(err); inner != nil && err.Error() == lockError(slot, inner).Error() {
+				err = lockError(base, inner)
+			}
+			return nil, err
 		}
-		locks[0].base, locks[0].slot = base, 0
+		l.table.granted(locks, base, 0, time.Time{})
 		return locks[0], nil
 	}
 	keys := make([]Key, o.slots)
@@ -35,16 +49,26 @@ func (l *Locker) lockSlot(ctx context.Context, base Key, o lockConfig, wait bool
 	}
 	var w *muxWatch
 	delay := muxMinPoll
-	for {
+	for settled := 0; ; {
 		lk, err := l.trySlots(ctx, base, keys, o)
-		if err == nil || !errors.Is(err, ErrLocked) || !wait {
+		if err == nil || !errors.Is(err, ErrLocked) {
 			return lk, err
+		}
+		if !wait {
+			// A try of another goroutine of this Locker claims every slot
+			// free here, for a round trip, and keeps one: a TryLock that
+			// finds them claimed waits for that try to end (a few times,
+			// if other tries follow) before it says ErrLocked.
+			if !errors.Is(err, errSlotsSettling) || settled >= maxSettle {
+				return nil, lockError(base, ErrLocked)
+			}
+			settled++
 		}
 		if w == nil {
 			// Say they are wanted, then try again at once: a slot freed
 			// before the want was heard is told by its Locker when it hears
 			// it (it was released lately).
-			w = l.mux.watch(keys)
+			w = l.mux.watch(keys, !wait)
 			defer l.mux.unwatch(w)
 			continue
 		}
@@ -88,7 +112,11 @@ func (l *Locker) trySlots(ctx context.Context, base Key, keys []Key, o lockConfi
 		}
 	}
 	if len(es) == 0 {
-		return nil, lockError(base, ErrLocked) // every slot is held or being taken here
+		// Every slot is held or being taken here.
+		if l.table.settling(keys) {
+			return nil, errSlotsSettling
+		}
+		return nil, lockError(base, ErrLocked)
 	}
 	if err := l.table.reserve(es[:1]); err != nil {
 		l.table.abandon(es...)
@@ -168,10 +196,12 @@ func (l *Locker) trySlots(ctx context.Context, base Key, keys []Key, o lockConfi
 			return nil, lockError(base, err)
 		}
 		l.sessions.unuse(h)
-		lk := locks[0]
-		lk.base, lk.slot = base, slot[got]
-		l.holdAtLeast(locks, o)
-		return lk, nil
+		var until time.Time
+		if o.minHold > 0 {
+			until = time.Now().Add(o.minHold)
+		}
+		l.table.granted(locks, base, slot[got], until)
+		return locks[0], nil
 	}
 }
 

@@ -354,6 +354,50 @@ func TestSlotsCancelStorm(t *testing.T) {
 	})
 }
 
+// Goroutines of one Locker that TryLock the free slots at the same moment
+// all get one: a try that finds the others' tries claiming every free slot
+// waits for them to end rather than answer ErrLocked while slots are free.
+func TestSlotsConcurrentTry(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		key := testKey(t, 0)
+		l := e.locker(4)
+		const n = 4
+		for round := range 20 {
+			var wg sync.WaitGroup
+			start := make(chan struct{})
+			locks := make([]*pglocks.Lock, n)
+			errs := make([]error, n)
+			for g := range n {
+				wg.Go(func() {
+					<-start
+					locks[g], errs[g] = l.TryLock(t.Context(), key, pglocks.Slots(n))
+				})
+			}
+			close(start)
+			wg.Wait()
+			seen := map[int]bool{}
+			for g := range n {
+				if errs[g] != nil {
+					t.Fatalf("round %d: %d free slots, %d concurrent tries: %v", round, n, n, errs[g])
+				}
+				if seen[locks[g].Slot()] {
+					t.Fatalf("round %d: slot %d given twice", round, locks[g].Slot())
+				}
+				seen[locks[g].Slot()] = true
+			}
+			// All held now: a fifth try says ErrLocked.
+			_, err := l.TryLock(t.Context(), key, pglocks.Slots(n))
+			wantErr(t, err, pglocks.ErrLocked)
+			for _, lk := range locks {
+				mustRelease(t, lk)
+			}
+		}
+		if locks := e.locks(); len(locks) != 0 {
+			t.Errorf("left: %v", locks)
+		}
+	})
+}
+
 // MinHold: the lock stays held on the server until d after the grant,
 // though Release returned at once; then it goes. A lost session still
 // reports the loss during a minimum hold, and Close ends one.

@@ -30,6 +30,10 @@ type table struct {
 	// ops counts what Close waits for: acquisitions, releases, a leader's
 	// naming (see begin).
 	ops sync.WaitGroup
+	// nHeld counts the keys held on the server by mode ([1]: shared), and
+	// queued the goroutines in entries' queues, for Stat.
+	nHeld  [2]int
+	queued int
 	// yields are the keys let go lately that waiters elsewhere wanted
 	// (see yielding).
 	yields map[Key]time.Time
@@ -66,9 +70,14 @@ type entry struct {
 	// while this Locker holds it: its release then notifies.
 	wanted bool
 	// holdUntil is when the server's hold may go at the earliest (MinHold);
-	// lingering is set once its last handle is released before then.
+	// lingering is set once its last handle is released before then, and
+	// linger is the timer that ends it (stopped when the entry goes idle).
 	holdUntil time.Time
 	lingering bool
+	linger    *time.Timer
+	// slot is set for a slot's entry held by a Lock with Slots: its release
+	// may leave it to a waiter elsewhere (see yielding).
+	slot bool
 }
 
 // waiter is a goroutine waiting in this process for a key.
@@ -114,6 +123,7 @@ func (t *table) claim(key Key, shared, wait bool) (*Lock, *entry, *waiter, error
 	}
 	w := &waiter{shared: shared, ready: make(chan *Lock, 1)}
 	e.queue = append(e.queue, w)
+	t.queued++
 	return nil, e, w, nil
 }
 
@@ -126,6 +136,7 @@ func (t *table) leave(e *entry, w *waiter) (turn bool) {
 	defer t.mu.Unlock()
 	if i := slices.Index(e.queue, w); i >= 0 {
 		e.queue = slices.Delete(e.queue, i, i+1)
+		t.queued--
 		t.dispatch(e) // those behind w may be free to go now
 		t.gc(e)
 		return false
@@ -198,6 +209,7 @@ func (t *table) grant(es []*entry, h *holder, tokens []int64) ([]*Lock, error) {
 	locks := make([]*Lock, len(es))
 	for i, e := range es {
 		e.state, e.h, e.token = stateHeld, h, tokens[i]
+		t.nHeld[b2i(e.shared)]++
 		on[e] = struct{}{}
 		h.held.Add(1)
 		locks[i] = t.newLock(e)
@@ -209,7 +221,7 @@ func (t *table) grant(es []*entry, h *holder, tokens []int64) ([]*Lock, error) {
 // newLock makes a handle sharing e's hold. It runs with t.mu held.
 func (t *table) newLock(e *entry) *Lock {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	lk := &Lock{l: t.owner, e: e, ctx: ctx, cancel: cancel, token: e.token, slot: -1}
+	lk := &Lock{l: t.owner, e: e, ctx: ctx, cancel: cancel, token: e.token, slot: -1, granted: time.Now()}
 	e.locks = append(e.locks, lk)
 	return lk
 }
@@ -224,14 +236,27 @@ type unlock struct {
 	notify bool
 }
 
-// minHold makes the server's hold of lk last at least until until
-// (MinHold): the entry lingers past its last handle's release.
-func (t *table) minHold(lk *Lock, until time.Time) {
+// granted finishes the handles an acquisition made: for a Lock with Slots
+// it records the key asked for and the slot (slot >= 0), and for MinHold
+// it makes the server's hold last at least until until (the entry lingers
+// past its last handle's release). A handle lost since its grant is left
+// alone: its entry may be another's by now.
+func (t *table) granted(locks []*Lock, base Key, slot int, until time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	lk.holdUntil = until
-	if until.After(lk.e.holdUntil) {
-		lk.e.holdUntil = until
+	for _, lk := range locks {
+		if slot >= 0 {
+			lk.base, lk.slot = base, slot
+		}
+		if lk.done {
+			continue
+		}
+		if slot >= 0 {
+			lk.e.slot = true
+		}
+		if until.After(lk.e.holdUntil) {
+			lk.e.holdUntil = until
+		}
 	}
 }
 
@@ -240,9 +265,9 @@ func (t *table) minHold(lk *Lock, until time.Time) {
 // run, counted in t.ops, after which the caller calls released. Otherwise it
 // returns nil and Release's result: nil when other handles share the hold,
 // or why lk was no longer held. If the hold must last until a later time
-// (MinHold), the entry lingers, held and without handles: release returns
-// that time, when the caller is to call endLinger.
-func (t *table) release(lk *Lock) (u *unlock, lingerUntil time.Time, err error) {
+// (MinHold), the entry lingers, held and without handles, until a timer
+// calls the owner's endLinger (lingering keys count against WithMaxLocks).
+func (t *table) release(lk *Lock) (u *unlock, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e := lk.e
@@ -250,42 +275,52 @@ func (t *table) release(lk *Lock) (u *unlock, lingerUntil time.Time, err error) 
 		err := lk.Err()
 		switch {
 		case errors.Is(err, ErrClosed):
-			return nil, time.Time{}, lockError(lk.Key(), ErrClosed)
+			return nil, lockError(lk.Key(), ErrClosed)
 		case errors.Is(err, ErrLockLost):
-			return nil, time.Time{}, err
+			return nil, err
 		}
-		return nil, time.Time{}, lockError(lk.Key(), ErrReleased)
+		return nil, lockError(lk.Key(), ErrReleased)
 	}
 	lk.done = true
 	e.locks = slices.DeleteFunc(e.locks, func(x *Lock) bool { return x == lk })
 	if t.closed {
 		lk.cancel(ErrClosed) // Close releases the server's hold
-		return nil, time.Time{}, lockError(lk.Key(), ErrClosed)
+		return nil, lockError(lk.Key(), ErrClosed)
 	}
 	if len(e.locks) > 0 {
 		lk.cancel(ErrReleased) // others share the server's hold
-		return nil, time.Time{}, nil
+		return nil, nil
 	}
 	if until := e.holdUntil; time.Now().Before(until) {
 		lk.cancel(ErrReleased)
 		e.lingering = true
-		return nil, until, nil
+		if e.linger == nil {
+			e.linger = time.AfterFunc(time.Until(until), func() { t.owner.endLinger(e) })
+		} else {
+			e.linger.Reset(time.Until(until))
+		}
+		return nil, nil
 	}
 	e.state = stateReleasing
 	t.ops.Add(1)
-	return &unlock{lk: lk, e: e, h: e.h, shared: e.shared, notify: e.wanted}, time.Time{}, nil
+	return &unlock{lk: lk, e: e, h: e.h, shared: e.shared, notify: e.wanted}, nil
 }
 
 // endLinger ends a minimum hold that release began: it returns the unlock
 // to run, or nil if the entry is held by handles again, or was lost or
 // released meanwhile, or its hold was made longer since (a later endLinger
 // ends it).
-func (t *table) endLinger(e *entry, until time.Time) *unlock {
+func (t *table) endLinger(e *entry) *unlock {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if e.state != stateHeld || !e.lingering || len(e.locks) > 0 || e.holdUntil.After(until) {
+	if e.state != stateHeld || !e.lingering || len(e.locks) > 0 {
 		return nil
 	}
+	if d := time.Until(e.holdUntil); d > 0 {
+		e.linger.Reset(d) // made longer since
+		return nil
+	}
+	e.linger = nil
 	e.state = stateReleasing
 	t.ops.Add(1)
 	// No handle is left: the unlock's is a stand-in, released already.
@@ -299,6 +334,36 @@ func (t *table) endLinger(e *entry, until time.Time) *unlock {
 // round trip later than the releaser's own, which would otherwise win again
 // and again (see trySlots).
 const yieldFor = 3 * time.Millisecond
+
+// settling reports whether one of keys is being taken or released by a
+// goroutine of this Locker: whether it is busy here only for a moment.
+func (t *table) settling(keys []Key) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, k := range keys {
+		if e := t.keys[k]; e != nil && (e.state == stateAcquiring || e.state == stateReleasing) {
+			return true
+		}
+	}
+	return false
+}
+
+// yield records that slot key was let go while a waiter elsewhere wanted
+// it, and forgets the yields that are over. It runs with t.mu held.
+func (t *table) yield(key Key) {
+	now := time.Now()
+	if t.yields == nil {
+		t.yields = make(map[Key]time.Time)
+	}
+	if len(t.yields) >= 64 {
+		for k, at := range t.yields {
+			if now.Sub(at) >= yieldFor {
+				delete(t.yields, k)
+			}
+		}
+	}
+	t.yields[key] = now
+}
 
 // yielding reports whether key was let go less than yieldFor ago while a
 // waiter elsewhere wanted it.
@@ -336,11 +401,8 @@ func (t *table) released(u *unlock) (tell bool) {
 	u.lk.cancel(ErrReleased)
 	wanted := e.wanted
 	tell = wanted && !u.notify
-	if wanted && e.key.kind == kindPair {
-		if t.yields == nil {
-			t.yields = make(map[Key]time.Time)
-		}
-		t.yields[e.key] = time.Now()
+	if wanted && e.slot {
+		t.yield(e.key)
 	}
 	t.setIdle(e)
 	t.dispatch(e)
@@ -355,22 +417,22 @@ func (t *table) released(u *unlock) (tell bool) {
 
 // lost reports every lock held on h lost with cause, and forgets them: h's
 // session ended, and the server freed them. Keys being released are left to
-// the releasing goroutine. It returns how many handles were told.
-func (t *table) lost(h *holder, cause error) int {
+// the releasing goroutine. It returns the handles told, and how many
+// minimum holds were cut short (see MinHold).
+func (t *table) lost(h *holder, cause error) (told []*Lock, lingering int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	n := 0
 	for e := range t.on[h] {
 		if e.state != stateHeld {
 			continue // being released: released finishes it
 		}
 		if e.lingering && len(e.locks) == 0 {
-			n++ // a minimum hold cut short
+			lingering++
 		}
 		for _, lk := range e.locks {
 			lk.done = true
-			lk.cancel(fmt.Errorf("pglocks: lock %v: %w: %w", e.key, ErrLockLost, cause))
-			n++
+			lk.cancel(fmt.Errorf("pglocks: lock %v: %w: %w", lk.Key(), ErrLockLost, cause))
+			told = append(told, lk)
 		}
 		e.locks = nil
 		delete(t.on[h], e)
@@ -382,7 +444,21 @@ func (t *table) lost(h *holder, cause error) int {
 	if len(t.on[h]) == 0 {
 		delete(t.on, h)
 	}
-	return n
+	return told, lingering
+}
+
+// stat returns the keys held by mode and the goroutines queued, for Stat.
+func (t *table) stat() (exclusive, shared, queued int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.nHeld[0], t.nHeld[1], t.queued
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // begin counts an operation in t.ops, unless the table is closed.
@@ -435,6 +511,10 @@ func (t *table) closeAll() {
 			lk.cancel(ErrClosed)
 		}
 		e.locks = nil
+		if e.linger != nil {
+			e.linger.Stop() // Close clears the sessions, minimum holds with them
+			e.linger = nil
+		}
 	}
 }
 
@@ -450,7 +530,9 @@ func (t *table) want(key Key) (releasedLately bool) {
 		e.wanted = true
 		return false
 	}
-	return t.recent.has(key)
+	// Tell once per release: a waiter that hears, tries, fails and asks
+	// again must wait for the next release.
+	return t.recent.take(key)
 }
 
 // dispatch lets the waiters at the front of e's queue go, as far as the
@@ -461,11 +543,13 @@ func (t *table) dispatch(e *entry) {
 		switch {
 		case e.state == stateIdle:
 			e.queue = e.queue[1:]
+			t.queued--
 			e.state, e.shared = stateAcquiring, w.shared
 			w.ready <- nil
 			return
 		case e.state == stateHeld && e.shared && w.shared:
 			e.queue = e.queue[1:]
+			t.queued--
 			w.ready <- t.newLock(e)
 		default:
 			return
@@ -476,12 +560,19 @@ func (t *table) dispatch(e *entry) {
 // setIdle puts e back in stateIdle, no longer counted against
 // WithMaxLocks. It runs with t.mu held.
 func (t *table) setIdle(e *entry) {
+	if e.state == stateHeld || e.state == stateReleasing {
+		t.nHeld[b2i(e.shared)]--
+	}
 	if e.counted {
 		t.held--
 		e.counted = false
 	}
-	e.state, e.h, e.token, e.wanted = stateIdle, nil, 0, false
+	e.state, e.h, e.token, e.wanted, e.slot = stateIdle, nil, 0, false, false
 	e.holdUntil, e.lingering = time.Time{}, false
+	if e.linger != nil {
+		e.linger.Stop()
+		e.linger = nil
+	}
 }
 
 // gc forgets e when nothing refers to it any more. It runs with t.mu held.
@@ -522,6 +613,13 @@ func (r *recentKeys) add(k Key) {
 			delete(r.at, old.k)
 		}
 	}
+}
+
+// take reports whether k was released lately, and forgets it.
+func (r *recentKeys) take(k Key) bool {
+	ok := r.has(k)
+	delete(r.at, k)
+	return ok
 }
 
 func (r *recentKeys) has(k Key) bool {

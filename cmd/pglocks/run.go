@@ -24,7 +24,8 @@ COMMAND exits, like flock(1) for a whole fleet. With --slots N it takes any
 one of N slots of NAME instead, so that at most N run at once (consul lock
 -n); with --min-hold D it keeps the lock until D after it was taken, even
 when COMMAND exits sooner, so that a job runs once per window across
-machines whose clocks differ. While it waits it says who
+machines whose clocks differ (a signal, to COMMAND or during the rest of the
+hold, ends the hold when COMMAND has exited). While it waits it says who
 holds the lock. SIGINT, SIGTERM and SIGHUP go to COMMAND. If the lock is lost
 while COMMAND runs, COMMAND gets SIGTERM, then SIGKILL after --kill-after.
 
