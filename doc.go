@@ -53,6 +53,18 @@
 //		return relay(ctx) // on one replica at a time
 //	})
 //
+// # Observability
+//
+// [Locker.Stat] is a snapshot of what a Locker holds and waits for and of
+// its running totals, cheap enough to take every second. [WithTracer] calls
+// optional hooks ([AcquireTracer], [ReleaseTracer], [LossTracer],
+// [LeaderTracer], [LockerTracer]) at every acquisition, release, loss and
+// change of leadership; without one, tracing costs one nil check per hook.
+// [Label] names an acquisition for them. Module
+// github.com/pglocks/pglocks/otelpglocks records them as OpenTelemetry
+// metrics and spans. [WithLogger] logs losses at Warn, retries at Info or
+// Debug, and nothing per acquisition.
+//
 // # Transaction locks
 //
 // [LockTx] and [TryLockTx] (or [LockSQLTx] and [TryLockSQLTx] for

@@ -97,8 +97,12 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 			pause = 0
 			continue
 		}
+		tctx := lk.tctx // the campaign's, for the tracer
+		if tctx == nil {
+			tctx = ctx
+		}
 		if t := l.cfg.tracers.leader; t != nil {
-			t.TraceLeaderGained(ctx, l, key, lk.token)
+			t.TraceLeaderGained(tctx, l, key, lk.token)
 		}
 		began := time.Now()
 		err = lk.run(ctx, fn)
@@ -107,7 +111,7 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 			if lost == nil && ctx.Err() != nil {
 				lost = ctxError(ctx)
 			}
-			t.TraceLeaderLost(ctx, l, key, lost)
+			t.TraceLeaderLost(tctx, l, key, lost)
 		}
 		switch {
 		case ctx.Err() != nil:

@@ -208,7 +208,8 @@ type TraceLossData struct {
 	Cause error // as Lock.Err reports it
 }
 
-// LeaderTracer traces leadership won and lost by [Locker.Lead].
+// LeaderTracer traces leadership won and lost by [Locker.Lead]; ctx is the
+// campaign's TraceAcquireStart's (or Lead's own without an AcquireTracer).
 type LeaderTracer interface {
 	TraceLeaderGained(ctx context.Context, l *Locker, key Key, token int64)
 	// TraceLeaderLost is called when a term ends: err is nil when fn
