@@ -27,6 +27,12 @@ Lists the advisory locks in the current database, held and awaited: the key
 --name, mode, state, the session's pid, application and client, since when
 (the wait's start for a waiter; the session's start for a holder, as the
 server does not record when a lock was granted), and who blocks a waiter.
+With --tree it shows who blocks whom instead, like ps --forest: each
+session that waits for nobody, with the sessions waiting for it under it
+(how long, for which key), and theirs under them. With --stats it counts
+the held and waiting advisory locks of every database, and how full the
+server's lock table is (max_locks_per_transaction × (max_connections +
+max_prepared_transactions) entries; when it is full every session fails).
 `
 
 // lockInfo is one row of "pglocks ls".
@@ -56,11 +62,14 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 	fs := flagSet("ls", lsHead, stderr)
 	var (
 		asJSON      bool
+		tree, stats bool
 		watch       time.Duration
 		names       stringList
 		scheme, dsn string
 	)
 	fs.BoolVar(&asJSON, "json", false, "print JSON")
+	fs.BoolVar(&tree, "tree", false, "show who blocks whom, as a tree")
+	fs.BoolVar(&stats, "stats", false, "count held and waiting locks per database, and the lock table's fill")
 	fs.DurationVar(&watch, "watch", 0, "print again every DURATION until interrupted")
 	fs.Var(&names, "name", "label the lock of this NAME (repeatable)")
 	keyFlag(fs, &scheme, "how --name values become keys: ")
@@ -70,6 +79,9 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	if fs.NArg() != 0 {
 		return usageError(stderr, "ls", "unexpected argument %q", fs.Arg(0))
+	}
+	if tree && stats {
+		return usageError(stderr, "ls", "--tree and --stats cannot be combined")
 	}
 	if watch < 0 {
 		return usageError(stderr, "ls", "--watch must be positive")
@@ -109,8 +121,22 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 		return exitDatabase
 	}
 	for {
-		locks, err := listLocks(ctx, pool, labels)
-		locks = grouped(locks, names)
+		var out any
+		var err error
+		switch {
+		case stats:
+			var s lockStats
+			s, err = readStats(ctx, pool)
+			out = s
+		default:
+			var locks []lockInfo
+			locks, err = listLocks(ctx, pool, labels)
+			locks = grouped(locks, names)
+			out = locks
+			if tree {
+				out = buildTree(locks, time.Now())
+			}
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return 0
@@ -121,9 +147,16 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 		if asJSON {
 			enc := json.NewEncoder(stdout)
 			enc.SetIndent("", "  ")
-			_ = enc.Encode(locks)
+			_ = enc.Encode(out)
 		} else {
-			printLocks(stdout, locks)
+			switch out := out.(type) {
+			case lockStats:
+				printStats(stdout, out)
+			case waitTree:
+				printTree(stdout, out)
+			case []lockInfo:
+				printLocks(stdout, out)
+			}
 		}
 		if watch == 0 {
 			return 0
