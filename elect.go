@@ -97,9 +97,9 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 			pause = 0
 			continue
 		}
-		tctx := lk.tctx // the campaign's, for the tracer
-		if tctx == nil {
-			tctx = ctx
+		tctx := ctx
+		if tr := lk.trace.Load(); tr != nil {
+			tctx = tr.ctx // the campaign's, for the tracer
 		}
 		if t := l.cfg.tracers.leader; t != nil {
 			t.TraceLeaderGained(tctx, l, key, lk.token)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -20,10 +21,17 @@ type Lock struct {
 	token  int64
 	// For a lock taken with Slots: the key asked for, and the slot held
 	// (e is the slot's entry); slot is -1 otherwise.
-	base    Key
-	slot    int
-	granted time.Time       // when the handle was made
-	tctx    context.Context // the AcquireTracer's ctx, or nil
+	base Key
+	slot int
+	// trace is set, once acquired, when a tracer wants it.
+	trace atomic.Pointer[lockTrace]
+}
+
+// lockTrace is what tracers need of a handle: the ctx TraceAcquireStart
+// returned, and when the acquisition ended.
+type lockTrace struct {
+	ctx     context.Context
+	granted time.Time
 }
 
 // Key returns the lock's key: for a lock taken with [Slots], the key asked

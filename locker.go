@@ -201,10 +201,10 @@ func (l *Locker) lockOne(ctx context.Context, key Key, o lockConfig, wait bool) 
 		}
 	}
 	if err != nil {
-		l.acquired(tctx, began, nil, err)
+		l.acquired(tctx, began, nil, nil, err)
 		return nil, err
 	}
-	l.acquired(tctx, began, []*Lock{lk}, nil)
+	l.acquired(tctx, began, lk, nil, nil)
 	return lk, nil
 }
 

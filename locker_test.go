@@ -545,9 +545,11 @@ func TestObservability(t *testing.T) {
 			t.Fatal("the loss was not noticed")
 		}
 		wantErr(t, lk.Err(), pglocks.ErrLockLost)
-		if out := buf.String(); !strings.Contains(out, "level=WARN") || !strings.Contains(out, "locks are lost") {
-			t.Errorf("the loss was not logged at Warn: %q", out)
-		}
+		// Logged just after the handles are told.
+		waitFor(t, 5*time.Second, "the loss to be logged at Warn", func() bool {
+			out := buf.String()
+			return strings.Contains(out, "level=WARN") && strings.Contains(out, "locks are lost")
+		})
 		// Back in the pool, the session has its own name again.
 		if err := l.Close(); err != nil {
 			t.Fatal(err)

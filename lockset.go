@@ -206,7 +206,7 @@ func (l *Locker) acquireAll(ctx context.Context, keys []Key, o lockConfig, wait 
 	} else {
 		locks, err = l.acquire(ctx, ks, o, wait)
 	}
-	l.acquired(tctx, began, locks, err)
+	l.acquired(tctx, began, nil, locks, err)
 	if err != nil {
 		return nil, err
 	}

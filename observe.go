@@ -264,28 +264,36 @@ func (l *Locker) traceStart(ctx context.Context, keys []Key, o lockConfig, wait 
 		return nil
 	}
 	return t.TraceAcquireStart(ctx, l, TraceAcquireStartData{Keys: keys, Shared: o.shared, Wait: wait,
-		Slots: o.slots, Lead: o.own, Label: o.label})
+		Slots: int(o.slots), Lead: o.own, Label: o.label})
 }
 
 // acquired ends an acquisition begun at began: the totals, and the tracer
-// with tctx, the ctx traceStart returned.
-func (l *Locker) acquired(tctx context.Context, began time.Time, locks []*Lock, err error) {
+// with tctx, the ctx traceStart returned. lk is the lock Lock acquired, or
+// locks LockAll's.
+func (l *Locker) acquired(tctx context.Context, began time.Time, lk *Lock, locks []*Lock, err error) {
 	d := time.Since(began)
 	l.counts.count(d, err)
-	t := l.cfg.tracers.acquire
-	if t == nil {
-		return
+	if l.cfg.tracers.acquire != nil {
+		if lk != nil {
+			locks = []*Lock{lk} // only here: it would escape, and allocate on every call
+		}
+		l.traceEnd(tctx, d, locks, err)
 	}
+}
+
+// traceEnd tells the tracer how an acquisition ended.
+func (l *Locker) traceEnd(tctx context.Context, d time.Duration, locks []*Lock, err error) {
+	tr := &lockTrace{ctx: tctx, granted: time.Now()}
 	for _, lk := range locks {
-		lk.tctx = tctx
+		lk.trace.Store(tr)
 	}
-	t.TraceAcquireEnd(tctx, l, TraceAcquireEndData{Locks: locks, Err: err, Outcome: OutcomeOf(err), Took: d})
+	l.cfg.tracers.acquire.TraceAcquireEnd(tctx, l, TraceAcquireEndData{Locks: locks, Err: err, Outcome: OutcomeOf(err), Took: d})
 }
 
 // traceRelease tells the tracer that lk was released with err.
 func (l *Locker) traceRelease(lk *Lock, err error) {
-	if t := l.cfg.tracers.release; t != nil && lk.tctx != nil {
-		t.TraceRelease(lk.tctx, l, TraceReleaseData{Lock: lk, Held: time.Since(lk.granted), Err: err})
+	if t, tr := l.cfg.tracers.release, lk.trace.Load(); t != nil && tr != nil {
+		t.TraceRelease(tr.ctx, l, TraceReleaseData{Lock: lk, Held: time.Since(tr.granted), Err: err})
 	}
 }
 
@@ -296,9 +304,9 @@ func (l *Locker) onLost(h *holder, cause error) int {
 	l.counts.losses.Add(int64(len(lost) + lingering))
 	if t := l.cfg.tracers.loss; t != nil {
 		for _, lk := range lost {
-			ctx := lk.tctx
-			if ctx == nil {
-				ctx = context.Background()
+			ctx := context.Background()
+			if tr := lk.trace.Load(); tr != nil {
+				ctx = tr.ctx
 			}
 			t.TraceLoss(ctx, l, TraceLossData{Lock: lk, Cause: lk.Err()})
 		}

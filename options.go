@@ -245,7 +245,7 @@ type lockConfig struct {
 	// own takes the lock on a session of its own, waiting in the server's
 	// queue at once (Lead): the session can then be watched, and named.
 	own     bool
-	slots   int           // Slots: take one of this many slots of the key
+	slots   int32         // Slots: take one of this many slots of the key (int32: lockConfig stays in a 48-byte size class)
 	minHold time.Duration // MinHold
 	label   string        // Label
 	err     error         // the first invalid option
@@ -287,7 +287,7 @@ func Slots(n int) LockOption {
 			c.setErr(fmt.Errorf("Slots(%d): n must be from 1 to %d", n, MaxSlots))
 			return
 		}
-		c.slots = n
+		c.slots = int32(n)
 	}
 }
 

@@ -57,27 +57,29 @@ const (
 )
 
 // entry is one key that this Locker holds or that goroutines wait for.
+// (Its flags are together, to keep it in a small size class.)
 type entry struct {
 	key     Key
 	state   entryState
-	shared  bool    // the mode held or being acquired
-	counted bool    // counted in table.held
-	token   int64   // the fencing token of the server's hold, or 0
-	h       *holder // the session holding it, in stateHeld and stateReleasing
-	locks   []*Lock // the handles sharing the server's hold: one, or several shared
-	queue   []*waiter
+	shared  bool // the mode held or being acquired
+	counted bool // counted in table.held
 	// wanted is set when a waiter of another process asked for the key
 	// while this Locker holds it: its release then notifies.
 	wanted bool
+	// slot is set for a slot's entry held by a Lock with Slots: its release
+	// may leave it to a waiter elsewhere (see yielding).
+	slot bool
+	// lingering: see holdUntil.
+	lingering bool
+	token     int64   // the fencing token of the server's hold, or 0
+	h         *holder // the session holding it, in stateHeld and stateReleasing
+	locks     []*Lock // the handles sharing the server's hold: one, or several shared
+	queue     []*waiter
 	// holdUntil is when the server's hold may go at the earliest (MinHold);
 	// lingering is set once its last handle is released before then, and
 	// linger is the timer that ends it (stopped when the entry goes idle).
 	holdUntil time.Time
-	lingering bool
 	linger    *time.Timer
-	// slot is set for a slot's entry held by a Lock with Slots: its release
-	// may leave it to a waiter elsewhere (see yielding).
-	slot bool
 }
 
 // waiter is a goroutine waiting in this process for a key.
@@ -221,7 +223,7 @@ func (t *table) grant(es []*entry, h *holder, tokens []int64) ([]*Lock, error) {
 // newLock makes a handle sharing e's hold. It runs with t.mu held.
 func (t *table) newLock(e *entry) *Lock {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	lk := &Lock{l: t.owner, e: e, ctx: ctx, cancel: cancel, token: e.token, slot: -1, granted: time.Now()}
+	lk := &Lock{l: t.owner, e: e, ctx: ctx, cancel: cancel, token: e.token, slot: -1}
 	e.locks = append(e.locks, lk)
 	return lk
 }
