@@ -133,8 +133,11 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 			locks, err = listLocks(ctx, pool, labels)
 			locks = grouped(locks, names)
 			out = locks
-			if tree {
-				out = buildTree(locks, time.Now())
+			if tree && err == nil {
+				// The wait's age by the server's clock, as Since is.
+				var now time.Time
+				err = pool.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&now)
+				out = buildTree(holdersOnly(locks), now)
 			}
 		}
 		if err != nil {
@@ -182,7 +185,10 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]l
 	rows, err := pool.Query(ctx, `
 		SELECT l.objsubid, l.classid::bigint, l.objid::bigint, l.mode, l.granted, l.pid,
 		       coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local socket'),
-		       coalesce(l.waitstart, a.backend_start), pg_blocking_pids(l.pid)
+		       CASE WHEN l.granted THEN a.backend_start
+		            -- waitstart is null for a moment after the wait begins
+		            ELSE coalesce(l.waitstart, a.query_start, a.backend_start) END,
+		       pg_blocking_pids(l.pid)
 		FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 		WHERE l.locktype = 'advisory'
 		  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
@@ -224,6 +230,36 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]l
 		return li, nil
 	})
 	return locks, err
+}
+
+// holdersOnly narrows each waiter's BlockedBy, for the tree, to the
+// sessions holding its key: pg_blocking_pids also names those waiting for
+// the key ahead of it in a conflicting mode (soft blocks), which would put
+// a waiter under its fellow waiters as well as under the holder. A waiter
+// that only waits behind waiters (its mode suits the holders') keeps them.
+func holdersOnly(locks []lockInfo) []lockInfo {
+	holders := map[string][]int{}
+	for _, l := range locks {
+		if l.Granted {
+			holders[l.Key] = append(holders[l.Key], l.PID)
+		}
+	}
+	out := slices.Clone(locks)
+	for i, l := range out {
+		if l.Granted {
+			continue
+		}
+		var hard []int
+		for _, p := range l.BlockedBy {
+			if slices.Contains(holders[l.Key], p) {
+				hard = append(hard, p)
+			}
+		}
+		if len(hard) > 0 {
+			out[i].BlockedBy = hard
+		}
+	}
+	return out
 }
 
 // grouped orders locks by --name: each NAME's key, then its slots in order,

@@ -112,11 +112,10 @@ func printTree(w io.Writer, t waitTree) {
 			roots = append(roots, s.PID)
 		}
 	}
-	if len(roots) == 0 && len(t.Sessions) > 0 {
-		roots = append(roots, t.Sessions[0].PID) // all in a cycle
-	}
+	printed := map[int]bool{}
 	var walk func(pid int, depth int, path map[int]bool)
 	walk = func(pid int, depth int, path map[int]bool) {
+		printed[pid] = true
 		s := byPID[pid]
 		indent := ""
 		if depth > 0 {
@@ -145,6 +144,13 @@ func printTree(w io.Writer, t waitTree) {
 	}
 	for _, r := range roots {
 		walk(r, 0, map[int]bool{})
+	}
+	// A group of sessions that all wait for each other (a deadlock the
+	// server has yet to break) has no root: start it at its lowest pid.
+	for _, s := range t.Sessions {
+		if !printed[s.PID] {
+			walk(s.PID, 0, map[int]bool{})
+		}
 	}
 	if len(t.Sessions) == 0 {
 		fmt.Fprintln(w, "(no advisory locks)")
@@ -227,6 +233,6 @@ func printStats(w io.Writer, s lockStats) {
 		fmt.Fprintln(w, "(no advisory locks)")
 	}
 	f := s.LockTable
-	fmt.Fprintf(w, "lock table: %d of %d (%.1f%%), max_locks_per_transaction × (max_connections + max_prepared_transactions); %d fast-path locks apart\n",
+	fmt.Fprintf(w, "lock table: %d of %d (%.3g%%), max_locks_per_transaction × (max_connections + max_prepared_transactions); %d fast-path locks apart\n",
 		f.Used, f.Capacity, f.Percent, f.FastPath)
 }

@@ -4,9 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -37,9 +39,11 @@ func waitsIn(t *testing.T, db string) int {
 	return n
 }
 
-// ls --tree shows a chain of waits as a tree: A holds 101 and 103; B holds
-// 102 and waits for 101; C waits for 102; D waits for 103. C is under B,
-// which is under A with D; --json has exactly those edges.
+// ls --tree shows a chain of waits as a tree: A holds 101 (and 103, and
+// NAME tree-job's key); B holds 102 and waits for 101; C waits for 102; D
+// waits for 101 too, behind B. B and D are under A, C under B, and D only
+// under A: pg_blocking_pids names B as D's blocker too (B is ahead of it in
+// the queue), but B does not hold 101. --json has exactly those edges.
 func TestTree(t *testing.T) {
 	t.Parallel()
 	dsn, db := testDB(t)
@@ -50,7 +54,10 @@ func TestTree(t *testing.T) {
 	for _, q := range []struct {
 		c *pgx.Conn
 		q string
-	}{{a, "SELECT pg_advisory_lock(101), pg_advisory_lock(103)"}, {b, "SELECT pg_advisory_lock(102)"}} {
+	}{
+		{a, "SELECT pg_advisory_lock(101), pg_advisory_lock(103), pg_advisory_lock(hashtextextended('tree-job', 0))"},
+		{b, "SELECT pg_advisory_lock(102)"},
+	} {
 		if _, err := q.c.Exec(t.Context(), q.q); err != nil {
 			t.Fatal(err)
 		}
@@ -65,43 +72,63 @@ func TestTree(t *testing.T) {
 	wait(b, 101)
 	waitFor(t, "B's wait", func() bool { return waitsIn(t, db) == 1 })
 	wait(c, 102)
-	wait(d, 103)
+	wait(d, 101)
 	waitFor(t, "the three waits", func() bool { return waitsIn(t, db) == 3 })
 
-	stdout, stderr, code := pglocksRun(t, dsn, "ls", "--tree")
+	stdout, stderr, code := pglocksRun(t, dsn, "ls", "--tree", "--name", "tree-job")
 	if code != 0 {
 		t.Fatalf("ls --tree: exit %d: %s", code, stderr)
 	}
-	lines := strings.Split(strings.TrimSpace(stdout), "\n")
 	t.Logf("ls --tree:\n%s", stdout)
-	find := func(pid int) (int, string) {
-		for i, l := range lines {
-			if strings.HasPrefix(strings.TrimLeft(l, " \\_"), fmt.Sprint(pid)+" ") {
-				return i, l
+	// Each line's pid and indentation; a line's parent is the nearest line
+	// above it indented less.
+	lines := strings.Split(strings.TrimRight(stdout, "\n"), "\n")
+	indent := func(l string) int { return len(l) - len(strings.TrimLeft(l, " \\_")) }
+	pids := make([]int, len(lines))
+	parent := map[int]int{} // pid -> parent pid, 0 for a root
+	line := map[int]string{}
+	for i, l := range lines {
+		if _, err := fmt.Sscan(strings.TrimLeft(l, " \\_"), &pids[i]); err != nil {
+			t.Fatalf("line %q: no pid: %v\n%s", l, err, stdout)
+		}
+		if _, dup := line[pids[i]]; dup {
+			t.Errorf("pid %d shown twice:\n%s", pids[i], stdout)
+		}
+		line[pids[i]] = l
+		parent[pids[i]] = 0
+		for j := i - 1; j >= 0; j-- {
+			if indent(lines[j]) < indent(l) {
+				parent[pids[i]] = pids[j]
+				break
 			}
 		}
-		t.Fatalf("pid %d not in:\n%s", pid, stdout)
-		return 0, ""
 	}
-	indent := func(l string) int { return len(l) - len(strings.TrimLeft(l, " \\_")) }
-	ia, la := find(pa)
-	ib, lb := find(pb)
-	ic, lc := find(pc)
-	id, ld := find(pd)
-	if len(lines) != 4 || ia != 0 || indent(la) != 0 {
-		t.Errorf("A is not the only root, first:\n%s", stdout)
+	want := map[int]int{pa: 0, pb: pa, pd: pa, pc: pb}
+	if len(lines) != 4 || pids[0] != pa || indent(lines[0]) != 0 || !maps.Equal(parent, want) {
+		t.Errorf("tree: parents %v, want %v (A %d, B %d, C %d, D %d):\n%s", parent, want, pa, pb, pc, pd, stdout)
 	}
-	if indent(lb) <= indent(la) || indent(ld) != indent(lb) || !(ib > ia && id > ia) {
-		t.Errorf("B and D are not under A:\n%s", stdout)
-	}
-	if indent(lc) <= indent(lb) || ic != ib+1 {
-		t.Errorf("C is not under B:\n%s", stdout)
+	if indent(line[pb]) != indent(line[pd]) || indent(line[pc]) <= indent(line[pb]) {
+		t.Errorf("B and D not level, or C not deeper than B:\n%s", stdout)
 	}
 	for _, want := range []struct {
 		line, text string
-	}{{la, "tree-a"}, {la, "holds 101, 103"}, {lb, "waits "}, {lb, "for 101 (exclusive)"}, {lb, "holds 102"}, {lc, "for 102"}, {ld, "for 103"}} {
+	}{
+		{line[pa], "tree-a"}, {line[pa], "101, 103"}, {line[pa], "holds "}, {line[pa], " [tree-job]"},
+		{line[pb], "tree-b"}, {line[pb], "for 101 (exclusive)"}, {line[pb], "holds 102"},
+		{line[pc], "tree-c"}, {line[pc], "for 102 (exclusive)"},
+		{line[pd], "tree-d"}, {line[pd], "for 101 (exclusive)"},
+	} {
 		if !strings.Contains(want.line, want.text) {
 			t.Errorf("%q lacks %q", want.line, want.text)
+		}
+	}
+	for _, pid := range []int{pb, pc, pd} {
+		// "waits 35ms for", "waits 1.2s for"
+		var age string
+		if _, err := fmt.Sscanf(line[pid][strings.Index(line[pid], "waits "):], "waits %s for", &age); err != nil {
+			t.Errorf("%q: no wait age: %v", line[pid], err)
+		} else if d, err := time.ParseDuration(age); err != nil || d <= 0 || d > time.Minute {
+			t.Errorf("%q: wait age %q", line[pid], age)
 		}
 	}
 
@@ -118,36 +145,97 @@ func TestTree(t *testing.T) {
 		edges = append(edges, fmt.Sprintf("%d>%d:%s", e.Waiter, e.Holder, e.Key))
 	}
 	slices.Sort(edges)
-	want := []string{fmt.Sprintf("%d>%d:101", pb, pa), fmt.Sprintf("%d>%d:102", pc, pb), fmt.Sprintf("%d>%d:103", pd, pa)}
-	slices.Sort(want)
-	if !slices.Equal(edges, want) {
-		t.Errorf("edges %v, want %v", edges, want)
+	wantEdges := []string{fmt.Sprintf("%d>%d:101", pb, pa), fmt.Sprintf("%d>%d:101", pd, pa), fmt.Sprintf("%d>%d:102", pc, pb)}
+	slices.Sort(wantEdges)
+	if !slices.Equal(edges, wantEdges) {
+		t.Errorf("edges %v, want %v", edges, wantEdges)
 	}
+	seen := map[int]bool{}
 	for _, s := range tree.Sessions {
-		if s.PID == pb && (s.WaitsFor != "101" || s.Application != "tree-b" || s.WaitSeconds <= 0 || !slices.Equal(s.Holds, []string{"102"})) {
-			t.Errorf("B in --json: %+v", s)
+		seen[s.PID] = true
+		var ok bool
+		switch s.PID {
+		case pa:
+			ok = s.Application == "tree-a" && s.WaitsFor == "" && len(s.Holds) == 3
+		case pb:
+			ok = s.Application == "tree-b" && s.WaitsFor == "101" && s.WaitSeconds > 0 && slices.Equal(s.Holds, []string{"102"})
+		case pc:
+			ok = s.Application == "tree-c" && s.WaitsFor == "102" && s.WaitSeconds > 0 && len(s.Holds) == 0
+		case pd:
+			ok = s.Application == "tree-d" && s.WaitsFor == "101" && s.WaitSeconds > 0 && len(s.Holds) == 0
 		}
+		if !ok {
+			t.Errorf("session in --json: %+v", s)
+		}
+	}
+	if len(seen) != 4 || len(tree.Sessions) != 4 {
+		t.Errorf("--json sessions: %+v", tree.Sessions)
 	}
 
-	// Let them through, and leave nothing: A's unlock lets B and D in,
-	// then B's lets C in.
-	if _, err := a.Exec(t.Context(), "SELECT pg_advisory_unlock_all()"); err != nil {
-		t.Fatal(err)
-	}
-	for range 2 {
-		if err := <-done; err != nil {
+	// Cancel C's and D's waits, let B through, and leave nothing.
+	for _, c := range []*pgx.Conn{c, d} {
+		if err := c.PgConn().CancelRequest(t.Context()); err != nil {
 			t.Fatal(err)
 		}
+		if err := <-done; err == nil || !strings.Contains(err.Error(), "57014") {
+			t.Errorf("a cancelled wait: %v", err)
+		}
 	}
-	if _, err := b.Exec(t.Context(), "SELECT pg_advisory_unlock_all()"); err != nil {
+	if _, err := a.Exec(t.Context(), "SELECT pg_advisory_unlock_all()"); err != nil {
 		t.Fatal(err)
 	}
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range []*pgx.Conn{c, d} {
-		if _, err := c.Exec(t.Context(), "SELECT pg_advisory_unlock_all()"); err != nil {
-			t.Fatal(err)
+	for _, c := range []*pgx.Conn{a, b, c, d} {
+		c.Close(t.Context())
+	}
+	waitFor(t, "no advisory locks left", func() bool { return len(locks(t, db)) == 0 })
+}
+
+// printTree stops where a cycle closes (a deadlock the server has yet to
+// break), and shows a session blocked by two under each.
+func TestTreeCycle(t *testing.T) {
+	t.Parallel()
+	tree := waitTree{
+		Sessions: []treeSession{
+			{PID: 1, Holds: []string{"1"}, WaitsFor: "2", Mode: "exclusive"},
+			{PID: 2, Holds: []string{"2"}, WaitsFor: "1", Mode: "exclusive"},
+			{PID: 3, WaitsFor: "1", Mode: "exclusive"},
+		},
+		Edges: []treeEdge{{Waiter: 1, Holder: 2, Key: "2"}, {Waiter: 2, Holder: 1, Key: "1"}, {Waiter: 3, Holder: 1, Key: "1"}},
+	}
+	out := make(chan string, 1)
+	go func() {
+		var b strings.Builder
+		printTree(&b, tree)
+		out <- b.String()
+	}()
+	var got string
+	select {
+	case got = <-out:
+	case <-time.After(5 * time.Second):
+		t.Fatal("printTree loops on a cycle")
+	}
+	t.Logf("cycle:\n%s", got)
+	lines := strings.Split(strings.TrimRight(got, "\n"), "\n")
+	// 1, 2 under it, 1 again under 2 where the cycle closes (and nothing
+	// under that), then 3 under the first 1.
+	var pids []string
+	for _, l := range lines {
+		pids = append(pids, strings.Fields(strings.TrimLeft(l, " \\_"))[0])
+	}
+	if !slices.Equal(pids, []string{"1", "2", "1", "3"}) || !strings.Contains(lines[2], "cycle") || strings.Contains(lines[0], "cycle") {
+		t.Errorf("cycle printed as:\n%s", got)
+	}
+
+	// Beside an ordinary root, the cycle is still printed.
+	tree.Sessions = append(tree.Sessions, treeSession{PID: 4, Holds: []string{"9"}})
+	var b strings.Builder
+	printTree(&b, tree)
+	for _, pid := range []string{"1 ", "2 ", "3 ", "4 "} {
+		if !slices.ContainsFunc(strings.Split(b.String(), "\n"), func(l string) bool { return strings.HasPrefix(strings.TrimLeft(l, " \\_"), pid) }) {
+			t.Errorf("pid %s missing beside another root:\n%s", pid, b.String())
 		}
 	}
 }
