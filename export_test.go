@@ -8,17 +8,8 @@ import "time"
 // server's queue on a session of their own, and multiplexed (slot waits
 // included).
 func WaitsForTest(l *Locker) (server, multiplexed int) {
-	l.sessions.mu.Lock()
-	server = l.sessions.waiting
-	l.sessions.mu.Unlock()
-	l.mux.mu.Lock()
-	defer l.mux.mu.Unlock()
-	for _, r := range l.mux.reqs {
-		if !r.cancelled {
-			multiplexed++
-		}
-	}
-	return server, multiplexed + len(l.mux.watches)
+	s := l.Stat()
+	return s.WaitingServer(), s.WaitingMultiplexed()
 }
 
 // SessionsForTest returns how many connections l has taken from its pool.

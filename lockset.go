@@ -68,22 +68,25 @@ func (s *LockSet) Release(ctx context.Context) error {
 		ctx = context.Background() // see Lock.Release
 	}
 	defer s.stop()
-	var errs []error
+	errs := make([]error, len(s.locks)) // each lock's
 	var us []*unlock
-	for _, lk := range s.locks {
+	var at []int // us[i] is s.locks[at[i]]'s
+	for i, lk := range s.locks {
 		u, err := lk.l.table.release(lk)
 		if u == nil {
-			errs = append(errs, err)
+			errs[i] = err
 			continue
 		}
-		us = append(us, u)
+		us, at = append(us, u), append(at, i)
 	}
 	if len(us) > 0 {
-		errs = append(errs, s.locks[0].l.unlock(ctx, us)...)
+		for j, err := range s.locks[0].l.unlock(ctx, us) {
+			errs[at[j]] = err
+		}
 	}
 	if l := s.locks[0].l; l.cfg.tracers.release != nil {
-		for _, lk := range s.locks {
-			l.traceRelease(lk, nil)
+		for i, lk := range s.locks {
+			l.traceRelease(lk, errs[i])
 		}
 	}
 	s.watch()

@@ -100,12 +100,11 @@ func (m *mux) unwatch(w *muxWatch) {
 	if i := slices.Index(m.watches, w); i >= 0 {
 		m.watches = slices.Delete(m.watches, i, i+1)
 		m.nwatch.Add(-1)
-		for _, k := range w.keys {
-			if w.local {
-				break
-			}
-			if m.awaited[k]--; m.awaited[k] == 0 {
-				delete(m.awaited, k)
+		if !w.local { // a local watch is not counted in awaited
+			for _, k := range w.keys {
+				if m.awaited[k]--; m.awaited[k] == 0 {
+					delete(m.awaited, k)
+				}
 			}
 		}
 	}
