@@ -1,6 +1,7 @@
 package pglocks
 
 import (
+	"crypto/sha1"
 	"crypto/sha256"
 	"encoding/binary"
 	"hash/crc32"
@@ -55,7 +56,8 @@ func NameCRC32(name string) Key {
 }
 
 // Int64 returns the bigint of a key in the bigint space ([ID], [Name],
-// [NameCRC32]); ok is false for a [Pair] key and the zero Key.
+// [NameCRC32], [NameDjangoPglock], and [NameDotNet] for hex and hashed
+// names); ok is false for a pair key and the zero Key.
 func (k Key) Int64() (id int64, ok bool) { return k.v, k.kind == kindInt64 }
 
 // Int32s returns the two int4 of a [Pair] key; ok is false for other keys.
@@ -89,6 +91,111 @@ func IDRails(id, prefix int64) Key {
 	return Pair(int32(id&0x7fffffff), int32(prefix&0x7fffffff))
 }
 
+// NameDjangoPglock returns the key that django-pglock (the maintained
+// library, PyPI django-pglock, not the older django-pglocks of [NameCRC32])
+// uses for a str lock id: the SHA-256 of the name's UTF-8 bytes, bytes 0–7
+// read as a little-endian signed int64, used as the bigint key
+// (pg_advisory_lock(id)). An int lock id is used as given, which is [ID].
+// Its decorator without a lock id uses the function's module and name,
+// f"{module.__name__}.{func.__name__}", such as "myapp.tasks.send_report".
+// django-pglock refuses an empty lock id (ValueError "Must supply a lock
+// ID", as it tests not lock_id), so "" has a key here but no Django
+// counterpart.
+func NameDjangoPglock(name string) Key {
+	sum := sha256.Sum256([]byte(name))
+	return ID(int64(binary.LittleEndian.Uint64(sum[:8])))
+}
+
+// NameDotNet returns the key that the .NET library DistributedLock
+// (madelson/DistributedLock, PostgresAdvisoryLockKey(name, allowHashing))
+// uses for a lock name. It tries three forms in turn:
+//
+//   - ASCII: a name of at most 9 characters, all below 0x80, is packed 7
+//     bits a character from the top, then a 0 bit, then 1 bits to fill 64,
+//     and used as a pair key (high and low 32 bits). "" is Pair(2147483647,
+//     -1); a 10-character name is hashed.
+//   - hex: 16 hex digits ("00000000ffffffff") are the bigint key they spell,
+//     and "8hex,8hex" ("00000001,ffffffff") the pair of int32 they spell,
+//     each half read as two's complement; digits only, either case, no sign,
+//     "0x" or spaces. A 16- or 17-character name that is not such is hashed.
+//   - hashed: any other name (so any with a non-ASCII character): the
+//     SHA-1 of its UTF-8 bytes, bytes 0–7 read as a little-endian signed
+//     int64, used as the bigint key.
+//
+// .NET hashes only when the caller passes allowHashing: true, and throws
+// FormatException otherwise; any name it accepts without hashing maps the
+// same way with it, so NameDotNet always allows hashing and never fails.
+// .NET strings are UTF-16: a Go string that is not valid UTF-8 has no .NET
+// counterpart (it is hashed as its bytes).
+func NameDotNet(name string) Key {
+	if len(name) <= 9 && isASCII(name) {
+		var v int64
+		for i := 0; i < len(name); i++ {
+			v = v<<7 | int64(name[i])
+		}
+		v <<= 1
+		for i := len(name); i < 9; i++ {
+			v = v<<7 | 0x7f
+		}
+		return Key{kind: kindPair, v: v}
+	}
+	if k, ok := dotNetHex(name); ok {
+		return k
+	}
+	sum := sha1.Sum([]byte(name))
+	return ID(int64(binary.LittleEndian.Uint64(sum[:8])))
+}
+
+// isASCII reports whether every byte of s is below 0x80.
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// dotNetHex reads DistributedLock's hex forms of a name: 16 hex digits (a
+// bigint key) or 8 hex digits, a comma and 8 more (a pair key).
+func dotNetHex(name string) (Key, bool) {
+	pair := len(name) == 17 && name[8] == ','
+	if !pair && len(name) != 16 {
+		return Key{}, false
+	}
+	hi, ok1 := hex32(name[:8])
+	lo, ok2 := hex32(name[len(name)-8:])
+	if !ok1 || !ok2 {
+		return Key{}, false
+	}
+	v := int64(hi)<<32 | int64(lo)
+	if pair {
+		return Key{kind: kindPair, v: v}, true
+	}
+	return ID(v), true
+}
+
+// hex32 reads 8 hex digits as C#'s int.TryParse(s,
+// NumberStyles.AllowHexSpecifier) does: digits of either case only.
+func hex32(s string) (uint32, bool) {
+	var v uint32
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case '0' <= c && c <= '9':
+			c -= '0'
+		case 'a' <= c && c <= 'f':
+			c -= 'a' - 10
+		case 'A' <= c && c <= 'F':
+			c -= 'A' - 10
+		default:
+			return 0, false
+		}
+		v = v<<4 | uint32(c)
+	}
+	return v, true
+}
+
 // MaxSlots is the most slots [Slots] takes.
 const MaxSlots = 1024
 
@@ -103,10 +210,12 @@ const MaxSlots = 1024
 //	SELECT pg_advisory_lock((h >> 32)::int4, h::bit(32)::int4)
 //	FROM (SELECT hashtextextended('pglocks:slot:42:0', 0) AS h) s;
 //
-// Slot keys are in the pair key space, so no key that [ID], [Name] or
-// [NameCRC32] makes is ever a slot key; a [Pair] is one only if its two
-// int4 happen to be such a hash (about 2^-64 for any given pair), and
-// NameNode, NameRails and IDRails pairs are other hashes or small numbers.
+// Slot keys are in the pair key space, so no key that [ID], [Name],
+// [NameCRC32] or [NameDjangoPglock] makes is ever a slot key; a [Pair] is
+// one only if its two int4 happen to be such a hash (about 2^-64 for any
+// given pair), and NameNode, NameRails and IDRails pairs are other hashes
+// or small numbers; a NameDotNet pair is a packed ASCII name, or the
+// numbers a hex name spells (a Pair by another name).
 // The rule holds in UTF-8 databases, as [Name] does. It returns the zero
 // Key for the zero Key or a negative i.
 func (k Key) Slot(i int) Key {
