@@ -187,15 +187,43 @@ func lookCommand(cmd, name string, stderr io.Writer) (path string, status int) {
 }
 
 // schemes are the ways a NAME becomes a key.
-const schemes = "name (hashtextextended, the default), crc32 (django-pglocks), rails (Ruby's with_advisory_lock; prefix from WITH_ADVISORY_LOCK_PREFIX), node (npm advisory-lock), id (NAME is an int64), pair (NAME is A,B)"
+const schemes = "name (hashtextextended, the default), crc32 (django-pglocks 1.0.x; alias django-pglocks), " +
+	"django-pglock (the maintained django-pglock: SHA-256), dotnet (.NET DistributedLock), " +
+	"rails (Ruby's with_advisory_lock; prefix from WITH_ADVISORY_LOCK_PREFIX), node (npm advisory-lock), " +
+	"id (NAME is an int64), pair (NAME is A,B), all (ls and key only: every scheme's key of NAME)"
+
+// nameSchemes are the schemes -k all tries, in the order it prints them;
+// id and pair count only when NAME parses as one.
+var nameSchemes = []string{"name", "crc32", "django-pglock", "dotnet", "rails", "node", "id", "pair"}
+
+// schemeKey is NAME's key under one scheme.
+type schemeKey struct {
+	scheme string
+	key    pglocks.Key
+}
+
+// allKeys returns NAME's key under every scheme of nameSchemes that takes it.
+func allKeys(name string) []schemeKey {
+	var out []schemeKey
+	for _, s := range nameSchemes {
+		if k, err := parseKey(s, name); err == nil {
+			out = append(out, schemeKey{s, k})
+		}
+	}
+	return out
+}
 
 // parseKey turns name into a key by scheme.
 func parseKey(scheme, name string) (pglocks.Key, error) {
 	switch scheme {
 	case "name", "":
 		return pglocks.Name(name), nil
-	case "crc32":
+	case "crc32", "django-pglocks":
 		return pglocks.NameCRC32(name), nil
+	case "django-pglock":
+		return pglocks.NameDjangoPglock(name), nil
+	case "dotnet":
+		return pglocks.NameDotNet(name), nil
 	case "rails":
 		return pglocks.NameRails(name, rubyToI(os.Getenv("WITH_ADVISORY_LOCK_PREFIX"))), nil
 	case "node":
@@ -214,6 +242,8 @@ func parseKey(scheme, name string) (pglocks.Key, error) {
 			return pglocks.Key{}, fmt.Errorf("-k pair: %q is not two int32 as A,B", name)
 		}
 		return pglocks.Pair(int32(x), int32(y)), nil
+	case "all":
+		return pglocks.Key{}, errors.New("-k all is only for ls and key (which show every scheme's key of NAME); this command takes one key: pick one scheme")
 	}
 	return pglocks.Key{}, fmt.Errorf("unknown key scheme %q; schemes: %s", scheme, schemes)
 }

@@ -13,7 +13,9 @@ const keyHead = `Usage: pglocks key [-k SCHEME] [--slots N] [--json] NAME
 
 Prints the key that NAME stands for, and the SQL that takes the same lock
 from psql or any other client; with --slots N, the keys of NAME's N slots
-(what 'pglocks run --slots N NAME' takes one of) and the SQL for each.
+(what 'pglocks run --slots N NAME' takes one of) and the SQL for each. With
+-k all, NAME's key under every scheme (id and pair only when NAME is one);
+with --json, as an array.
 `
 
 // keyInfo is what "pglocks key" prints.
@@ -70,33 +72,57 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, "key", "want exactly one NAME, got %d", fs.NArg())
 	}
 	name := fs.Arg(0)
-	key, err := parseKey(scheme, name)
-	if err != nil {
-		return usageError(stderr, "key", "%v", err)
-	}
 	if slots < 0 || slots > pglocks.MaxSlots {
 		return usageError(stderr, "key", "--slots must be 1..%d", pglocks.MaxSlots)
 	}
-	ki := describeKey(scheme, name, key)
-	for i := range slots {
-		a, b, _ := key.Slot(i).Int32s()
-		ki.Slots = append(ki.Slots, slotKey{Slot: i, Pair: [2]int32{a, b}, SQL: slotSQL(key, i)})
+	var keys []schemeKey
+	if scheme == "all" {
+		keys = allKeys(name)
+	} else {
+		key, err := parseKey(scheme, name)
+		if err != nil {
+			return usageError(stderr, "key", "%v", err)
+		}
+		keys = []schemeKey{{scheme, key}}
+	}
+	var infos []keyInfo
+	for _, sk := range keys {
+		ki := describeKey(sk.scheme, name, sk.key)
+		for i := range slots {
+			a, b, _ := sk.key.Slot(i).Int32s()
+			ki.Slots = append(ki.Slots, slotKey{Slot: i, Pair: [2]int32{a, b}, SQL: slotSQL(sk.key, i)})
+		}
+		infos = append(infos, ki)
 	}
 	if asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		_ = enc.Encode(ki)
+		if scheme == "all" {
+			_ = enc.Encode(infos)
+		} else {
+			_ = enc.Encode(infos[0])
+		}
 		return 0
 	}
-	fmt.Fprintf(stdout, "name:   %s\nscheme: %s\n", name, scheme)
-	if ki.Bigint != nil {
-		fmt.Fprintf(stdout, "key:    %d (bigint)\n", *ki.Bigint)
-	} else {
-		fmt.Fprintf(stdout, "key:    %d,%d (int4 pair)\n", ki.Pair[0], ki.Pair[1])
-	}
-	fmt.Fprintf(stdout, "sql:    %s\n", ki.SQL)
-	for _, s := range ki.Slots {
-		fmt.Fprintf(stdout, "slot %d: %d,%d (int4 pair)\n        %s\n", s.Slot, s.Pair[0], s.Pair[1], s.SQL)
+	for i, ki := range infos {
+		if i > 0 {
+			fmt.Fprintln(stdout)
+		}
+		printKey(stdout, ki)
 	}
 	return 0
+}
+
+// printKey prints one key as text.
+func printKey(w io.Writer, ki keyInfo) {
+	fmt.Fprintf(w, "name:   %s\nscheme: %s\n", ki.Name, ki.Scheme)
+	if ki.Bigint != nil {
+		fmt.Fprintf(w, "key:    %d (bigint)\n", *ki.Bigint)
+	} else {
+		fmt.Fprintf(w, "key:    %d,%d (int4 pair)\n", ki.Pair[0], ki.Pair[1])
+	}
+	fmt.Fprintf(w, "sql:    %s\n", ki.SQL)
+	for _, s := range ki.Slots {
+		fmt.Fprintf(w, "slot %d: %d,%d (int4 pair)\n        %s\n", s.Slot, s.Pair[0], s.Pair[1], s.SQL)
+	}
 }

@@ -33,6 +33,8 @@ session that waits for nobody, with the sessions waiting for it under it
 the held and waiting advisory locks of every database, and how full the
 server's lock table is (max_locks_per_transaction × (max_connections +
 max_prepared_transactions) entries; when it is full every session fails).
+With -k all, --name labels NAME's key under every scheme (id and pair only
+when NAME is one), and says which: NAME (dotnet), NAME (dotnet, id).
 `
 
 // lockInfo is one row of "pglocks ls".
@@ -41,7 +43,8 @@ type lockInfo struct {
 	Bigint      *int64    `json:"bigint"`
 	Pair        *[2]int32 `json:"pair"`
 	Name        string    `json:"name,omitempty"`
-	Slot        *int      `json:"slot,omitempty"` // a slot of Name (pglocks run --slots)
+	Schemes     []string  `json:"schemes,omitempty"` // with -k all, the schemes that make Name this key
+	Slot        *int      `json:"slot,omitempty"`    // a slot of Name (pglocks run --slots)
 	Mode        string    `json:"mode"`
 	Granted     bool      `json:"granted"`
 	PID         int       `json:"pid"`
@@ -88,14 +91,22 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	labels := map[pglocks.Key]label{}
 	for _, n := range names {
-		key, err := parseKey(scheme, n)
-		if err != nil {
-			return usageError(stderr, "ls", "%v", err)
+		var keys []schemeKey
+		if scheme == "all" {
+			keys = allKeys(n)
+		} else {
+			key, err := parseKey(scheme, n)
+			if err != nil {
+				return usageError(stderr, "ls", "%v", err)
+			}
+			keys = []schemeKey{{key: key}}
 		}
-		labels[key] = label{n, -1}
-		// The slots of NAME (pglocks run --slots), whatever their number.
-		for i := range pglocks.MaxSlots {
-			labels[key.Slot(i)] = label{n, i}
+		for _, sk := range keys {
+			addLabel(labels, sk.key, n, -1, sk.scheme)
+			// The slots of NAME (pglocks run --slots), whatever their number.
+			for i := range pglocks.MaxSlots {
+				addLabel(labels, sk.key.Slot(i), n, i, sk.scheme)
+			}
 		}
 	}
 	cfg, err := poolConfig(dsn)
@@ -177,8 +188,23 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 
 // label is what --name says of a key: NAME, or slot i of NAME.
 type label struct {
-	name string
-	slot int // -1: NAME itself
+	name    string
+	slot    int      // -1: NAME itself
+	schemes []string // with -k all, the schemes that make NAME this key
+}
+
+// addLabel labels key as slot (-1: none) of name; scheme is "" but with -k
+// all. A key that two schemes make of one NAME gets one label naming both;
+// a later NAME replaces an earlier one.
+func addLabel(labels map[pglocks.Key]label, key pglocks.Key, name string, slot int, scheme string) {
+	lb, ok := labels[key]
+	if !ok || lb.name != name || lb.slot != slot {
+		lb = label{name: name, slot: slot}
+	}
+	if scheme != "" {
+		lb.schemes = append(lb.schemes, scheme)
+	}
+	labels[key] = lb
 }
 
 func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]label) ([]lockInfo, error) {
@@ -216,6 +242,7 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]l
 		li.Key = key.String()
 		if lb, ok := labels[key]; ok {
 			li.Name = lb.name
+			li.Schemes = lb.schemes
 			if lb.slot >= 0 {
 				li.Slot = &lb.slot
 			}
@@ -303,6 +330,9 @@ func printLocks(w io.Writer, locks []lockInfo) {
 			key = "(" + key + ")"
 		}
 		name := l.Name
+		if len(l.Schemes) > 0 {
+			name += " (" + strings.Join(l.Schemes, ", ") + ")"
+		}
 		if l.Slot != nil {
 			name = fmt.Sprintf("%s[slot %d]", name, *l.Slot)
 		}

@@ -372,6 +372,12 @@ func TestKey(t *testing.T) {
 		{[]string{"key", "--key", "pair", "1,-2"}, pglocks.Pair(1, -2), "pg_advisory_lock(1, -2)"},
 		{[]string{"key", "-k", "node", "some-lock-name"}, pglocks.Pair(1253560211, -1237456625), "pg_advisory_lock(1253560211, -1237456625)"},
 		{[]string{"key", "-k", "rails", "foo"}, pglocks.Pair(208889121, 0), "pg_advisory_lock(208889121, 0)"},
+		{[]string{"key", "-k", "django-pglocks", "some lock"}, pglocks.NameCRC32("some lock"), "pg_advisory_lock(-205618829)"},
+		{[]string{"key", "-k", "django-pglock", "some lock"}, pglocks.ID(-1292339565357005894), "pg_advisory_lock(-1292339565357005894)"},
+		{[]string{"key", "-k", "dotnet", "some lock"}, pglocks.Pair(-406884780, 456647638), "pg_advisory_lock(-406884780, 456647638)"},
+		{[]string{"key", "-k", "dotnet", "nightly-report"}, pglocks.ID(7635146791061737145), "pg_advisory_lock(7635146791061737145)"},
+		{[]string{"key", "-k", "dotnet", "ffffffffffffffff"}, pglocks.ID(-1), "pg_advisory_lock(-1)"},
+		{[]string{"key", "-k", "dotnet", "00000001,ffffffff"}, pglocks.Pair(1, -1), "pg_advisory_lock(1, -1)"},
 	} {
 		stdout, stderr, code := pglocksRun(t, "", tt.args...)
 		if code != 0 || !strings.Contains(stdout, tt.sql) {
@@ -419,6 +425,9 @@ func TestBadInput(t *testing.T) {
 		{"id that does not parse", []string{"run", "-k", "id", "x1", "--", "true"}, 2, "not an int64"},
 		{"pair that does not parse", []string{"run", "-k", "pair", "1", "--", "true"}, 2, "not two int32"},
 		{"unknown scheme", []string{"run", "-k", "rot13", "job", "--", "true"}, 2, "unknown key scheme"},
+		{"run -k all", []string{"run", "-k", "all", "job", "--", "true"}, 2, "-k all is only for ls and key"},
+		{"elect -k all", []string{"elect", "--key", "all", "job", "--", "true"}, 2, "-k all is only for ls and key"},
+		{"leader -k all", []string{"leader", "-k", "all", "job"}, 2, "-k all is only for ls and key"},
 		{"DSN that does not parse", []string{"run", "-d", "postgres://a b@:x", "job", "--", "true"}, 2, "bad connection string"},
 		{"server down", []string{"run", "-d", "postgres://postgres@127.0.0.1:1/postgres?connect_timeout=2", "job", "--", "true"}, 3, "cannot connect"},
 		{"command not found", []string{"run", "job", "--", "pglocks-no-such-command"}, 127, "command not found"},
