@@ -8,8 +8,10 @@
 // bigint ([ID], [Name], [NameCRC32]) and two int4 ([Pair]). [Name] hashes a
 // string exactly as the server's hashtextextended(name, 0) does, so plain SQL
 // and other languages can take the same lock; [NameCRC32] matches
-// django-pglocks, [NameRails] and [IDRails] Ruby's with_advisory_lock, and
-// [NameNode] the npm package advisory-lock. Locks are per database.
+// django-pglocks, [NameDjangoPglock] the maintained django-pglock,
+// [NameDotNet] .NET's DistributedLock, [NameRails] and [IDRails] Ruby's
+// with_advisory_lock, and [NameNode] the npm package advisory-lock. Locks are
+// per database.
 //
 // # Session locks
 //
