@@ -39,15 +39,20 @@
 //
 // # What is guaranteed
 //
-// With the Locker, no two replicas run the same job at the same time, and a
-// job runs once per tick when the minimum hold is longer than the largest
-// difference between the replicas' clocks (plus the scheduling delay of the
-// slowest replica) and shorter than the job's period minus that difference.
-// A replica that cannot reach the server skips the run (gocron calls the
-// job's AfterLockError listener with the error). A job's lock lost while
-// it runs (its server session ended) is not reported to the job: gocron
-// gives the job no handle on its lock; the Locker logs the loss (see
-// [pglocks.WithLogger]).
+// With the Locker, no two replicas run the same job at the same time while
+// its lock is held: from Lock until the job returns, or until the lock is
+// lost (its server session ended: the job is not told, since gocron gives
+// it no handle on its lock; pglocks logs the loss, see [pglocks.WithLogger],
+// and a tracer sees it with the job's name as its [pglocks.Label]). A job
+// runs once per tick when its runs are shorter than its period and the
+// minimum hold is longer than the largest difference between the replicas'
+// clocks (plus the scheduling delay of the slowest replica) and shorter than
+// the period minus that difference. Taking the lock is bounded
+// ([WithLockTimeout]), so that a replica slow to reach the server does not
+// take a lock that a faster replica has already used for the same tick. A
+// replica that cannot reach the server skips the run (gocron calls the
+// job's AfterLockError listener with the error): no replica runs a job it
+// could not lock.
 //
 // With the Elector, only the replica that leads runs jobs. A replica learns
 // it has lost the leadership within the bound that [pglocks.Locker.Lead]
@@ -56,7 +61,8 @@
 // between the moments two replicas' clocks reach the same tick can run that
 // tick twice, on the old and on the new leader, when the new leader's clock
 // is behind; [WithTakeoverDelay] longer than the clocks' difference prevents
-// it, at the cost of ticks missed during the handover.
+// it, at the cost of ticks missed during the handover. gocron does not show
+// why a replica is not the leader; [Elector.Err] does.
 package gocronpglocks
 
 import (
@@ -83,12 +89,15 @@ var ErrNotLeader = errors.New("gocronpglocks: this replica does not lead")
 // Locker is a gocron.Locker backed by a [pglocks.Locker]. It is safe for
 // concurrent use by any number of schedulers and jobs.
 type Locker struct {
-	locker  *pglocks.Locker
-	minHold time.Duration
-	key     func(job string) pglocks.Key
+	locker      *pglocks.Locker
+	minHold     time.Duration
+	lockTimeout time.Duration
+	key         func(job string) pglocks.Key
 
-	mu    sync.Mutex
-	until time.Time // when the last minimum hold taken runs out, at the latest
+	mu      sync.Mutex
+	held    int           // job locks taken and not yet unlocked
+	until   time.Time     // when the last minimum hold taken runs out, at the latest
+	changed chan struct{} // closed (and replaced) when held drops
 }
 
 var _ gocron.Locker = (*Locker)(nil)
@@ -99,9 +108,20 @@ type LockerOption func(*Locker)
 // WithKey sets how a job's name (gocron's lock key: the job's name, which
 // defaults to its function's name) becomes the advisory lock's key. The
 // default is [JobKey]. fn must return a valid key for every name, and the
-// same key on every replica.
+// same key on every replica. Jobs that share a name share a lock: name each
+// job (gocron.WithName) when several run the same function.
 func WithKey(fn func(job string) pglocks.Key) LockerOption {
 	return func(lk *Locker) { lk.key = fn }
+}
+
+// WithLockTimeout bounds how long taking a job's lock may take, from the
+// moment gocron asks (waiting for a connection of the pool, and the round
+// trip). A lock granted later than another replica's minimum hold could run
+// a tick that replica already ran; when the bound is up the run is skipped
+// here instead. The default is half the minimum hold, or no bound but the
+// job's context without one. d must not be negative; zero means the default.
+func WithLockTimeout(d time.Duration) LockerOption {
+	return func(lk *Locker) { lk.lockTimeout = d }
 }
 
 // JobKey is the key a [Locker] takes for job by default:
@@ -119,13 +139,14 @@ func JobKey(job string) pglocks.Key { return pglocks.Name("gocron:" + job) }
 // without waiting, and keeps it until at least minHold after it was taken
 // (zero: until the job returns). minHold should be longer than the
 // difference between the replicas' clocks and shorter than the period of
-// the jobs it serves; for jobs of very different periods, give each its own
-// Locker with gocron.WithDistributedJobLocker.
+// the jobs it serves minus that difference; for jobs of very different
+// periods, give each its own Locker with gocron.WithDistributedJobLocker.
 //
-// Closing l ends the holds at once, and a replica that shuts down right
-// after a run would let a replica whose clock is behind run the same tick
-// again. Shut down in this order: the scheduler (gocron's Shutdown waits
-// for running jobs), then [Locker.Drain], then l.
+// Closing l releases every lock at once: the lock of a job still running,
+// and the rest of a minimum hold, which would let a replica whose clock is
+// behind run the same tick again. Shut down in this order: the scheduler
+// (gocron's Shutdown waits for running jobs, up to its stop timeout), then
+// [Locker.Drain], then l.
 func NewLocker(l *pglocks.Locker, minHold time.Duration, opts ...LockerOption) (*Locker, error) {
 	if l == nil {
 		return nil, errors.New("gocronpglocks: NewLocker: nil *pglocks.Locker")
@@ -133,21 +154,32 @@ func NewLocker(l *pglocks.Locker, minHold time.Duration, opts ...LockerOption) (
 	if minHold < 0 || minHold > maxHold {
 		return nil, fmt.Errorf("gocronpglocks: NewLocker: minimum hold %v is not in 0..%v", minHold, maxHold)
 	}
-	lk := &Locker{locker: l, minHold: minHold, key: JobKey}
+	lk := &Locker{locker: l, minHold: minHold, key: JobKey, changed: make(chan struct{})}
 	for _, o := range opts {
 		o(lk)
 	}
-	if lk.key == nil {
+	switch {
+	case lk.key == nil:
 		return nil, errors.New("gocronpglocks: NewLocker: WithKey(nil)")
+	case lk.lockTimeout < 0:
+		return nil, fmt.Errorf("gocronpglocks: NewLocker: negative lock timeout %v", lk.lockTimeout)
+	case lk.lockTimeout == 0:
+		lk.lockTimeout = minHold / 2
 	}
 	return lk, nil
 }
 
 // Lock takes job's lock if it can be had at once. Otherwise it returns an
 // error matching [pglocks.ErrLocked] (another replica runs this tick), or the
-// error that kept it from asking the server; gocron then skips the run on
-// this replica.
+// error that kept it from asking the server in time; gocron then skips the
+// run on this replica, and passes the error to the job's AfterLockError
+// listener.
 func (lk *Locker) Lock(ctx context.Context, job string) (gocron.Lock, error) {
+	if lk.lockTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, lk.lockTimeout)
+		defer cancel()
+	}
 	opts := []pglocks.LockOption{pglocks.Label(job)}
 	if lk.minHold > 0 {
 		opts = append(opts, pglocks.MinHold(lk.minHold))
@@ -156,65 +188,91 @@ func (lk *Locker) Lock(ctx context.Context, job string) (gocron.Lock, error) {
 	if err != nil {
 		return nil, fmt.Errorf("gocronpglocks: job %q: %w", job, err)
 	}
+	lk.mu.Lock()
+	lk.held++
 	if lk.minHold > 0 {
-		// The hold runs from the grant, which was before now.
-		until := time.Now().Add(lk.minHold)
-		lk.mu.Lock()
-		if until.After(lk.until) {
+		// pglocks counts the hold from the grant, which was before now.
+		if until := time.Now().Add(lk.minHold); until.After(lk.until) {
 			lk.until = until
 		}
-		lk.mu.Unlock()
 	}
-	return jobLock{l}, nil
+	lk.mu.Unlock()
+	return &jobLock{lk: lk, l: l}, nil
 }
 
-// Drain waits until the minimum hold of every lock this Locker has taken
-// has run out (and so has been let go), or until ctx is done, and then
-// returns ctx's error. Call it after the scheduler's Shutdown and before
-// closing the pglocks.Locker, which would otherwise end the holds early.
-// Without a minimum hold it returns at once.
+// unlocked counts a job lock let go.
+func (lk *Locker) unlocked() {
+	lk.mu.Lock()
+	lk.held--
+	close(lk.changed)
+	lk.changed = make(chan struct{})
+	lk.mu.Unlock()
+}
+
+// Drain waits until every job lock this Locker has taken is unlocked (its
+// job returned) and every minimum hold has run out, or until ctx is done,
+// and then returns ctx's error. Call it after the scheduler's Shutdown and
+// before closing the pglocks.Locker, which would otherwise release them
+// early. A job that outlived gocron's stop timeout is waited for, as ctx
+// allows.
 func (lk *Locker) Drain(ctx context.Context) error {
 	for {
 		lk.mu.Lock()
-		wait := time.Until(lk.until)
+		held, wait, changed := lk.held, time.Until(lk.until), lk.changed
 		lk.mu.Unlock()
-		if wait <= 0 {
+		if held == 0 && wait <= 0 {
 			return nil
 		}
-		t := time.NewTimer(wait)
+		var timeout <-chan time.Time
+		var t *time.Timer
+		if held == 0 {
+			t = time.NewTimer(wait)
+			timeout = t.C
+		}
 		select {
-		case <-t.C:
+		case <-changed:
+		case <-timeout:
 		case <-ctx.Done():
+		}
+		if t != nil {
 			t.Stop()
-			return ctx.Err()
+		}
+		if err := ctx.Err(); err != nil {
+			return err
 		}
 	}
 }
 
 // jobLock is one run's lock.
-type jobLock struct{ l *pglocks.Lock }
+type jobLock struct {
+	lk   *Locker
+	l    *pglocks.Lock
+	once sync.Once
+}
 
 // Unlock releases the lock, or hands it to the minimum hold: it returns at
-// once, and the lock is let go when the hold is up. It runs to the end even
-// when ctx is done (gocron passes the job's context, which its shutdown
-// cancels). It returns the loss error for a lock that was lost during the
-// run.
-func (j jobLock) Unlock(ctx context.Context) error {
-	return j.l.Release(context.WithoutCancel(ctx))
+// once, and pglocks lets the lock go when the hold is up. It runs to the end
+// even when ctx is done (gocron passes the job's context, which its
+// shutdown cancels). It returns the loss error for a lock that was lost
+// during the run (which gocron ignores).
+func (j *jobLock) Unlock(ctx context.Context) error {
+	err := j.l.Release(ctx)
+	j.once.Do(j.lk.unlocked)
+	return err
 }
 
 // Elector is a gocron.Elector backed by [pglocks.Locker.Lead]: from
 // [NewElector] until [Elector.Close], it campaigns for one key; while it
 // leads, [Elector.IsLeader] returns nil and gocron runs the jobs here.
 type Elector struct {
-	key     pglocks.Key
-	delay   time.Duration
-	cancel  context.CancelFunc
-	done    chan struct{}
-	leading atomic.Bool
+	key    pglocks.Key
+	delay  time.Duration
+	cancel context.CancelFunc
+	done   chan struct{}
+	term   atomic.Pointer[context.Context] // fn's ctx while this replica leads
 
 	mu  sync.Mutex
-	err error // why campaigning stopped before Close, if it did
+	err error // why the last campaign failed, until the next term begins
 }
 
 var _ gocron.Elector = (*Elector)(nil)
@@ -224,12 +282,23 @@ type ElectorOption func(*Elector)
 
 // WithTakeoverDelay makes a newly elected replica wait d after its election
 // before it runs jobs. With d longer than the largest difference between
-// the replicas' clocks, a tick that the old leader ran on its own clock is
-// not run again by a new leader whose clock reaches it later; ticks that
-// fall in the delay are skipped by everyone. The default is zero.
+// the replicas' clocks (and than the overlap of an old leader that has not
+// yet learnt of its loss: milliseconds with pgx when the server ends its
+// session, the heartbeat bound when it is cut off), a tick that the old
+// leader ran on its own clock is not run again by a new leader whose clock
+// reaches it later; ticks that fall in the delay are skipped by everyone.
+// The default is zero.
 func WithTakeoverDelay(d time.Duration) ElectorOption {
 	return func(e *Elector) { e.delay = d }
 }
+
+// campaignRetry is how long an Elector waits before it campaigns again after
+// Lead gave up (a standby, a transaction-pooling proxy), at first and at
+// most: a failover or a configuration fix may cure it.
+const (
+	campaignRetry    = time.Second
+	campaignRetryMax = 30 * time.Second
+)
 
 // NewElector starts campaigning for key with l, in the background, and
 // returns the gocron.Elector that says whether this replica leads. Every
@@ -257,51 +326,88 @@ func NewElector(l *pglocks.Locker, key pglocks.Key, opts ...ElectorOption) (*Ele
 	return e, nil
 }
 
-// campaign runs Lead until ctx ends or Lead gives up for good.
+// campaign runs Lead until ctx ends or l is closed. Lead retries failures
+// that campaigning again may cure by itself; after those it gives up on
+// (the server is a standby, a transaction-pooling proxy is in the way),
+// campaign keeps trying, less and less often, since a failover or a fixed
+// setting cures them too; Err says why meanwhile.
 func (e *Elector) campaign(ctx context.Context, l *pglocks.Locker) {
 	defer close(e.done)
-	err := l.Lead(ctx, e.key, func(ctx context.Context) error {
-		if e.delay > 0 {
-			t := time.NewTimer(e.delay)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return nil
-			}
+	pause := campaignRetry
+	for {
+		err := l.Lead(ctx, e.key, e.lead)
+		if ctx.Err() != nil {
+			return
 		}
-		e.leading.Store(true)
-		<-ctx.Done()
-		e.leading.Store(false)
-		return nil
-	})
-	if ctx.Err() == nil {
-		e.mu.Lock()
-		e.err = err
-		e.mu.Unlock()
+		e.setErr(err)
+		if errors.Is(err, pglocks.ErrClosed) {
+			return
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+		pause = min(2*pause, campaignRetryMax)
 	}
 }
 
-// IsLeader returns nil while this replica leads. Otherwise it returns
-// [ErrNotLeader], or, once campaigning has stopped for an error that
-// campaigning again cannot cure (see [pglocks.Locker.Lead]) or after
-// Close, an error that says why.
+// lead is Lead's fn: one term of leadership.
+func (e *Elector) lead(ctx context.Context) error {
+	e.setErr(nil)
+	if e.delay > 0 {
+		t := time.NewTimer(e.delay)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		}
+	}
+	e.term.Store(&ctx)
+	<-ctx.Done()
+	e.term.Store(nil)
+	return nil
+}
+
+func (e *Elector) setErr(err error) {
+	e.mu.Lock()
+	e.err = err
+	e.mu.Unlock()
+}
+
+// Err returns why this replica cannot campaign now (say, its pool reaches a
+// standby, or the Locker was closed), or nil while it campaigns or leads.
+// gocron does not show IsLeader's error, so a replica that never runs jobs
+// can be asked here.
+func (e *Elector) Err() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.err
+}
+
+// IsLeader returns nil while this replica leads: elected, the takeover delay
+// over, and leadership not known to be lost. Otherwise it returns an error
+// matching [ErrNotLeader], which says why when campaigning is failing or
+// the Elector is closed.
 func (e *Elector) IsLeader(context.Context) error {
-	if e.leading.Load() {
+	if t := e.term.Load(); t != nil && (*t).Err() == nil {
 		return nil
 	}
 	select {
 	case <-e.done:
-	default:
-		return ErrNotLeader
-	}
-	e.mu.Lock()
-	err := e.err
-	e.mu.Unlock()
-	if err == nil {
+		if err := e.Err(); err != nil {
+			return fmt.Errorf("%w: campaigning stopped: %w", ErrNotLeader, err)
+		}
 		return fmt.Errorf("%w: the elector is closed", ErrNotLeader)
+	default:
 	}
-	return fmt.Errorf("%w: campaigning stopped: %w", ErrNotLeader, err)
+	if err := e.Err(); err != nil {
+		return fmt.Errorf("%w: campaigning fails: %w", ErrNotLeader, err)
+	}
+	return ErrNotLeader
 }
 
 // Close stops campaigning and, if this replica leads, resigns, so that the

@@ -147,11 +147,11 @@ func TestLockerHoldsAndReleases(t *testing.T) {
 	}
 
 	// With a minimum hold, Unlock returns at once and the lock stays.
+	taken := time.Now() // the hold runs from the grant, after this
 	lock, err = b.Lock(ctx, "report")
 	if err != nil {
 		t.Fatal(err)
 	}
-	taken := time.Now()
 	if err := lock.Unlock(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -182,11 +182,25 @@ func TestLockerHoldsAndReleases(t *testing.T) {
 	if lock, err = a.Lock(ctx, "report"); err != nil {
 		t.Fatalf("Lock after the hold: %v", err)
 	}
-	if err := a.Drain(ctx); err != nil {
-		t.Fatalf("Drain without a minimum hold: %v", err)
+	// Drain waits for a job that has not returned (a job that outlived
+	// gocron's stop timeout), and no longer once it has.
+	short, cancel = context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if err := a.Drain(short); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Drain while a job holds its lock = %v, want DeadlineExceeded", err)
 	}
-	if err := lock.Unlock(ctx); err != nil {
-		t.Fatal(err)
+	go func() { time.Sleep(50 * time.Millisecond); _ = lock.Unlock(ctx) }()
+	if err := a.Drain(ctx); err != nil {
+		t.Fatalf("Drain: %v", err)
+	}
+	if left := held(t, dsn); len(left) != 0 {
+		t.Fatalf("after Unlock and Drain: %v", left)
+	}
+	if err := lock.Unlock(ctx); !errors.Is(err, pglocks.ErrReleased) {
+		t.Fatalf("second Unlock = %v, want ErrReleased", err)
+	}
+	if err := a.Drain(ctx); err != nil {
+		t.Fatalf("Drain after a second Unlock: %v", err)
 	}
 
 	// WithKey replaces JobKey.
@@ -269,7 +283,8 @@ func TestLockerRunsEachTickOnce(t *testing.T) {
 			base := replicaConfig{DSN: dsn, MinHold: period / 2, Period: period, Jobs: jobs}
 			rs := startReplicas(t, base, []time.Duration{*skew, 0}, &log) // replica-1 is ahead
 			tick := time.Now().Truncate(period).Add(2 * period)
-			time.Sleep(time.Until(tick.Add(-*skew + 50*time.Millisecond)))
+			time.Sleep(time.Until(tick.Add(-*skew)))
+			waitRun(t, &log, jobs, tick, "replica-1", tick)
 			if drain {
 				rs[0].stop()
 			} else {
@@ -426,4 +441,134 @@ func TestElectorClose(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// waitRun waits until replica has run every job for tick, or deadline.
+func waitRun(t *testing.T, log *runLog, jobs []string, tick time.Time, replica string, deadline time.Time) {
+	t.Helper()
+	for {
+		m := byTick(log.all())
+		n := 0
+		for _, job := range jobs {
+			for _, r := range m[job][tick] {
+				if r.replica == replica {
+					n++
+					break
+				}
+			}
+		}
+		if n == len(jobs) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s has not run every job for tick %s by %s: %v", replica, tick.Format("15:04:05"),
+				deadline.Format("15:04:05.000"), log.all())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// TestElectorTakeoverDelay: the leader's clock is ahead; it runs a tick and
+// loses its session before the next replica's clock reaches that tick. A
+// new leader without a takeover delay runs the tick again; with a delay
+// longer than the clocks' difference it does not, and runs the next one.
+func TestElectorTakeoverDelay(t *testing.T) {
+	ctx := context.Background()
+	jobs := []string{"report"}
+	for _, delay := range []time.Duration{0, *skew + 100*time.Millisecond} {
+		t.Run(fmt.Sprintf("delay %v", delay), func(t *testing.T) {
+			dsn := srv.DB(t)
+			var log runLog
+			base := replicaConfig{DSN: dsn, Elect: true, TakeoverDelay: delay, Period: period, Jobs: jobs}
+			// replica-1, ahead by -skew, leads; replica-2 queues behind it.
+			rs := startReplicas(t, base, []time.Duration{*skew}, &log)
+			for rs[0].elector.IsLeader(ctx) != nil {
+				time.Sleep(5 * time.Millisecond)
+			}
+			b := base
+			b.Name, b.Offset = "replica-2", 0
+			r2, err := startReplica(ctx, b, log.recorder(b.Name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(r2.stop)
+			leader, err := rs[0].locker.Leader(ctx, electionKey)
+			if err != nil || leader.ApplicationName != "replica-1" {
+				t.Fatalf("leader %+v, %v; want replica-1", leader, err)
+			}
+
+			// replica-1 runs tick at tick-skew, real time; its session ends
+			// right after, before replica-2's clock reaches the tick.
+			tick := time.Now().Truncate(period).Add(2 * period)
+			time.Sleep(time.Until(tick.Add(-*skew)))
+			waitRun(t, &log, jobs, tick, "replica-1", tick.Add(-*skew/2))
+			if _, err := srv.Admin.Exec(ctx, "SELECT pg_terminate_backend($1)", leader.PID); err != nil {
+				t.Fatal(err)
+			}
+			killed := time.Now()
+			time.Sleep(time.Until(tick.Add(period + period/2)))
+			m := byTick(log.all())
+			t.Logf("session ended %v before replica-2's tick; runs: tick %v, next %v",
+				tick.Sub(killed).Round(time.Millisecond), m["report"][tick], m["report"][tick.Add(period)])
+			if next := m["report"][tick.Add(period)]; len(next) != 1 || next[0].replica != "replica-2" {
+				t.Errorf("next tick ran on %v, want replica-2 once", next)
+			}
+			dups := duplicates(log.all())
+			if delay == 0 && len(dups) == 0 {
+				t.Fatal("without a takeover delay the new leader did not run the tick again: the test cannot tell what the delay does")
+			}
+			if delay > 0 && len(dups) > 0 {
+				t.Errorf("with a %v takeover delay: %v", delay, dups)
+			}
+		})
+	}
+}
+
+// TestElectorOnStandby: an Elector whose pool reaches a standby says why it
+// does not lead, and keeps trying: once the standby is promoted (a
+// failover), it leads.
+func TestElectorOnStandby(t *testing.T) {
+	ctx := context.Background()
+	primary, err := pgtest.StartLocal(pgtest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(primary.Stop)
+	standby, err := primary.StartStandby()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(standby.Stop)
+	l := newLocker(t, standby.URL)
+	e, err := gocronpglocks.NewElector(l, electionKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for !errors.Is(e.Err(), pglocks.ErrStandby) {
+		if time.Now().After(deadline) {
+			t.Fatalf("Err() = %v 5 s after campaigning on a standby, want ErrStandby", e.Err())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := e.IsLeader(ctx); !errors.Is(err, gocronpglocks.ErrNotLeader) || !errors.Is(err, pglocks.ErrStandby) {
+		t.Fatalf("IsLeader on a standby = %v, want ErrNotLeader and ErrStandby", err)
+	}
+	t.Logf("on the standby: %v", e.IsLeader(ctx))
+	time.Sleep(1500 * time.Millisecond) // a campaign or two more
+	if _, err := standby.Admin.Exec(ctx, "SELECT pg_promote()"); err != nil {
+		t.Fatal(err)
+	}
+	promoted := time.Now()
+	for e.IsLeader(ctx) != nil {
+		if time.Since(promoted) > 20*time.Second {
+			t.Fatalf("not leading 20 s after the standby was promoted: %v", e.IsLeader(ctx))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if e.Err() != nil {
+		t.Errorf("Err() = %v while leading", e.Err())
+	}
+	t.Logf("leads %v after the promotion", time.Since(promoted).Round(time.Millisecond))
 }

@@ -103,20 +103,27 @@ func startProcesses(t *testing.T, base replicaConfig, offsets []time.Duration) [
 		if err != nil {
 			t.Fatal(err)
 		}
-		stdout, err := cmd.StdoutPipe()
+		// A pipe of our own rather than StdoutPipe, which must not be read
+		// once Wait is called.
+		stdout, w, err := os.Pipe()
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := cmd.Start(); err != nil {
+		cmd.Stdout = w
+		err = cmd.Start()
+		w.Close()
+		if err != nil {
+			stdout.Close()
 			t.Fatal(err)
 		}
 		p := &process{name: cfg.Name, cmd: cmd, stdin: stdin}
 		ps = append(ps, p)
 		line, err := bufio.NewReader(stdout).ReadString('\n')
 		if err != nil || line != "ready\n" {
+			stdout.Close()
 			t.Fatalf("%s: %q, %v", p.name, line, err)
 		}
-		go func() { _, _ = io.Copy(io.Discard, stdout) }()
+		go func() { _, _ = io.Copy(io.Discard, stdout); stdout.Close() }()
 	}
 	return ps
 }

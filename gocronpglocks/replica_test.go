@@ -130,6 +130,10 @@ type run struct {
 	at           time.Time // real time
 }
 
+func (r run) String() string {
+	return fmt.Sprintf("%s tick %s on %s at %s", r.job, r.tick.Format("15:04:05"), r.replica, r.at.Format("15:04:05.000"))
+}
+
 // runLog collects the runs of replicas in this process.
 type runLog struct {
 	mu   sync.Mutex

@@ -35,6 +35,12 @@ func TestExample(t *testing.T) {
 		if n := len(regexp.MustCompile(`ran on replica \d`).FindAllString(text, -1)); n < 8 {
 			t.Errorf("elect %v: %d runs in 4 ticks of 2 jobs", elect, n)
 		}
+		if !strings.Contains(before, "ran on replica 1") || strings.Contains(before, "ran on replica 2") {
+			t.Errorf("elect %v: before replica 1 stopped, it must run every job", elect)
+		}
+		if elect && !strings.Contains(before, "replica 1 leads") {
+			t.Errorf("replica 1 was not the first leader")
+		}
 		if !elect && !strings.Contains(before, "skipped on replica 2") {
 			t.Errorf("replica 2 never skipped a tick that replica 1 ran")
 		}
