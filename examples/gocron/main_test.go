@@ -35,8 +35,13 @@ func TestExample(t *testing.T) {
 		if n := len(regexp.MustCompile(`ran on replica \d`).FindAllString(text, -1)); n < 8 {
 			t.Errorf("elect %v: %d runs in 4 ticks of 2 jobs", elect, n)
 		}
-		if !strings.Contains(before, "ran on replica 1") || strings.Contains(before, "ran on replica 2") {
-			t.Errorf("elect %v: before replica 1 stopped, it must run every job", elect)
+		if !strings.Contains(before, "ran on replica 1") {
+			t.Errorf("elect %v: replica 1 ran nothing before it stopped", elect)
+		}
+		// Replica 2 may run a first tick that replica 1 started too late
+		// for; once replica 1 leads, it runs every tick until it stops.
+		if elect && strings.Contains(before, "ran on replica 2") {
+			t.Errorf("replica 2 ran a job while replica 1 led")
 		}
 		if elect && !strings.Contains(before, "replica 1 leads") {
 			t.Errorf("replica 1 was not the first leader")
