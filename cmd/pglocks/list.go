@@ -27,7 +27,11 @@ Lists the advisory locks in the current database, held and awaited: the key
 --name, mode, state, the session's pid, application and client, since when
 (the wait's start for a waiter; the session's start for a holder, as the
 server does not record when a lock was granted), and who blocks a waiter.
-With --tree it shows who blocks whom instead, like ps --forest: each
+A lock a prepared transaction holds (pg_advisory_xact_lock, then PREPARE
+TRANSACTION) has pid 0 and names the transaction, since it holds it until
+COMMIT PREPARED or ROLLBACK PREPARED; a waiter it blocks says "blocked by
+0". The client and since of another role's session show as - without the
+pg_read_all_stats role. With --tree it shows who blocks whom instead, like ps --forest: each
 session that waits for nobody, with the sessions waiting for it under it
 (how long, for which key), and theirs under them. With --stats it counts
 the held and waiting advisory locks of every database, and how full the
@@ -47,11 +51,12 @@ type lockInfo struct {
 	Slot        *int      `json:"slot,omitempty"`    // a slot of Name (pglocks run --slots)
 	Mode        string    `json:"mode"`
 	Granted     bool      `json:"granted"`
-	PID         int       `json:"pid"`
+	PID         int       `json:"pid"`                // 0 for a prepared transaction
+	Prepared    string    `json:"prepared,omitempty"` // the gid of the prepared transaction that holds it
 	Application string    `json:"application"`
 	Client      string    `json:"client"`
-	Since       time.Time `json:"since"`
-	BlockedBy   []int     `json:"blocked_by"`
+	Since       time.Time `json:"since,omitzero"` // unknown without the right to see the session (pg_read_all_stats)
+	BlockedBy   []int     `json:"blocked_by"`     // 0 is a prepared transaction, as pg_blocking_pids says
 }
 
 // stringList is a repeatable string flag.
@@ -148,7 +153,7 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 				// The wait's age by the server's clock, as Since is.
 				var now time.Time
 				err = pool.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&now)
-				out = buildTree(holdersOnly(locks), now)
+				out = buildTree(holdersOnly(preparedNodes(locks)), now)
 			}
 		}
 		if err != nil {
@@ -209,13 +214,23 @@ func addLabel(labels map[pglocks.Key]label, key pglocks.Key, name string, slot i
 
 func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]label) ([]lockInfo, error) {
 	rows, err := pool.Query(ctx, `
-		SELECT l.objsubid, l.classid::bigint, l.objid::bigint, l.mode, l.granted, l.pid,
-		       coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local socket'),
-		       CASE WHEN l.granted THEN a.backend_start
+		SELECT l.objsubid, l.classid::bigint, l.objid::bigint, l.mode, l.granted, coalesce(l.pid, 0),
+		       coalesce(px.gid, ''),
+		       coalesce(a.application_name, ''),
+		       -- backend_start is null for a session one may not see (another
+		       -- role's, without pg_read_all_stats), and so is client_addr
+		       CASE WHEN a.backend_start IS NULL THEN '' ELSE coalesce(host(a.client_addr), 'local socket') END,
+		       CASE WHEN px.gid IS NOT NULL THEN px.prepared
+		            WHEN l.granted THEN a.backend_start
 		            -- waitstart is null for a moment after the wait begins
 		            ELSE coalesce(l.waitstart, a.query_start, a.backend_start) END,
-		       pg_blocking_pids(l.pid)
+		       coalesce(pg_blocking_pids(l.pid), '{}')
 		FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+		-- a transaction lock of a prepared transaction has no session; the
+		-- transaction's own lock, of the same virtual transaction, has its xid
+		LEFT JOIN pg_locks x ON l.pid IS NULL AND x.pid IS NULL AND x.locktype = 'transactionid'
+		                    AND x.virtualtransaction = l.virtualtransaction
+		LEFT JOIN pg_prepared_xacts px ON px.transaction = x.transactionid
 		WHERE l.locktype = 'advisory'
 		  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 		ORDER BY l.classid, l.objid, l.objsubid, l.granted DESC, l.pid`)
@@ -226,8 +241,15 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]l
 		var sub int16
 		var classid, objid int64
 		var blocking []int32
-		if err := r.Scan(&sub, &classid, &objid, &li.Mode, &li.Granted, &li.PID, &li.Application, &li.Client, &li.Since, &blocking); err != nil {
+		var since *time.Time
+		if err := r.Scan(&sub, &classid, &objid, &li.Mode, &li.Granted, &li.PID, &li.Prepared, &li.Application, &li.Client, &since, &blocking); err != nil {
 			return li, err
+		}
+		if since != nil {
+			li.Since = *since
+		}
+		if li.Prepared != "" {
+			li.Application = "prepared transaction " + li.Prepared
 		}
 		key, ok := pglocks.KeyFromPgLocks(sub, uint32(classid), uint32(objid))
 		if !ok {
@@ -336,8 +358,12 @@ func printLocks(w io.Writer, locks []lockInfo) {
 		if l.Slot != nil {
 			name = fmt.Sprintf("%s[slot %d]", name, *l.Slot)
 		}
+		since := "-"
+		if !l.Since.IsZero() {
+			since = l.Since.Local().Format("2006-01-02 15:04:05")
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", key, dash(name), l.Mode, state, l.PID,
-			dash(l.Application), l.Client, l.Since.Local().Format("2006-01-02 15:04:05"), dash(strings.Join(by, ",")))
+			dash(l.Application), dash(l.Client), since, dash(strings.Join(by, ",")))
 	}
 	tw.Flush()
 	if len(locks) == 0 {

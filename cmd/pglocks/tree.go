@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -53,6 +54,45 @@ func keyLabel(l lockInfo) string {
 	return key
 }
 
+// preparedNodes gives each prepared transaction among locks a pid of its
+// own for the tree, -1, -2, …: pg_locks shows none for it, and
+// pg_blocking_pids names every one of them 0, so a waiter blocked by 0 is
+// blocked by the prepared transactions that hold its key.
+func preparedNodes(locks []lockInfo) []lockInfo {
+	ids := map[string]int{}
+	holders := map[string][]int{}
+	out := slices.Clone(locks)
+	for i, l := range out {
+		if l.Prepared == "" {
+			continue
+		}
+		id, ok := ids[l.Prepared]
+		if !ok {
+			id = -(len(ids) + 1)
+			ids[l.Prepared] = id
+		}
+		out[i].PID = id
+		if l.Granted {
+			holders[l.Key] = append(holders[l.Key], id)
+		}
+	}
+	for i, l := range out {
+		if l.Granted || !slices.Contains(l.BlockedBy, 0) {
+			continue
+		}
+		var by []int
+		for _, p := range l.BlockedBy {
+			if p == 0 {
+				by = append(by, holders[l.Key]...)
+			} else {
+				by = append(by, p)
+			}
+		}
+		out[i].BlockedBy = by
+	}
+	return out
+}
+
 // buildTree makes the tree of locks, as of now.
 func buildTree(locks []lockInfo, now time.Time) waitTree {
 	byPID := map[int]*treeSession{}
@@ -72,7 +112,9 @@ func buildTree(locks []lockInfo, now time.Time) waitTree {
 			continue
 		}
 		s.WaitsFor, s.Mode, s.WaitStart = keyLabel(l), l.Mode, l.Since
-		s.WaitSeconds = now.Sub(l.Since).Seconds()
+		if !l.Since.IsZero() {
+			s.WaitSeconds = now.Sub(l.Since).Seconds()
+		}
 		for _, p := range l.BlockedBy {
 			t.Edges = append(t.Edges, treeEdge{Waiter: l.PID, Holder: p, Key: keyLabel(l)})
 		}
@@ -132,7 +174,11 @@ func printTree(w io.Writer, t waitTree) {
 		if path[pid] {
 			cycle = " (a cycle: deadlock)"
 		}
-		fmt.Fprintf(w, "%s%d %s %s: %s%s\n", indent, s.PID, dash(s.Application), s.Client, strings.Join(parts, "; "), cycle)
+		id := strconv.Itoa(s.PID)
+		if s.PID < 0 {
+			id = "-" // a prepared transaction: no session
+		}
+		fmt.Fprintf(w, "%s%s %s %s: %s%s\n", indent, id, dash(s.Application), dash(s.Client), strings.Join(parts, "; "), cycle)
 		if path[pid] {
 			return
 		}
