@@ -25,7 +25,7 @@
 //	s, _ := gocron.NewScheduler(gocron.WithDistributedLocker(jobs))
 //	...
 //	_ = s.Shutdown()       // waits for running jobs
-//	_ = jobs.Drain(ctx)    // lets the minimum holds run out
+//	_ = jobs.Drain(ctx)    // waits out the minimum holds (up to 30 s here)
 //	_ = locker.Close()
 //
 // or, with an election:
@@ -214,7 +214,9 @@ func (lk *Locker) unlocked() {
 // and then returns ctx's error. Call it after the scheduler's Shutdown and
 // before closing the pglocks.Locker, which would otherwise release them
 // early. A job that outlived gocron's stop timeout is waited for, as ctx
-// allows.
+// allows. A replica's shutdown can so take up to the minimum hold: give it
+// that long (a container's grace period) or accept that a replica whose
+// clock is behind may run the last tick again.
 func (lk *Locker) Drain(ctx context.Context) error {
 	for {
 		lk.mu.Lock()
