@@ -196,7 +196,8 @@ type TraceReleaseData struct {
 
 // LossTracer traces lost locks.
 type LossTracer interface {
-	// TraceLoss is called when a lock held is lost; ctx is
+	// TraceLoss is called when a lock held is lost, just after its
+	// [Lock.Done] is closed (and [Locker.Stat] counts the loss); ctx is
 	// TraceAcquireStart's (or context.Background without an
 	// AcquireTracer).
 	TraceLoss(ctx context.Context, l *Locker, data TraceLossData)
@@ -300,8 +301,7 @@ func (l *Locker) traceRelease(lk *Lock, err error) {
 // onLost reports the locks on h lost, to the table, the totals and the
 // tracer.
 func (l *Locker) onLost(h *holder, cause error) int {
-	lost, lingering := l.table.lost(h, cause)
-	l.counts.losses.Add(int64(len(lost) + lingering))
+	lost, lingering := l.table.lost(h, cause) // counted in Stat's Losses
 	if t := l.cfg.tracers.loss; t != nil {
 		for _, lk := range lost {
 			ctx := context.Background()

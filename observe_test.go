@@ -196,7 +196,15 @@ func TestStatAndTracer(t *testing.T) {
 			t.Fatalf("terminate: %v %v", ok, err)
 		}
 		<-lk0.Done()
-		waitFor(t, 10*time.Second, "the loss to be counted", func() bool { return l.Stat().Losses() == 1 })
+		// Counted before Done closes; traced just after.
+		if n := l.Stat().Losses(); n != 1 {
+			t.Errorf("Stat().Losses() = %d once Done is closed, want 1", n)
+		}
+		waitFor(t, 10*time.Second, "the loss to be traced", func() bool {
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			return len(rec.losses) > 0
+		})
 		rec.mu.Lock()
 		if len(rec.losses) != 1 || rec.losses[0].Lock != lk0 || !errors.Is(rec.losses[0].Cause, pglocks.ErrLockLost) {
 			t.Errorf("losses traced: %+v", rec.losses)

@@ -430,9 +430,11 @@ func (t *table) lost(h *holder, cause error) (told []*Lock, lingering int) {
 		}
 		if e.lingering && len(e.locks) == 0 {
 			lingering++
+			t.countLoss()
 		}
 		for _, lk := range e.locks {
 			lk.done = true
+			t.countLoss() // before Done closes, so that Stat already shows it
 			lk.cancel(fmt.Errorf("pglocks: lock %v: %w: %w", lk.Key(), ErrLockLost, cause))
 			told = append(told, lk)
 		}
@@ -447,6 +449,13 @@ func (t *table) lost(h *holder, cause error) (told []*Lock, lingering int) {
 		delete(t.on, h)
 	}
 	return told, lingering
+}
+
+// countLoss counts a lock lost in the owner's totals.
+func (t *table) countLoss() {
+	if t.owner != nil {
+		t.owner.counts.losses.Add(1)
+	}
 }
 
 // stat returns the keys held by mode and the goroutines queued, for Stat.

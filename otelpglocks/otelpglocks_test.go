@@ -169,9 +169,15 @@ func TestTracer(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the loss was not noticed")
 	}
-	m = metrics(t, reader)
-	if got := m["pglocks.lock.losses"]["pglocks.lock.label=nightly-report"]; got != 1 {
-		t.Errorf("pglocks.lock.losses = %v", m["pglocks.lock.losses"])
+	// TraceLoss runs just after Done is closed, on the goroutine that
+	// found the loss.
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		m = metrics(t, reader)
+		if got := m["pglocks.lock.losses"]["pglocks.lock.label=nightly-report"]; got == 1 {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("pglocks.lock.losses = %v 2 s after the loss", m["pglocks.lock.losses"])
+		}
 	}
 	if got := m["pglocks.locks.held"]["pglocks.lock.mode=exclusive"]; got != 0 {
 		t.Errorf("a lost lock still counted held: %v", got)
