@@ -5,7 +5,8 @@
 // # Keys
 //
 // A [Key] names a lock. PostgreSQL has two key spaces that never collide: one
-// bigint ([ID], [Name], [NameCRC32]) and two int4 ([Pair]). [Name] hashes a
+// bigint ([ID], [Name], [NameCRC32], [NameDjangoPglock]) and two int4
+// ([Pair]); [NameDotNet] makes keys of either, as .NET's library does. [Name] hashes a
 // string exactly as the server's hashtextextended(name, 0) does, so plain SQL
 // and other languages can take the same lock; [NameCRC32] matches
 // django-pglocks, [NameDjangoPglock] the maintained django-pglock,

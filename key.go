@@ -56,8 +56,8 @@ func NameCRC32(name string) Key {
 }
 
 // Int64 returns the bigint of a key in the bigint space ([ID], [Name],
-// [NameCRC32], [NameDjangoPglock], and [NameDotNet] for hex and hashed
-// names); ok is false for a pair key and the zero Key.
+// [NameCRC32], [NameDjangoPglock], and [NameDotNet] for hashed names and
+// 16-hex-digit ones); ok is false for a pair key and the zero Key.
 func (k Key) Int64() (id int64, ok bool) { return k.v, k.kind == kindInt64 }
 
 // Int32s returns the two int4 of a [Pair] key; ok is false for other keys.

@@ -30,8 +30,9 @@ server does not record when a lock was granted), and who blocks a waiter.
 A lock a prepared transaction holds (pg_advisory_xact_lock, then PREPARE
 TRANSACTION) has pid 0 and names the transaction, since it holds it until
 COMMIT PREPARED or ROLLBACK PREPARED; a waiter it blocks says "blocked by
-0". The client and since of another role's session show as - without the
-pg_read_all_stats role. With --tree it shows who blocks whom instead, like ps --forest: each
+0". Without the pg_read_all_stats role, the client of another role's
+session shows as -, and so does its since when it holds a lock. With
+--tree it shows who blocks whom instead, like ps --forest: each
 session that waits for nobody, with the sessions waiting for it under it
 (how long, for which key), and theirs under them. With --stats it counts
 the held and waiting advisory locks of every database, and how full the
