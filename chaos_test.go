@@ -53,7 +53,7 @@ func TestChaos(t *testing.T) {
 		workers = 8
 		keys    = 3
 	)
-	fs := startServer(t, pgtest.Options{})
+	fs := pgtest.Local(t, pgtest.Options{})
 	proxy, err := pgtest.NewProxy(fmt.Sprintf("127.0.0.1:%d", fs.Port()))
 	if err != nil {
 		t.Fatal(err)

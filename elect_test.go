@@ -117,7 +117,7 @@ func leaders(els ...*elector) []string {
 // stopping releases; Observe sees each leader; then there is no leader.
 func TestLead(t *testing.T) {
 	t.Parallel()
-	fs := startServer(t, pgtest.Options{}) // over TCP, so that ClientAddr shows
+	fs := pgtest.Local(t, pgtest.Options{}) // over TCP, so that ClientAddr shows
 	key := pglocks.Name("scheduler")
 	for _, d := range drivers {
 		t.Run(d.name, func(t *testing.T) {
@@ -236,7 +236,7 @@ func TestLead(t *testing.T) {
 // term's fencing token is higher than the last. Failover times are logged.
 func TestLeadFailover(t *testing.T) {
 	t.Parallel()
-	fs := startServer(t, pgtest.Options{})
+	fs := pgtest.Local(t, pgtest.Options{})
 	key := pglocks.Name("outbox-relay")
 	g := newTermLog()
 	var els []*elector

@@ -14,18 +14,6 @@ import (
 	"github.com/pglocks/pglocks/internal/pgtest"
 )
 
-// startServer starts a server of the test's own, for faults that would harm
-// the shared one.
-func startServer(t *testing.T, o pgtest.Options) *pgtest.Server {
-	t.Helper()
-	s, err := pgtest.StartLocal(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Stop)
-	return s
-}
-
 // serverLocks returns the advisory locks on s, in any database.
 func serverLocks(t *testing.T, s *pgtest.Server) []lockRow {
 	t.Helper()
@@ -82,7 +70,7 @@ func TestLossDetection(t *testing.T) {
 	for _, d := range drivers {
 		t.Run(d.name, func(t *testing.T) {
 			t.Parallel()
-			fs := startServer(t, pgtest.Options{})
+			fs := pgtest.Local(t, pgtest.Options{})
 			proxy, err := pgtest.NewProxy(fmt.Sprintf("127.0.0.1:%d", fs.Port()))
 			if err != nil {
 				t.Fatal(err)

@@ -15,7 +15,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	_ "github.com/lib/pq"
-	"go.uber.org/goleak"
 
 	"github.com/pglocks/pglocks"
 	"github.com/pglocks/pglocks/internal/pgtest"
@@ -28,16 +27,7 @@ func TestMain(m *testing.M) {
 		// A process started by a test (see helpers).
 		os.Exit(runHelper(h))
 	}
-	pgtest.Main(m, &srv, func(code int) int {
-		if code != 0 {
-			return code
-		}
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goroutines left behind:", err)
-			return 1
-		}
-		return code
-	})
+	pgtest.Main(m, &srv, pgtest.CheckLeaks)
 }
 
 // helpers are what a test can run in a process of its own, by name.

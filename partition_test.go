@@ -54,7 +54,7 @@ func TestPartitionServerRelease(t *testing.T) {
 	}
 	const hostAddr, nsAddr = "10.213.7.1", "10.213.7.2" // the test's own hosts, inside its own namespace
 	cut := netns(t, fmt.Sprintf("pgl%d", os.Getpid()%100000), hostAddr, nsAddr)
-	fs := startServer(t, pgtest.Options{NetNS: fmt.Sprintf("pgl%d", os.Getpid()%100000), Listen: nsAddr})
+	fs := pgtest.Local(t, pgtest.Options{NetNS: fmt.Sprintf("pgl%d", os.Getpid()%100000), Listen: nsAddr})
 
 	pool, err := pgxpool.New(t.Context(), fs.URL) // over the veth pair
 	if err != nil {
@@ -121,7 +121,7 @@ func TestPartitionFailover(t *testing.T) {
 	const hostAddr, nsAddr = "10.213.8.1", "10.213.8.2"
 	ns := fmt.Sprintf("pgf%d", os.Getpid()%100000)
 	cut := netns(t, ns, hostAddr, nsAddr)
-	fs := startServer(t, pgtest.Options{NetNS: ns, Listen: nsAddr})
+	fs := pgtest.Local(t, pgtest.Options{NetNS: ns, Listen: nsAddr})
 	key := pglocks.Name("partitioned-leader")
 	g := newTermLog()
 	lead := lockerOn(t, drivers[0], fs.URL) // over the veth pair

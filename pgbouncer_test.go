@@ -17,7 +17,7 @@ import (
 // it, and session pooling works.
 func TestPgBouncer(t *testing.T) {
 	t.Parallel()
-	fs := startServer(t, pgtest.Options{})
+	fs := pgtest.Local(t, pgtest.Options{})
 	direct, err := pgx.Connect(t.Context(), fs.URL)
 	if err != nil {
 		t.Fatal(err)

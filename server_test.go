@@ -77,12 +77,8 @@ func TestFencingTokens(t *testing.T) {
 // leads fails with ErrStandby rather than saying nobody does.
 func TestStandby(t *testing.T) {
 	t.Parallel()
-	primary := startServer(t, pgtest.Options{})
-	standby, err := primary.StartStandby()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(standby.Stop)
+	primary := pgtest.Local(t, pgtest.Options{})
+	standby := primary.Standby(t)
 	var inRecovery bool
 	if err := standby.Admin.QueryRow(t.Context(), "SELECT pg_is_in_recovery()").Scan(&inRecovery); err != nil || !inRecovery {
 		t.Fatalf("the standby is not in recovery: %v %v", inRecovery, err)
@@ -138,7 +134,7 @@ func TestStandby(t *testing.T) {
 // server is asked.
 func TestLockTableFull(t *testing.T) {
 	t.Parallel()
-	fs := startServer(t, pgtest.Options{Settings: []string{"max_locks_per_transaction=10", "max_connections=20"}})
+	fs := pgtest.Local(t, pgtest.Options{Settings: []string{"max_locks_per_transaction=10", "max_connections=20"}})
 	for _, d := range drivers {
 		t.Run(d.name, func(t *testing.T) {
 			l := lockerOn(t, d, fs.URL)

@@ -6,7 +6,6 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pglocks/pglocks"
 	"github.com/pglocks/pglocks/gocronpglocks"
@@ -31,9 +30,9 @@ func BenchmarkJobLock(b *testing.B) {
 		}
 		b.Run(name, func(b *testing.B) {
 			sessions := map[string]func(dsn string) benchkit.Session{
-				"raw": func(dsn string) benchkit.Session { return rawTry(b, dsn, id) },
+				"raw": func(dsn string) benchkit.Session { return benchkit.RawTry(b, dsn, id) },
 				"pglocks": func(dsn string) benchkit.Session {
-					l := benchLocker(b, dsn)
+					l := benchkit.Locker(b, dsn)
 					var lk *pglocks.Lock
 					return benchkit.Session{
 						Lock:   func(ctx context.Context) (err error) { lk, err = l.TryLock(ctx, key); return err },
@@ -41,7 +40,7 @@ func BenchmarkJobLock(b *testing.B) {
 					}
 				},
 				"gocronpglocks": func(dsn string) benchkit.Session {
-					lk, err := gocronpglocks.NewLocker(benchLocker(b, dsn), 0)
+					lk, err := gocronpglocks.NewLocker(benchkit.Locker(b, dsn), 0)
 					if err != nil {
 						b.Fatal(err)
 					}
@@ -78,58 +77,4 @@ func BenchmarkJobLock(b *testing.B) {
 			}
 		})
 	}
-}
-
-// rawTry is hand-written pgx on a connection of its own:
-// pg_try_advisory_lock and pg_advisory_unlock of key; a lock not had is
-// ErrLocked, as the libraries say it.
-func rawTry(b *testing.B, dsn string, key int64) benchkit.Session {
-	c, err := pgx.Connect(context.Background(), dsn)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { c.Close(context.Background()) })
-	return benchkit.Session{
-		Lock: func(ctx context.Context) error {
-			var ok bool
-			if err := c.QueryRow(ctx, "SELECT pg_try_advisory_lock($1)", key).Scan(&ok); err != nil {
-				return err
-			}
-			if !ok {
-				return pglocks.ErrLocked
-			}
-			return nil
-		},
-		Unlock: func(ctx context.Context) error {
-			var ok bool
-			if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1)", key).Scan(&ok); err != nil {
-				return err
-			}
-			if !ok {
-				return errors.New("the lock was not held")
-			}
-			return nil
-		},
-	}
-}
-
-// benchLocker is a Locker of its own over a pool of 4, as another replica
-// would have.
-func benchLocker(b *testing.B, dsn string) *pglocks.Locker {
-	cfg, err := pgxpool.ParseConfig(dsn)
-	if err != nil {
-		b.Fatal(err)
-	}
-	cfg.MaxConns = 4
-	p, err := pgxpool.NewWithConfig(context.Background(), cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(p.Close)
-	l, err := pglocks.New(p)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = l.Close() })
-	return l
 }

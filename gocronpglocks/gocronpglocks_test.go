@@ -12,7 +12,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"go.uber.org/goleak"
 
 	"github.com/pglocks/pglocks"
 	"github.com/pglocks/pglocks/gocronpglocks"
@@ -35,26 +34,17 @@ func TestMain(m *testing.M) {
 		// A replica process started by a test (see processes_test.go).
 		os.Exit(replicaMain(cfg))
 	}
-	pgtest.Main(m, &srv, func(code int) int {
-		if code != 0 {
-			return code
-		}
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goroutines left behind:", err)
-			return 1
-		}
-		return code
-	})
+	pgtest.Main(m, &srv, pgtest.CheckLeaks)
 }
 
-func newLocker(t *testing.T, dsn string) *pglocks.Locker {
+func newLocker(t *testing.T, dsn string, opts ...pglocks.Option) *pglocks.Locker {
 	t.Helper()
 	p, err := pgxpool.New(context.Background(), dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(p.Close)
-	l, err := pglocks.New(p)
+	l, err := pglocks.New(p, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -529,16 +519,7 @@ func TestElectorTakeoverDelay(t *testing.T) {
 // failover), it leads.
 func TestElectorOnStandby(t *testing.T) {
 	ctx := context.Background()
-	primary, err := pgtest.StartLocal(pgtest.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(primary.Stop)
-	standby, err := primary.StartStandby()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(standby.Stop)
+	standby := pgtest.Local(t, pgtest.Options{}).Standby(t)
 	l := newLocker(t, standby.URL)
 	e, err := gocronpglocks.NewElector(l, electionKey)
 	if err != nil {

@@ -169,17 +169,8 @@ func (r *labelTracer) TraceLoss(ctx context.Context, _ *pglocks.Locker, _ pglock
 func TestLockerLossTracedByJobName(t *testing.T) {
 	ctx := context.Background()
 	dsn := srv.DB(t)
-	p, err := pgxpool.New(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(p.Close)
 	var tr labelTracer
-	l, err := pglocks.New(p, pglocks.WithTracer(&tr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = l.Close() })
+	l := newLocker(t, dsn, pglocks.WithTracer(&tr))
 	lk, err := gocronpglocks.NewLocker(l, 0)
 	if err != nil {
 		t.Fatal(err)

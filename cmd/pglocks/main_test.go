@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"go.uber.org/goleak"
 
 	"github.com/pglocks/pglocks"
 	"github.com/pglocks/pglocks/internal/pgtest"
@@ -37,13 +36,7 @@ func TestMain(m *testing.M) {
 	}
 	pgtest.Main(m, &srv, func(code int) int {
 		os.RemoveAll(dir)
-		if code == 0 {
-			if err := goleak.Find(); err != nil {
-				fmt.Fprintln(os.Stderr, "goroutines left behind:", err)
-				return 1
-			}
-		}
-		return code
+		return pgtest.CheckLeaks(code)
 	})
 }
 

@@ -20,11 +20,7 @@ import (
 func TestLsPreparedTransaction(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	s, err := pgtest.StartLocal(pgtest.Options{Settings: []string{"max_prepared_transactions=2"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Stop)
+	s := pgtest.Local(t, pgtest.Options{Settings: []string{"max_prepared_transactions=2"}})
 	dsn := s.URL
 	prep, err := pgx.Connect(ctx, dsn)
 	if err != nil {

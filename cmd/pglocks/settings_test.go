@@ -90,16 +90,8 @@ func TestRunKilledWhileWaiting(t *testing.T) {
 // the primary has a leader.
 func TestStandbyCommands(t *testing.T) {
 	t.Parallel()
-	primary, err := pgtest.StartLocal(pgtest.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(primary.Stop)
-	standby, err := primary.StartStandby()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(standby.Stop)
+	primary := pgtest.Local(t, pgtest.Options{})
+	standby := primary.Standby(t)
 	c, err := pgx.Connect(t.Context(), primary.URL)
 	if err != nil {
 		t.Fatal(err)

@@ -27,34 +27,75 @@ type Session struct {
 // Raw is hand-written pgx on a connection of its own: pg_advisory_lock and
 // pg_advisory_unlock of key.
 func Raw(b *testing.B, dsn string, key int64) Session {
-	c, err := pgx.Connect(context.Background(), dsn)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { c.Close(context.Background()) })
+	c := connect(b, dsn)
 	return Session{
 		Lock: func(ctx context.Context) error {
 			_, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", key)
 			return err
 		},
-		Unlock: func(ctx context.Context) error {
+		Unlock: rawUnlock(c, key),
+	}
+}
+
+// RawTry is hand-written pgx on a connection of its own:
+// pg_try_advisory_lock and pg_advisory_unlock of key. A lock not had is
+// pglocks.ErrLocked, as the libraries say it.
+func RawTry(b *testing.B, dsn string, key int64) Session {
+	c := connect(b, dsn)
+	return Session{
+		Lock: func(ctx context.Context) error {
 			var ok bool
-			if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1)", key).Scan(&ok); err != nil {
+			if err := c.QueryRow(ctx, "SELECT pg_try_advisory_lock($1)", key).Scan(&ok); err != nil {
 				return err
 			}
 			if !ok {
-				return errNotHeld
+				return pglocks.ErrLocked
 			}
 			return nil
 		},
+		Unlock: rawUnlock(c, key),
+	}
+}
+
+// connect opens a connection of b's own.
+func connect(b *testing.B, dsn string) *pgx.Conn {
+	c, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close(context.Background()) })
+	return c
+}
+
+// rawUnlock is pg_advisory_unlock of key on c.
+func rawUnlock(c *pgx.Conn, key int64) func(ctx context.Context) error {
+	return func(ctx context.Context) error {
+		var ok bool
+		if err := c.QueryRow(ctx, "SELECT pg_advisory_unlock($1)", key).Scan(&ok); err != nil {
+			return err
+		}
+		if !ok {
+			return errNotHeld
+		}
+		return nil
 	}
 }
 
 var errNotHeld = errors.New("the lock was not held")
 
-// Pglocks is a Locker of its own, over a pool of 4 (as another process
-// would have), taking key.
+// Pglocks is a Locker of its own (see Locker), taking key.
 func Pglocks(b *testing.B, dsn string, key pglocks.Key, opts ...pglocks.Option) Session {
+	l := Locker(b, dsn, opts...)
+	var lk *pglocks.Lock
+	return Session{
+		Lock:   func(ctx context.Context) (err error) { lk, err = l.Lock(ctx, key); return err },
+		Unlock: func(ctx context.Context) error { return lk.Release(ctx) },
+	}
+}
+
+// Locker is a Locker of b's own, over a pool of 4, as another process would
+// have.
+func Locker(b *testing.B, dsn string, opts ...pglocks.Option) *pglocks.Locker {
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
 		b.Fatal(err)
@@ -70,11 +111,7 @@ func Pglocks(b *testing.B, dsn string, key pglocks.Key, opts ...pglocks.Option) 
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { _ = l.Close() })
-	var lk *pglocks.Lock
-	return Session{
-		Lock:   func(ctx context.Context) (err error) { lk, err = l.Lock(ctx, key); return err },
-		Unlock: func(ctx context.Context) error { return lk.Release(ctx) },
-	}
+	return l
 }
 
 // Uncontended is B1: one goroutine takes and lets go of one key.
