@@ -1,26 +1,13 @@
 package pglocks
 
+// batch.go: the statement pipeline of a session: statements of many
+// goroutines share round trips.
+
 import (
 	"context"
+	"slices"
 	"time"
 )
-
-// req is one statement on a holder session.
-type req struct {
-	row
-	// check, if set, judges a statement that ran without error (an unlock
-	// that returns false).
-	check func() error
-	// onErr, if set, sees a server error first; it may run statements on
-	// the session, and returns keepConn when the session is intact.
-	onErr func(ctx context.Context, err error) error
-	// txn marks a statement whose effect is transactional (a notification,
-	// a set_config): in a pipelined batch, which is one transaction, a later
-	// statement's error undoes it, so it is run again.
-	txn  bool
-	err  error
-	done chan struct{}
-}
 
 // keepConn marks a statement error after which the session is known to be
 // intact and to hold exactly what it held before.
@@ -32,19 +19,26 @@ func (k keepConn) Unwrap() error { return k.err }
 // maxBatch bounds how many statements one round trip carries.
 const maxBatch = 512
 
-// do runs r on h and returns its error. Statements from many goroutines are
-// combined: whoever finds h idle leads, sending everything queued meanwhile
-// in one round trip where the driver pipelines, so that goroutines holding
-// many locks on one session do not each wait a round trip. ctx bounds
-// nothing once r is queued: the statement is short, and a session that
-// stops answering is cut off by the heartbeat. If r fails (except with
-// keepConn), the session is closed and every lock on it is reported lost.
-func (s *sessions) do(ctx context.Context, h *holder, r *req) error {
+// batcher runs statements on the pool's sessions. Statements from many
+// goroutines are combined: whoever finds a session idle leads, sending
+// everything queued meanwhile in one round trip where the driver pipelines,
+// so that goroutines holding many locks on one session do not each wait a
+// round trip. If a statement fails (except with keepConn), the session is
+// closed and every lock on it is reported lost (pool.fail).
+type batcher struct {
+	pool *pool
+	cfg  *config
+}
+
+// do runs r on s and returns its error. ctx bounds nothing once r is
+// queued: the statement is short, and a session that stops answering is cut
+// off by the heartbeat.
+func (b *batcher) do(ctx context.Context, s *session, r *req) error {
 	if err := ctx.Err(); err != nil {
 		return ctxError(ctx)
 	}
 	r.done = make(chan struct{})
-	s.enqueue(h, r)
+	b.enqueue(s, r)
 	<-r.done
 	if k, ok := r.err.(keepConn); ok {
 		return k.err
@@ -52,9 +46,9 @@ func (s *sessions) do(ctx context.Context, h *holder, r *req) error {
 	return r.err
 }
 
-// doMany runs rs on h as do runs one, queued together so that they share
+// doMany runs rs on s as do runs one, queued together so that they share
 // round trips, and sets each one's err.
-func (s *sessions) doMany(ctx context.Context, h *holder, rs []*req) {
+func (b *batcher) doMany(ctx context.Context, s *session, rs []*req) {
 	if err := ctx.Err(); err != nil {
 		for _, r := range rs {
 			r.err = ctxError(ctx)
@@ -64,7 +58,7 @@ func (s *sessions) doMany(ctx context.Context, h *holder, rs []*req) {
 	for _, r := range rs {
 		r.done = make(chan struct{})
 	}
-	s.enqueue(h, rs...)
+	b.enqueue(s, rs...)
 	for _, r := range rs {
 		<-r.done
 		if k, ok := r.err.(keepConn); ok {
@@ -73,93 +67,88 @@ func (s *sessions) doMany(ctx context.Context, h *holder, rs []*req) {
 	}
 }
 
-// enqueue queues rs on h, and leads if nobody does.
-func (s *sessions) enqueue(h *holder, rs ...*req) {
-	h.qmu.Lock()
-	h.queue = append(h.queue, rs...)
-	lead := !h.leading
-	h.leading = true
-	h.qmu.Unlock()
+// enqueue queues rs on s, and leads if nobody does.
+func (b *batcher) enqueue(s *session, rs ...*req) {
+	s.pipe.mu.Lock()
+	s.pipe.queue = append(s.pipe.queue, rs...)
+	lead := !s.pipe.leading
+	s.pipe.leading = true
+	s.pipe.mu.Unlock()
 	if lead {
-		s.lead(h)
+		b.send(s)
 	}
 }
 
-// lead runs h's queued statements until none is left, then arms the
+// send runs s's queued statements until none is left, then arms the
 // session's idle watcher.
-func (s *sessions) lead(h *holder) {
+func (b *batcher) send(s *session) {
 	for {
-		h.qmu.Lock()
-		n := min(len(h.queue), maxBatch)
+		s.pipe.mu.Lock()
+		n := min(len(s.pipe.queue), maxBatch)
 		if n == 0 {
-			h.leading = false
-			h.qmu.Unlock()
-			s.idleWatch(h)
+			s.pipe.leading = false
+			s.pipe.mu.Unlock()
+			b.pool.watch.idle(s)
 			return
 		}
-		batch := h.queue[:n:n]
-		h.queue = h.queue[n:]
-		h.qmu.Unlock()
+		batch := s.pipe.queue[:n:n]
+		s.pipe.queue = s.pipe.queue[n:]
+		s.pipe.mu.Unlock()
 
-		h.enter() // not beside a heartbeat probe or a watcher
-		redo := s.runBatch(h, batch)
-		s.drain(h)
-		h.leave()
+		s.enter() // not beside a heartbeat probe or a watcher
+		redo := b.run(s, batch)
+		b.pool.watch.drain(s)
+		s.leave()
 		if len(redo) > 0 {
-			h.qmu.Lock()
-			h.queue = append(redo, h.queue...)
-			h.qmu.Unlock()
+			s.pipe.mu.Lock()
+			s.pipe.queue = append(redo, s.pipe.queue...)
+			s.pipe.mu.Unlock()
 		}
 		for _, r := range batch {
-			if !contains(redo, r) {
+			if !slices.Contains(redo, r) {
 				close(r.done)
 			}
 		}
 	}
 }
 
-func contains(rs []*req, r *req) bool {
-	for _, x := range rs {
-		if x == r {
-			return true
-		}
-	}
-	return false
-}
-
-// runBatch runs batch on h, holding h.sem, and returns the statements that
-// did not run (those after a server error in a pipelined batch, which the
+// run runs batch on s, holding s.sem, and returns the statements that did
+// not run (those after a server error in a pipelined batch, which the
 // server skipped), to be sent again.
-func (s *sessions) runBatch(h *holder, batch []*req) (redo []*req) {
-	if h.broken != nil {
+func (b *batcher) run(s *session, batch []*req) (redo []*req) {
+	if s.broken != nil {
 		for _, r := range batch {
-			r.err = h.broken
+			r.err = s.broken
 		}
 		return nil
 	}
-	if len(batch) == 1 || !h.c.pipelines() || s.cfg.fencing {
+	if len(batch) == 1 || !s.c.pipelines() || b.cfg.fencing {
 		// One at a time: fencing tokens must each come from a transaction
 		// of their own, and a pipelined batch is one transaction.
 		for i, r := range batch {
-			r.err = s.runOne(h, r)
+			r.err = b.runOne(s, r)
 			if _, keep := r.err.(keepConn); r.err != nil && !keep {
-				s.fail(h, r.err)
+				b.pool.fail(s, r.err)
 				for _, rest := range batch[i+1:] {
-					rest.err = h.broken
+					rest.err = s.broken
 				}
 				return nil
 			}
 		}
 		return nil
 	}
+	return b.runPipelined(s, batch)
+}
 
+// runPipelined runs batch, of several statements, in one round trip.
+func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 	rows := make([]row, len(batch))
 	for i, r := range batch {
 		rows[i] = r.row
 	}
-	h.busySince.Store(time.Now().UnixNano())
-	failed, err, cerr := h.c.batch(context.Background(), rows)
-	h.busySince.Store(0)
+	s.pipe.busySince.Store(time.Now().UnixNano())
+	failed, err, cerr := s.c.batch(context.Background(), rows)
+	s.pipe.busySince.Store(0)
 	var bad error // why the session must go
 	switch {
 	case failed < 0 && cerr != nil:
@@ -168,19 +157,12 @@ func (s *sessions) runBatch(h *holder, batch []*req) (redo []*req) {
 		r := batch[failed]
 		r.err = err
 		if sqlState(err) != "" && r.onErr != nil {
-			r.err = r.onErr(context.Background(), err)
+			r.err = r.onErr(context.Background(), s.c, err)
 		}
 		if _, keep := r.err.(keepConn); !keep {
 			bad = r.err
 		} else {
-			// The batch's transaction aborted: what ran before the error
-			// and was transactional is undone; run it again with the rest.
-			for _, before := range batch[:failed] {
-				if before.txn {
-					redo = append(redo, before)
-				}
-			}
-			redo = append(redo, batch[failed+1:]...)
+			redo = redoAfter(batch, failed)
 		}
 	}
 	ran := batch
@@ -188,50 +170,122 @@ func (s *sessions) runBatch(h *holder, batch []*req) (redo []*req) {
 		ran = batch[:failed]
 	}
 	for _, r := range ran {
-		if r.check != nil && !contains(redo, r) {
+		if r.check != nil && !slices.Contains(redo, r) {
 			if err := r.check(); err != nil {
 				r.err = err
-				if bad == nil {
-					bad = err
-				}
+				bad = firstErr(bad, err)
 			}
 		}
 	}
-	if bad != nil {
-		s.fail(h, bad)
-		if failed >= 0 {
-			for _, r := range batch[failed:] {
-				if r.err == nil {
-					r.err = h.broken
-				}
+	if bad == nil {
+		return redo
+	}
+	b.pool.fail(s, bad)
+	if failed >= 0 {
+		for _, r := range batch[failed:] {
+			if r.err == nil {
+				r.err = s.broken
 			}
 		}
-		return nil
 	}
-	return redo
+	return nil
 }
 
-// runOne runs r alone on h, holding h.sem.
-func (s *sessions) runOne(h *holder, r *req) error {
+// redoAfter returns what must run again after batch's statement failed
+// failed with the session kept: the batch's transaction aborted, so what
+// ran before the error and was transactional is undone; and the server
+// skipped the rest.
+func redoAfter(batch []*req, failed int) (redo []*req) {
+	for _, before := range batch[:failed] {
+		if before.txn {
+			redo = append(redo, before)
+		}
+	}
+	return append(redo, batch[failed+1:]...)
+}
+
+// firstErr returns the first of errs that is not nil.
+func firstErr(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// runOne runs r alone on s, holding s.sem.
+func (b *batcher) runOne(s *session, r *req) error {
 	f := func(ctx context.Context) error {
-		err := h.c.query(ctx, r.q, r.args, r.dest...)
+		err := s.c.query(ctx, r.q, r.args, r.dest...)
 		if err != nil && sqlState(err) != "" && r.onErr != nil {
-			return r.onErr(ctx, err)
+			return r.onErr(ctx, s.c, err)
 		}
 		if err == nil && r.check != nil {
 			err = r.check()
 		}
 		return err
 	}
-	if h.c.interruptible() {
+	if s.c.interruptible() {
 		// No deadline on the hot path: a cancellable context costs pgx a
 		// goroutine per statement. The heartbeat closes the socket under a
 		// statement that runs longer than the heartbeat timeout instead.
-		h.busySince.Store(time.Now().UnixNano())
-		defer h.busySince.Store(0)
+		s.pipe.busySince.Store(time.Now().UnixNano())
+		defer s.pipe.busySince.Store(0)
 		return f(context.Background())
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.hbTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.hbTimeout)
 	defer cancel()
-	return s.runStmt(ctx, h, f)
+	return s.runStmt(ctx, f)
+}
+
+// unlockReq is the unlock of k, held in one mode on the session; the server
+// saying it was not held fails the session.
+func unlockReq(k Key, shared bool) *req {
+	q, args := stmt(stmtUnlock, k, shared, false)
+	ok := new(bool)
+	return &req{row: row{q: q, args: args, dest: []any{ok}}, check: func() error {
+		if !*ok {
+			return errNotHeld
+		}
+		return nil
+	}}
+}
+
+// unlockReqs are the unlocks of keys, held in one mode on one session.
+func unlockReqs(keys []Key, shared bool) []*req {
+	rs := make([]*req, len(keys))
+	for i, k := range keys {
+		rs[i] = unlockReq(k, shared)
+	}
+	return rs
+}
+
+// notifyReq sends payload p on notifyChannel. A notification is sent when
+// its transaction commits, so if a later statement of the same pipelined
+// batch aborts it, it is sent again (txn); one the server refuses (its
+// notification queue full) leaves the session as it was.
+func notifyReq(p string) *req {
+	var s string
+	return &req{row: row{q: sqlNotify, args: []any{p}, dest: []any{&s}}, txn: true,
+		onErr: func(_ context.Context, _ conn, err error) error { return keepConn{err} }}
+}
+
+// onFullUnlock is the onErr of a try when the server's lock table fills up
+// during it (ErrLockTableFull): what the statement took before it failed
+// stays held, since session locks outlive a failed statement, so q (with
+// args), if not "", lets it go; the session then holds what it held before,
+// and is kept. Other errors fail the session.
+func onFullUnlock(q string, args []any) func(ctx context.Context, c conn, err error) error {
+	return func(ctx context.Context, c conn, err error) error {
+		if sqlState(err) != stateOutOfMemory {
+			return err
+		}
+		if q != "" {
+			if uerr := c.exec(ctx, q, args...); uerr != nil {
+				return uerr
+			}
+		}
+		return keepConn{classify(err)}
+	}
 }

@@ -91,20 +91,20 @@ var errNoCancelRequest = errors.New("the driver cannot send a cancel request")
 // destroyTimeout bounds the polite close of a session we discard.
 const destroyTimeout = 5 * time.Second
 
-type pgxSource struct{ pool *pgxpool.Pool }
+type pgxSource struct{ p *pgxpool.Pool }
 
 func (s pgxSource) acquire(ctx context.Context) (conn, error) {
-	c, err := s.pool.Acquire(ctx)
+	c, err := s.p.Acquire(ctx)
 	if err != nil {
 		return nil, err
 	}
 	return &pgxConn{pc: c, pgxSession: pgxSession{c: c.Conn()}}, nil
 }
 
-func (s pgxSource) maxConns() int { return int(s.pool.Config().MaxConns) }
+func (s pgxSource) maxConns() int { return int(s.p.Config().MaxConns) }
 
 func (s pgxSource) exhausted() bool {
-	st := s.pool.Stat()
+	st := s.p.Stat()
 	return st.IdleConns() == 0 && st.TotalConns() >= st.MaxConns()
 }
 

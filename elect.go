@@ -64,17 +64,8 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 	}
 	var pause time.Duration
 	for {
-		if pause > 0 {
-			t := time.NewTimer(pause)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return lockError(key, ctxError(ctx))
-			case <-l.closing:
-				t.Stop()
-				return lockError(key, ErrClosed)
-			}
+		if err := l.sleep(ctx, pause); err != nil {
+			return lockError(key, err)
 		}
 		lk, err := l.lockOne(ctx, key, lockConfig{own: true}, true)
 		if err != nil {
@@ -89,74 +80,98 @@ func (l *Locker) Lead(ctx context.Context, key Key, fn func(ctx context.Context)
 			pause = leadRetry
 			continue
 		}
-		l.markLeader(lk)
-		l.cfg.logger.Info("pglocks: elected", "key", key)
-		if lk.Err() != nil {
-			// Lost before fn could start.
-			_ = lk.Release(context.WithoutCancel(ctx))
-			pause = 0
-			continue
-		}
-		tctx := ctx
-		if tr := lk.trace.Load(); tr != nil {
-			tctx = tr.ctx // the campaign's, for the tracer
-		}
-		if t := l.cfg.tracers.leader; t != nil {
-			t.TraceLeaderGained(tctx, l, key, lk.token)
-		}
-		began := time.Now()
-		err = lk.run(ctx, fn)
-		if t := l.cfg.tracers.leader; t != nil {
-			lost := err
-			if lost == nil && ctx.Err() != nil {
-				lost = ctxError(ctx)
-			}
-			t.TraceLeaderLost(tctx, l, key, lost)
-		}
-		switch {
-		case ctx.Err() != nil:
-			return lockError(key, ctxError(ctx))
-		case errors.Is(err, ErrClosed):
-			return lockError(key, ErrClosed)
-		case errors.Is(err, ErrLockLost):
-			l.cfg.logger.Warn("pglocks: leadership lost", "key", key, "err", err)
-			pause = 0
-		case err != nil:
-			l.cfg.logger.Warn("pglocks: leader's fn failed; resigned", "key", key, "err", err)
-			pause = leadRetry
-		default:
-			l.cfg.logger.Info("pglocks: resigned", "key", key)
-			pause = 0
-			if time.Since(began) < leadRetry {
-				// A term this short, again and again, would spin when no
-				// other candidate waits (one that does is elected at once).
-				pause = leadRetry - time.Since(began)
-			}
+		if pause, err = l.term(ctx, lk, fn); err != nil {
+			return err
 		}
 	}
+}
+
+// sleep waits d, unless ctx ends or the Locker closes first.
+func (l *Locker) sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctxError(ctx)
+	case <-l.closeCtx.Done():
+		return ErrClosed
+	}
+}
+
+// term runs fn for one term of leadership of lk, just won, and resigns. It
+// returns how long to wait before the next campaign, or the error that ends
+// Lead.
+func (l *Locker) term(ctx context.Context, lk *Lock, fn func(ctx context.Context) error) (time.Duration, error) {
+	key := lk.Key()
+	l.markLeader(lk)
+	l.cfg.logger.Info("pglocks: elected", "key", key)
+	if lk.Err() != nil {
+		// Lost before fn could start.
+		_ = lk.Release(context.WithoutCancel(ctx))
+		return 0, nil
+	}
+	tctx := ctx
+	if tr := lk.trace.Load(); tr != nil {
+		tctx = tr.ctx // the campaign's, for the tracer
+	}
+	if t := l.cfg.tracers.leader; t != nil {
+		t.TraceLeaderGained(tctx, l, key, lk.token)
+	}
+	began := time.Now()
+	err := lk.run(ctx, fn)
+	if t := l.cfg.tracers.leader; t != nil {
+		lost := err
+		if lost == nil && ctx.Err() != nil {
+			lost = ctxError(ctx)
+		}
+		t.TraceLeaderLost(tctx, l, key, lost)
+	}
+	switch {
+	case ctx.Err() != nil:
+		return 0, lockError(key, ctxError(ctx))
+	case errors.Is(err, ErrClosed):
+		return 0, lockError(key, ErrClosed)
+	case errors.Is(err, ErrLockLost):
+		l.cfg.logger.Warn("pglocks: leadership lost", "key", key, "err", err)
+		return 0, nil
+	case err != nil:
+		l.cfg.logger.Warn("pglocks: leader's fn failed; resigned", "key", key, "err", err)
+		return leadRetry, nil
+	}
+	l.cfg.logger.Info("pglocks: resigned", "key", key)
+	// A term this short, again and again, would spin when no other
+	// candidate waits (one that does is elected at once).
+	return max(0, leadRetry-time.Since(began)), nil
 }
 
 // sinceMark ends the application_name of a leader's session.
 const sinceMark = " since="
 
-// maxAppName is the longest application_name the server keeps, in bytes.
-const maxAppName = 63
-
 // markLeader sets the application_name of lk's session to say since when it
 // leads, by the server's clock. A failure here is a failure of the session,
 // which lk then reports.
 func (l *Locker) markLeader(lk *Lock) {
-	if !l.beginCall() {
+	if !l.table.begin() {
 		return // Close waits for us before it touches the session
 	}
-	defer l.endCall()
-	h := l.table.holderOf(lk)
-	if h == nil || !l.sessions.mark(h) {
-		return // lost already, or on a shared session (see ownSession)
+	defer l.table.end()
+	s := l.table.sessionOf(&lk.hold)
+	if s == nil {
+		return // lost already
 	}
+	use, ok := l.pool.mark(s)
+	if !ok {
+		return // on a shared session
+	}
+	defer use.end()
 	base := l.cfg.appName
 	if base == "" {
-		base = h.orig[setAppName].String
+		base = s.orig[setAppName].String
 	}
 	const stamp = len("2006-01-02T15:04:05.000Z")
 	for len(base) > maxAppName-len(sinceMark)-stamp {
@@ -164,11 +179,10 @@ func (l *Locker) markLeader(lk *Lock) {
 		base = base[:len(base)-n]
 	}
 	var set string
-	err := l.sessions.do(context.Background(), h, &req{row: row{q: sqlMarkLeader, args: []any{base + sinceMark}, dest: []any{&set}}, txn: true})
-	if err == nil && h.tryEnter() {
-		l.sessions.watch(h) // the statement stopped the watcher
+	err := l.acq.batch.do(context.Background(), s, &req{row: row{q: sqlMarkLeader, args: []any{base + sinceMark}, dest: []any{&set}}, txn: true})
+	if err == nil && s.tryEnter() {
+		l.pool.watch.hand(s) // the statement stopped the watcher
 	}
-	l.sessions.unuse(h)
 }
 
 // Observe reports the leader of key, as [Locker.Leader] does, each time it
@@ -182,14 +196,12 @@ func (l *Locker) markLeader(lk *Lock) {
 // fail are retried at the next interval, not reported.
 func (l *Locker) Observe(ctx context.Context, key Key) <-chan Holder {
 	ch := make(chan Holder)
-	if ctx == nil || !key.valid() || !l.beginCall() {
+	if ctx == nil || !key.valid() || l.table.isClosed() || !l.g.start() {
 		close(ch)
 		return ch
 	}
-	l.bg.Add(1)
-	l.endCall()
 	go func() {
-		defer l.bg.Done()
+		defer l.g.done()
 		defer close(ch)
 		t := time.NewTicker(l.cfg.hbInterval)
 		defer t.Stop()
@@ -211,7 +223,7 @@ func (l *Locker) Observe(ctx context.Context, key Key) <-chan Holder {
 					case ch <- h:
 					case <-ctx.Done():
 						return
-					case <-l.closing:
+					case <-l.closeCtx.Done():
 						return
 					}
 					last, first = h, false
@@ -221,7 +233,7 @@ func (l *Locker) Observe(ctx context.Context, key Key) <-chan Holder {
 			case <-t.C:
 			case <-ctx.Done():
 				return
-			case <-l.closing:
+			case <-l.closeCtx.Done():
 				return
 			}
 		}

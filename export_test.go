@@ -14,9 +14,9 @@ func WaitsForTest(l *Locker) (server, multiplexed int) {
 
 // SessionsForTest returns how many connections l has taken from its pool.
 func SessionsForTest(l *Locker) int {
-	l.sessions.mu.Lock()
-	defer l.sessions.mu.Unlock()
-	return l.sessions.n
+	l.pool.mu.Lock()
+	defer l.pool.mu.Unlock()
+	return l.pool.st.n
 }
 
 // SetPollForTest sets the backoff bounds of l's poller: a test that must see
@@ -24,5 +24,5 @@ func SessionsForTest(l *Locker) int {
 func SetPollForTest(l *Locker, min, max time.Duration) {
 	l.mux.mu.Lock()
 	defer l.mux.mu.Unlock()
-	l.mux.minPoll, l.mux.maxPoll = min, max
+	l.mux.st.minPoll, l.mux.st.maxPoll = min, max
 }

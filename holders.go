@@ -36,10 +36,10 @@ func (l *Locker) Holders(ctx context.Context, key Key) ([]Holder, error) {
 		return nil, lockError(key, errNilContext)
 	case !key.valid():
 		return nil, lockError(key, ErrInvalidKey)
-	case l.isClosed():
+	case l.table.isClosed():
 		return nil, lockError(key, ErrClosed)
 	}
-	c, err := l.src.acquire(ctx)
+	c, err := l.pool.open.src.acquire(ctx)
 	if err != nil {
 		return nil, lockError(key, fmt.Errorf("connect: %w", err))
 	}

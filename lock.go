@@ -1,10 +1,10 @@
 package pglocks
 
+// lock.go: the handle of a session-level lock that a Locker holds.
+
 import (
 	"context"
 	"errors"
-	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -13,16 +13,8 @@ import (
 // until [Lock.Release], [Locker.Close], or until it is lost because its server
 // session ended; [Lock.Done] tells which has happened.
 type Lock struct {
-	l      *Locker
-	e      *entry
-	ctx    context.Context // done once the lock is released or lost
-	cancel context.CancelCauseFunc
-	done   bool // guarded by table.mu: released, lost or closed
-	token  int64
-	// For a lock taken with Slots: the key asked for, and the slot held
-	// (e is the slot's entry); slot is -1 otherwise.
-	base Key
-	slot int
+	hold // the table's record of the handle (see table.go)
+	l    *Locker
 	// trace is set, once acquired, when a tracer wants it.
 	trace atomic.Pointer[lockTrace]
 }
@@ -36,12 +28,7 @@ type lockTrace struct {
 
 // Key returns the lock's key: for a lock taken with [Slots], the key asked
 // for, not its slot's (see [Lock.Slot]).
-func (lk *Lock) Key() Key {
-	if lk.slot >= 0 {
-		return lk.base
-	}
-	return lk.e.key
-}
+func (lk *Lock) Key() Key { return lk.key() }
 
 // Slot returns which slot of [Lock.Key] the lock holds, 0 to n-1, for a
 // lock taken with [Slots](n); it holds the key Key().Slot(i). It returns -1
@@ -96,105 +83,23 @@ func (lk *Lock) Release(ctx context.Context) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	u, err := lk.l.table.release(lk)
-	if u != nil {
-		err = lk.l.unlock(ctx, []*unlock{u})[0]
-	}
+	err := lk.l.rel.releaseOne(ctx, &lk.hold)
 	if lk.l.cfg.tracers.release != nil {
-		lk.l.traceRelease(lk, err)
+		lk.l.cfg.tracers.traceRelease(lk.l, lk, err)
 	}
 	return err
 }
 
-// endLinger lets e go on the server once its minimum hold is up, unless
-// it was taken again or lost meanwhile, or the Locker closed (Close clears
-// every session).
-func (l *Locker) endLinger(e *entry) {
-	if !l.beginCall() {
-		return
-	}
-	defer l.endCall()
-	if u := l.table.endLinger(e); u != nil {
-		_ = l.unlock(context.Background(), []*unlock{u})
-	}
-}
+// lockOf returns the Lock a hold was made for.
+func lockOf(h *hold) *Lock { return h.handle.(*Lock) }
 
-// unlock runs the unlocks that table.release asked for, those on one
-// session in one round trip, and finishes them; it returns their errors.
-func (l *Locker) unlock(ctx context.Context, us []*unlock) []error {
-	ctx = context.WithoutCancel(ctx)
-	rs := make([]*req, len(us))
-	if len(us) == 1 && !us[0].notify {
-		// The common case, without the maps.
-		u := us[0]
-		rs[0] = unlockReq(u.e.key, u.shared)
-		l.sessions.use(u.h)
-		rs[0].err = l.sessions.do(ctx, u.h, rs[0])
-		return l.unlocked(us, rs)
+// locksOf returns the Locks holds were made for.
+func locksOf(holds []*hold) []*Lock {
+	locks := make([]*Lock, len(holds))
+	for i, h := range holds {
+		locks[i] = lockOf(h)
 	}
-	byHolder := map[*holder][]*req{}
-	tell := map[*holder][]Key{} // wanted keys: their release notifies
-	for i, u := range us {
-		rs[i] = unlockReq(u.e.key, u.shared)
-		byHolder[u.h] = append(byHolder[u.h], rs[i])
-		l.sessions.use(u.h)
-		if u.notify {
-			tell[u.h] = append(tell[u.h], u.e.key)
-		}
-	}
-	for h, keys := range tell {
-		// After the unlocks, in the same round trip where the driver
-		// pipelines: sent when they are done.
-		for _, p := range payloads(freedMark, keys) {
-			byHolder[h] = append(byHolder[h], notifyReq(p))
-		}
-	}
-	if len(byHolder) == 1 {
-		l.unlockOn(ctx, us[0].h, byHolder[us[0].h])
-	} else {
-		var wg sync.WaitGroup
-		for h, hrs := range byHolder {
-			wg.Go(func() { l.unlockOn(ctx, h, hrs) })
-		}
-		wg.Wait()
-	}
-	return l.unlocked(us, rs)
-}
-
-// unlocked finishes unlocks us, whose statements rs have run.
-func (l *Locker) unlocked(us []*unlock, rs []*req) []error {
-	errs := make([]error, len(us))
-	var late []Key // wanted while being released: told now
-	for i, u := range us {
-		if l.table.released(u) {
-			late = append(late, u.e.key)
-		}
-		l.sessions.unuse(u.h)
-		if err := rs[i].err; err != nil {
-			errs[i] = lockError(u.e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))
-			continue
-		}
-	}
-	if len(late) > 0 {
-		l.mux.tellFreed(late)
-	}
-	if l.mux.nwatch.Load() > 0 {
-		freed := make([]Key, len(us))
-		for i, u := range us {
-			freed[i] = u.e.key
-		}
-		l.mux.freed(freed) // goroutines of this Locker waiting for a slot
-	}
-	return errs
-}
-
-// unlockOn runs rs, unlocks (and notifications), on h.
-func (l *Locker) unlockOn(ctx context.Context, h *holder, rs []*req) {
-	if len(rs) == 1 {
-		rs[0].err = l.sessions.do(ctx, h, rs[0])
-		return
-	}
-	l.sessions.doMany(ctx, h, rs)
+	return locks
 }
 
 // run runs fn under lk for Do, TryDo and Lead, and releases lk afterwards.

@@ -5,9 +5,9 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -35,42 +35,19 @@ import (
 // A Locker is safe for concurrent use. Create one per pool with [New] or
 // [NewDB] and share it; [Locker.Close] releases everything it holds.
 type Locker struct {
-	src      source
 	pgx      *pgxpool.Pool // set by New
 	db       *sql.DB       // set by NewDB
 	cfg      config
-	closing  <-chan struct{} // closed by Close: closeCtx.Done()
 	closeCtx context.Context // cancelled by Close
 	closeNow context.CancelFunc
-	bg       sync.WaitGroup // background goroutines: the heartbeat, probes, watchers
-	counts   counts         // Stat's totals
+	g        group  // background goroutines: the heartbeat, probes, watchers, the poller
+	counts   counts // Stat's totals
 
-	table    *table    // what this process holds and waits for
-	sessions *sessions // the server sessions it holds them on
-	mux      *mux      // the waits without a session of their own
-
-	contended contended // keys found held elsewhere lately
-}
-
-// contended remembers the keys whose try failed lately, so that the next
-// Lock of one of them waits at once.
-type contended struct {
-	mu     sync.Mutex
-	recent recentKeys
-}
-
-func (c *contended) add(keys ...Key) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, k := range keys {
-		c.recent.add(k)
-	}
-}
-
-func (c *contended) has(k Key) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.recent.has(k)
+	table *table    // what this process holds and waits for
+	pool  *pool     // the server sessions it holds them on
+	mux   *mux      // the waits without a session of their own
+	acq   *acquirer // the acquisition pipeline
+	rel   *releaser // and its reverse
 }
 
 // New returns a Locker that takes its connections from pool. The pool stays
@@ -79,7 +56,7 @@ func New(pool *pgxpool.Pool, opts ...Option) (*Locker, error) {
 	if pool == nil {
 		return nil, errors.New("pglocks: New: nil pool")
 	}
-	return newLocker(&Locker{src: pgxSource{pool}, pgx: pool}, opts)
+	return newLocker(&Locker{pgx: pool}, pgxSource{pool}, opts)
 }
 
 // NewDB returns a Locker that takes its connections from db, which must be a
@@ -91,10 +68,10 @@ func NewDB(db *sql.DB, opts ...Option) (*Locker, error) {
 	if db == nil {
 		return nil, errors.New("pglocks: NewDB: nil db")
 	}
-	return newLocker(&Locker{src: sqlSource{db}, db: db}, opts)
+	return newLocker(&Locker{db: db}, sqlSource{db}, opts)
 }
 
-func newLocker(l *Locker, opts []Option) (*Locker, error) {
+func newLocker(l *Locker, src source, opts []Option) (*Locker, error) {
 	cfg := defaultConfig()
 	for _, o := range opts {
 		if o == nil {
@@ -111,30 +88,60 @@ func newLocker(l *Locker, opts []Option) (*Locker, error) {
 	}
 	l.cfg = cfg
 	l.closeCtx, l.closeNow = context.WithCancel(context.Background())
-	l.closing = l.closeCtx.Done()
-	l.table = newTable(l, cfg.maxLocks)
 	max := cfg.maxConns
-	if pm := l.src.maxConns(); pm > 0 && pm < max {
+	if pm := src.maxConns(); pm > 0 && pm < max {
 		max = pm // more could not be had
 	}
-	l.sessions = newSessions(l.src, &l.cfg, max, l.closeCtx, &l.bg)
-	l.mux = newMux(l)
-	l.sessions.lost = l.onLost
-	l.sessions.heard = l.mux.heard
-	l.sessions.freed = func() {
-		if l.mux.waiting() {
-			l.mux.poke() // a session may be free for the oldest wait
-		}
-	}
-	l.sessions.busy = l.mux.waiting
-	l.bg.Add(2)
-	go l.sessions.heartbeat()
-	go l.mux.run()
+	// From the bottom up: each layer is given what it needs of those below,
+	// and the pool and table what to tell the Locker (events).
+	l.table = newTable(cfg.maxLocks, tableEvents{
+		newHold: func() *hold {
+			lk := &Lock{l: l}
+			lk.handle = lk
+			return &lk.hold
+		},
+		lingerEnd: func(e *entry) { l.rel.endLinger(e) },
+		losses:    &l.counts.losses,
+	})
+	l.pool = newPool(src, &l.cfg, max, l.closeCtx, &l.g, events{l})
+	b := &batcher{pool: l.pool, cfg: &l.cfg}
+	l.mux = newMux(l.pool, b, l.table.want, l.closeCtx, &l.cfg)
+	l.rel = &releaser{table: l.table, pool: l.pool, batch: b, mux: l.mux}
+	l.acq = &acquirer{table: l.table, pool: l.pool, batch: b, mux: l.mux, rel: l.rel, cfg: &l.cfg, closeCtx: l.closeCtx}
+	l.g.start()
+	go func() {
+		defer l.g.done()
+		l.pool.heartbeat()
+	}()
+	l.g.start()
+	go func() {
+		defer l.g.done()
+		l.mux.run()
+	}()
 	if t := l.cfg.tracers.locker; t != nil {
 		t.TraceLockerNew(l)
 	}
 	return l, nil
 }
+
+// events is what the pool tells the Locker.
+type events struct{ l *Locker }
+
+func (ev events) lost(s *session, cause error) int {
+	holds, lingering := ev.l.table.lost(s, cause) // counted in Stat's Losses
+	ev.l.cfg.tracers.traceLoss(ev.l, holds)
+	return len(holds) + lingering
+}
+
+func (ev events) heard(n *pgconn.Notification) { ev.l.mux.heard(n) }
+
+func (ev events) freed() {
+	if ev.l.mux.waiting() {
+		ev.l.mux.poke() // a session may be free for the oldest wait
+	}
+}
+
+func (ev events) busy() bool { return ev.l.mux.waiting() }
 
 // Lock takes key, waiting as long as ctx allows while another session or
 // another goroutine of this Locker holds it in a conflicting mode. When ctx
@@ -185,7 +192,7 @@ func (l *Locker) lockOne(ctx context.Context, key Key, o lockConfig, wait bool) 
 	began := time.Now()
 	var tctx context.Context
 	if l.cfg.tracers.acquire != nil {
-		tctx = l.traceStart(ctx, []Key{key}, o, wait)
+		tctx = l.cfg.tracers.start(ctx, l, []Key{key}, o, wait)
 	}
 	var lk *Lock
 	var err error
@@ -193,19 +200,22 @@ func (l *Locker) lockOne(ctx context.Context, key Key, o lockConfig, wait bool) 
 	case ctx.Err() != nil:
 		err = lockError(key, ctxError(ctx))
 	case o.slots > 0:
-		lk, err = l.lockSlot(ctx, key, o, wait)
+		var h *hold
+		if h, err = (slotTaker{l.acq}).lockSlot(ctx, key, o, wait); err == nil {
+			lk = lockOf(h)
+		}
 	default:
-		var locks []*Lock
-		if locks, err = l.acquire(ctx, []Key{key}, o, wait); err == nil {
-			lk = locks[0]
+		var holds []*hold
+		if holds, err = l.acq.acquire(ctx, []Key{key}, o, wait); err == nil {
+			lk = lockOf(holds[0])
 		}
 	}
-	if err != nil {
-		l.acquired(tctx, began, nil, nil, err)
-		return nil, err
+	d := time.Since(began)
+	l.counts.count(d, err)
+	if l.cfg.tracers.acquire != nil {
+		l.cfg.tracers.end(tctx, l, d, lk, nil, err)
 	}
-	l.acquired(tctx, began, lk, nil, nil)
-	return lk, nil
+	return lk, err
 }
 
 // Do runs fn while holding key, taken as [Locker.Lock] does, and releases it
@@ -250,33 +260,12 @@ func (l *Locker) Close() error {
 	}
 	l.closeNow()
 	l.table.ops.Wait() // acquisitions and releases in flight
-	l.sessions.close()
-	l.bg.Wait() // nothing else touches the sessions after this
-	err := l.sessions.clear()
+	l.pool.close()     // refuses new background goroutines too
+	l.g.wait()         // nothing else touches the sessions after this
+	err := l.pool.clear()
 	l.table.closeAll()
 	if t := l.cfg.tracers.locker; t != nil {
 		t.TraceLockerClose(l)
 	}
 	return err
-}
-
-// beginCall counts an acquisition, a release or a leader's naming in
-// table.ops, which Close waits for, unless l is closed.
-func (l *Locker) beginCall() bool { return l.table.begin() }
-
-// endCall ends what beginCall began.
-func (l *Locker) endCall() { l.table.ops.Done() }
-
-// isClosed reports whether Close was called.
-func (l *Locker) isClosed() bool { return l.table.isClosed() }
-
-// cancelBackend runs pg_cancel_backend(pid) on the primary holder.
-func (l *Locker) cancelBackend(ctx context.Context, pid int32) error {
-	h, err := l.sessions.primaryHolder(ctx)
-	if err != nil {
-		return err
-	}
-	defer l.sessions.unuse(h)
-	var ok bool
-	return l.sessions.do(ctx, h, &req{row: row{q: sqlCancel, args: []any{pid}, dest: []any{&ok}}})
 }

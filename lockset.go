@@ -68,25 +68,15 @@ func (s *LockSet) Release(ctx context.Context) error {
 		ctx = context.Background() // see Lock.Release
 	}
 	defer s.stop()
-	errs := make([]error, len(s.locks)) // each lock's
-	var us []*unlock
-	var at []int // us[i] is s.locks[at[i]]'s
+	l := s.locks[0].l
+	holds := make([]*hold, len(s.locks))
 	for i, lk := range s.locks {
-		u, err := lk.l.table.release(lk)
-		if u == nil {
-			errs[i] = err
-			continue
-		}
-		us, at = append(us, u), append(at, i)
+		holds[i] = &lk.hold
 	}
-	if len(us) > 0 {
-		for j, err := range s.locks[0].l.unlock(ctx, us) {
-			errs[at[j]] = err
-		}
-	}
-	if l := s.locks[0].l; l.cfg.tracers.release != nil {
+	errs := l.rel.release(ctx, holds) // each lock's
+	if l.cfg.tracers.release != nil {
 		for i, lk := range s.locks {
-			l.traceRelease(lk, errs[i])
+			l.cfg.tracers.traceRelease(l, lk, errs[i])
 		}
 	}
 	s.watch()
@@ -201,15 +191,22 @@ func (l *Locker) acquireAll(ctx context.Context, keys []Key, o lockConfig, wait 
 	began := time.Now()
 	var tctx context.Context
 	if l.cfg.tracers.acquire != nil {
-		tctx = l.traceStart(ctx, ks, o, wait)
+		tctx = l.cfg.tracers.start(ctx, l, ks, o, wait)
 	}
 	var locks []*Lock
 	if ctx.Err() != nil {
 		err = lockError(ks[0], ctxError(ctx))
 	} else {
-		locks, err = l.acquire(ctx, ks, o, wait)
+		var holds []*hold
+		if holds, err = l.acq.acquire(ctx, ks, o, wait); err == nil {
+			locks = locksOf(holds)
+		}
 	}
-	l.acquired(tctx, began, nil, locks, err)
+	d := time.Since(began)
+	l.counts.count(d, err)
+	if l.cfg.tracers.acquire != nil {
+		l.cfg.tracers.end(tctx, l, d, nil, locks, err)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -1,5 +1,8 @@
 package pglocks
 
+// mux.go: the multiplexer, which waits for keys without a session of their
+// own, trying them together on the primary.
+
 import (
 	"context"
 	"errors"
@@ -33,14 +36,25 @@ import (
 // a wait that is cancelled leaves nothing there; one cancelled while its try
 // is in flight waits for the try's answer and lets go of what it got.
 type mux struct {
-	l    *Locker
-	kick chan struct{} // poll (and move waits) now
+	pool  *pool
+	batch *batcher
+	// want is told that a waiter elsewhere asks for a key; it reports that
+	// the key was released lately (see table.want).
+	want     func(Key) bool
+	closeCtx context.Context // done when the Locker closes
+	cfg      *config
+	kick     chan struct{} // poll (and move waits) now
+	nwatch   atomic.Int32  // len(st.watches), read without mu
 
-	mu               sync.Mutex
+	mu sync.Mutex
+	st muxState // guarded by mu
+}
+
+// muxState is what mux.mu guards.
+type muxState struct {
 	minPoll, maxPoll time.Duration // muxMinPoll and muxMaxPoll, but for tests
 	reqs             []*muxReq     // oldest first
 	watches          []*muxWatch   // waits that try for themselves (Slots)
-	nwatch           atomic.Int32  // len(watches), read without mu
 	awaited          map[Key]int   // the keys of reqs, and how many reqs want each
 	free             []Key         // keys to tell freed: wanted by another Locker just after this one let them go
 }
@@ -52,7 +66,8 @@ const (
 	muxMaxPoll = 250 * time.Millisecond
 )
 
-// muxReq is one multiplexed wait: keys taken all or nothing.
+// muxReq is one multiplexed wait: keys taken all or nothing. Its fields
+// but keys, shared and done are guarded by mux.mu.
 type muxReq struct {
 	keys      []Key
 	shared    bool
@@ -64,12 +79,39 @@ type muxReq struct {
 
 // muxWatch is a wait that tries for itself (a wait for any of a key's
 // slots): the mux says its keys are wanted, and wakes it when one may have
-// freed.
+// freed. announced is guarded by mux.mu.
 type muxWatch struct {
 	keys      []Key
 	local     bool // see watch
 	announced bool
 	wake      chan struct{} // cap 1
+}
+
+// grantSet is what the server gave: a lease on the session the keys are held
+// on, and their fencing tokens; own says that the session waited for them,
+// and holds nothing else.
+type grantSet struct {
+	l      lease
+	tokens []int64
+	own    bool
+	// keys and shared, for a multiplexed grant: what to let go if its
+	// waiter gave up meanwhile.
+	keys   []Key
+	shared bool
+}
+
+// muxResult ends a multiplexed wait: the keys were granted (got), or a
+// session is free for it to wait on in the server's queue (moveTo), or it
+// failed.
+type muxResult struct {
+	got    grantSet
+	moveTo lease
+	err    error
+}
+
+func newMux(p *pool, b *batcher, want func(Key) bool, closeCtx context.Context, cfg *config) *mux {
+	return &mux{pool: p, batch: b, want: want, closeCtx: closeCtx, cfg: cfg, kick: make(chan struct{}, 1),
+		st: muxState{minPoll: muxMinPoll, maxPoll: muxMaxPoll, awaited: make(map[Key]int)}}
 }
 
 // watch registers a wait for any of keys.
@@ -79,11 +121,11 @@ type muxWatch struct {
 func (m *mux) watch(keys []Key, local bool) *muxWatch {
 	w := &muxWatch{keys: keys, local: local, announced: local, wake: make(chan struct{}, 1)}
 	m.mu.Lock()
-	m.watches = append(m.watches, w)
+	m.st.watches = append(m.st.watches, w)
 	m.nwatch.Add(1)
 	if !local {
 		for _, k := range keys {
-			m.awaited[k]++
+			m.st.awaited[k]++
 		}
 	}
 	m.mu.Unlock()
@@ -97,15 +139,11 @@ func (m *mux) watch(keys []Key, local bool) *muxWatch {
 func (m *mux) unwatch(w *muxWatch) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if i := slices.Index(m.watches, w); i >= 0 {
-		m.watches = slices.Delete(m.watches, i, i+1)
+	if i := slices.Index(m.st.watches, w); i >= 0 {
+		m.st.watches = slices.Delete(m.st.watches, i, i+1)
 		m.nwatch.Add(-1)
 		if !w.local { // a local watch is not counted in awaited
-			for _, k := range w.keys {
-				if m.awaited[k]--; m.awaited[k] == 0 {
-					delete(m.awaited, k)
-				}
-			}
+			m.st.forget(w.keys)
 		}
 	}
 }
@@ -114,7 +152,7 @@ func (m *mux) unwatch(w *muxWatch) {
 // told by another Locker (told), or let go by this one. It runs with m.mu
 // held.
 func (m *mux) wakeWatches(keys map[Key]bool, told bool) {
-	for _, w := range m.watches {
+	for _, w := range m.st.watches {
 		for _, k := range w.keys {
 			if keys[k] {
 				select {
@@ -132,51 +170,58 @@ func (m *mux) wakeWatches(keys map[Key]bool, told bool) {
 
 // freed is told that this Locker let keys go.
 func (m *mux) freed(keys []Key) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if len(m.watches) == 0 {
+	if m.nwatch.Load() == 0 {
 		return
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.wakeWatches(keySet(keys), false)
+}
+
+func keySet(keys []Key) map[Key]bool {
 	set := make(map[Key]bool, len(keys))
 	for _, k := range keys {
 		set[k] = true
 	}
-	m.wakeWatches(set, false)
+	return set
 }
 
-// muxResult ends a multiplexed wait: the keys were granted (g), or a session
-// is free for it to wait on in the server's queue (moveTo), or it failed.
-type muxResult struct {
-	g      grant
-	moveTo *holder
-	err    error
-}
-
-func newMux(l *Locker) *mux {
-	return &mux{l: l, kick: make(chan struct{}, 1), minPoll: muxMinPoll, maxPoll: muxMaxPoll, awaited: make(map[Key]int)}
-}
-
-// add queues r. It runs with m.mu held.
-func (m *mux) add(r *muxReq) {
-	m.reqs = append(m.reqs, r)
+// add queues r.
+func (st *muxState) add(r *muxReq) {
+	st.reqs = append(st.reqs, r)
 	for _, k := range r.keys {
-		m.awaited[k]++
+		st.awaited[k]++
 	}
 }
 
-// remove takes r out of the queue, if it is there. It runs with m.mu held.
-func (m *mux) remove(r *muxReq) bool {
-	i := slices.Index(m.reqs, r)
+// remove takes r out of the queue, if it is there.
+func (st *muxState) remove(r *muxReq) bool {
+	i := slices.Index(st.reqs, r)
 	if i < 0 {
 		return false
 	}
-	m.reqs = slices.Delete(m.reqs, i, i+1)
-	for _, k := range r.keys {
-		if m.awaited[k]--; m.awaited[k] == 0 {
-			delete(m.awaited, k)
+	st.reqs = slices.Delete(st.reqs, i, i+1)
+	st.forget(r.keys)
+	return true
+}
+
+// forget uncounts keys from awaited.
+func (st *muxState) forget(keys []Key) {
+	for _, k := range keys {
+		if st.awaited[k]--; st.awaited[k] == 0 {
+			delete(st.awaited, k)
 		}
 	}
-	return true
+}
+
+// unannounced reports whether a watch's keys are still to be said wanted.
+func (st *muxState) unannounced() bool {
+	for _, w := range st.watches {
+		if !w.announced {
+			return true
+		}
+	}
+	return false
 }
 
 // poke makes the poller run at once.
@@ -191,8 +236,8 @@ func (m *mux) poke() {
 func (m *mux) stat() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	n := len(m.watches)
-	for _, r := range m.reqs {
+	n := len(m.st.watches)
+	for _, r := range m.st.reqs {
 		if !r.cancelled {
 			n++
 		}
@@ -204,58 +249,56 @@ func (m *mux) stat() int {
 func (m *mux) waiting() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return len(m.reqs) > 0 || len(m.watches) > 0
+	return len(m.st.reqs) > 0 || len(m.st.watches) > 0
 }
 
-// wait waits multiplexed for keys, as long as ctx allows. It returns the
-// index of the key whose wait failed, if it moved into the server's queue.
-func (m *mux) wait(ctx context.Context, keys []Key, o lockConfig) (grant, int, error) {
-	r := &muxReq{keys: keys, shared: o.shared, done: make(chan muxResult, 1)}
+// wait waits multiplexed for keys, as long as ctx allows. It returns what
+// was taken, or a lease on a session that became free for the wait: the
+// caller then waits there, in the server's queue.
+func (m *mux) wait(ctx context.Context, keys []Key, shared bool) (grantSet, lease, error) {
+	r := &muxReq{keys: keys, shared: shared, done: make(chan muxResult, 1)}
 	m.mu.Lock()
-	m.add(r)
+	m.st.add(r)
 	m.mu.Unlock()
 	m.poke()
 	var err error
 	select {
 	case res := <-r.done:
-		if res.moveTo != nil {
-			return m.l.waitOn(ctx, res.moveTo, keys, o)
-		}
-		return res.g, 0, res.err
+		return res.got, res.moveTo, res.err
 	case <-ctx.Done():
 		err = ctxError(ctx)
-	case <-m.l.closing:
+	case <-m.closeCtx.Done():
 		err = ErrClosed
 	}
 	m.mu.Lock()
-	if !r.inFlight && m.remove(r) {
+	if !r.inFlight && m.st.remove(r) {
 		m.mu.Unlock()
-		return grant{}, 0, err
+		return grantSet{}, lease{}, err
 	}
 	r.cancelled = true
 	m.mu.Unlock()
 	// A try is in flight, or its result came as we gave up: hand back what
 	// it got.
 	m.undo(<-r.done)
-	return grant{}, 0, err
+	return grantSet{}, lease{}, err
 }
 
 // undo hands back what a wait was given after it gave up.
 func (m *mux) undo(res muxResult) {
 	switch {
-	case res.moveTo != nil:
-		m.l.sessions.unwait(res.moveTo)
-	case res.g.h != nil:
+	case res.moveTo.s != nil:
+		m.pool.unwait(res.moveTo)
+	case res.got.l.s != nil:
 		// keys are not in the table: unlock them as the try took them.
-		m.l.sessions.doMany(context.Background(), res.g.h, unlockReqs(res.g.keys, res.g.shared))
-		m.l.sessions.unuse(res.g.h)
+		m.batch.doMany(context.Background(), res.got.l.s, unlockReqs(res.got.keys, res.got.shared))
+		res.got.l.end()
 	}
 }
 
 // tellFreed has the poller tell other Lockers that keys are free.
 func (m *mux) tellFreed(keys []Key) {
 	m.mu.Lock()
-	m.free = append(m.free, keys...)
+	m.st.free = append(m.st.free, keys...)
 	m.mu.Unlock()
 	m.poke()
 }
@@ -273,7 +316,7 @@ func (m *mux) heard(n *pgconn.Notification) {
 	case wantedMark:
 		var tell []Key
 		for _, k := range keys {
-			if m.l.table.want(k) {
+			if m.want(k) {
 				tell = append(tell, k) // released just before the want came
 			}
 		}
@@ -281,44 +324,47 @@ func (m *mux) heard(n *pgconn.Notification) {
 			m.tellFreed(tell)
 		}
 	case freedMark:
-		m.mu.Lock()
-		wanted := false
-		for _, k := range keys {
-			wanted = wanted || m.awaited[k] > 0
-		}
-		if wanted {
-			// If another process takes the key first, its holder must hear
-			// that we want it: say so again with the next try.
-			freed := make(map[Key]bool, len(keys))
-			for _, k := range keys {
-				freed[k] = true
-			}
-			for _, r := range m.reqs {
-				for _, k := range r.keys {
-					if freed[k] {
-						r.announced = false
-					}
-				}
-			}
-			m.wakeWatches(freed, true)
-		}
-		m.mu.Unlock()
-		if wanted {
+		if m.heardFreed(keys) {
 			m.poke()
 		}
 	}
 }
 
-// run is the poller. It runs until Close.
+// heardFreed is told that another Locker freed keys; it reports whether
+// this one waits for any of them.
+func (m *mux) heardFreed(keys []Key) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	wanted := false
+	for _, k := range keys {
+		wanted = wanted || m.st.awaited[k] > 0
+	}
+	if !wanted {
+		return false
+	}
+	// If another process takes the key first, its holder must hear that we
+	// want it: say so again with the next try.
+	freed := keySet(keys)
+	for _, r := range m.st.reqs {
+		for _, k := range r.keys {
+			if freed[k] {
+				r.announced = false
+			}
+		}
+	}
+	m.wakeWatches(freed, true)
+	return true
+}
+
+// run is the poller. It runs until the Locker closes.
 func (m *mux) run() {
-	defer m.l.bg.Done()
 	t := time.NewTimer(time.Hour)
 	t.Stop()
 	delay := muxMinPoll
 	for {
 		m.mu.Lock()
-		idle := len(m.reqs) == 0 && len(m.free) == 0 && !m.unannounced()
-		minPoll, maxPoll := m.minPoll, m.maxPoll
+		idle := len(m.st.reqs) == 0 && len(m.st.free) == 0 && !m.st.unannounced()
+		minPoll, maxPoll := m.st.minPoll, m.st.maxPoll
 		m.mu.Unlock()
 		delay = max(delay, minPoll)
 		if idle {
@@ -330,7 +376,7 @@ func (m *mux) run() {
 		case <-m.kick:
 			delay = minPoll
 		case <-t.C:
-		case <-m.l.closing:
+		case <-m.closeCtx.Done():
 			t.Stop()
 			m.failAll(ErrClosed)
 			return
@@ -348,10 +394,10 @@ func (m *mux) run() {
 
 // move hands free wait sessions to the oldest multiplexed waits.
 func (m *mux) move() {
-	for m.l.closeCtx.Err() == nil {
+	for m.closeCtx.Err() == nil {
 		m.mu.Lock()
 		var r *muxReq
-		for _, x := range m.reqs {
+		for _, x := range m.st.reqs {
 			if !x.inFlight && !x.cancelled {
 				r = x
 				break
@@ -361,14 +407,14 @@ func (m *mux) move() {
 		if r == nil {
 			return
 		}
-		w, err := m.l.sessions.waitSession(m.l.closeCtx, false)
-		if w == nil || err != nil {
+		w, err := m.pool.waitSession(m.closeCtx, false)
+		if w.s == nil || err != nil {
 			return
 		}
 		m.mu.Lock()
-		if r.inFlight || r.cancelled || !m.remove(r) {
+		if r.inFlight || r.cancelled || !m.st.remove(r) {
 			m.mu.Unlock()
-			m.l.sessions.unwait(w)
+			m.pool.unwait(w)
 			continue
 		}
 		r.done <- muxResult{moveTo: w}
@@ -380,93 +426,135 @@ func (m *mux) move() {
 func (m *mux) failAll(err error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for _, r := range slices.Clone(m.reqs) {
+	for _, r := range slices.Clone(m.st.reqs) {
 		if !r.inFlight {
-			m.remove(r)
+			m.st.remove(r)
 			r.done <- muxResult{err: err}
 		}
 	}
+}
+
+// muxRound is what one round of the poller sends: the keys newly wanted,
+// the keys to tell freed, and the waits to try.
+type muxRound struct {
+	batch    []*muxReq
+	announce []Key
+	free     []Key
+}
+
+// muxTry is one try of a round: one per mode for the waits of one key, one
+// per wait of several (all or nothing).
+type muxTry struct {
+	reqs []*muxReq
+	got  string
+	r    *req
 }
 
 // poll sends what is pending in one round trip on the primary: the keys
 // newly wanted, the keys to tell freed, and a try of every awaited key. It
 // reports whether anything was granted.
 func (m *mux) poll() bool {
-	m.mu.Lock()
-	pending := len(m.free) > 0 || m.unannounced()
-	for _, r := range m.reqs {
-		pending = pending || !r.inFlight && !r.cancelled
-	}
-	m.mu.Unlock()
-	if !pending {
+	if !m.pending() {
 		return false
 	}
 	// The session first: waits that give up while it is being had (the
 	// pool may be short) are not in flight, and go at once.
-	ctx := m.l.closeCtx
-	h, err := m.l.sessions.primaryHolder(ctx)
+	l, err := m.pool.primary(m.closeCtx)
 	if err != nil {
 		// Nothing was sent. Waits go on (their ctx bounds them), unless
 		// trying again cannot help.
 		if errors.Is(err, ErrStandby) || errors.Is(err, ErrTransactionPooling) || errors.Is(err, ErrClosed) {
 			m.failAll(err)
 		} else {
-			m.l.cfg.logger.Debug("pglocks: multiplexed waits: no session", "err", err)
+			m.cfg.logger.Debug("pglocks: multiplexed waits: no session", "err", err)
 		}
 		return false
 	}
-	defer m.l.sessions.unuse(h)
+	defer l.end()
+	round := m.collect()
+	if len(round.batch) == 0 && len(round.free) == 0 && len(round.announce) == 0 {
+		return false
+	}
+	rs, tries := planRound(round)
+	m.batch.doMany(m.closeCtx, l.s, rs)
+	granted, partial, failed := readRound(tries)
+	for shared, keys := range partial {
+		m.batch.doMany(context.Background(), l.s, unlockReqs(keys, shared))
+	}
+	var token int64
+	if len(granted) > 0 && m.cfg.fencing {
+		// Read after every grant of this round, in a transaction of its
+		// own: higher than the token of any earlier holder of these keys.
+		if err := m.batch.do(context.Background(), l.s, &req{row: row{q: sqlToken, dest: []any{&token}}}); err != nil {
+			clear(granted) // its session failed, and was closed: nothing is held
+		}
+	}
+	m.finish(round.batch, l.s, granted, failed, token)
+	return len(granted) > 0
+}
+
+// pending reports whether a round has anything to send.
+func (m *mux) pending() bool {
 	m.mu.Lock()
-	var batch []*muxReq
-	var announce []Key
-	for _, r := range m.reqs {
+	defer m.mu.Unlock()
+	if len(m.st.free) > 0 || m.st.unannounced() {
+		return true
+	}
+	for _, r := range m.st.reqs {
+		if !r.inFlight && !r.cancelled {
+			return true
+		}
+	}
+	return false
+}
+
+// collect takes what a round sends: the waits not in flight (now in
+// flight), the keys to say wanted and those to tell freed.
+func (m *mux) collect() muxRound {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var round muxRound
+	for _, r := range m.st.reqs {
 		if r.inFlight || r.cancelled {
 			continue
 		}
 		r.inFlight = true
-		batch = append(batch, r)
+		round.batch = append(round.batch, r)
 		if !r.announced {
 			r.announced = true
-			announce = append(announce, r.keys...)
+			round.announce = append(round.announce, r.keys...)
 		}
 	}
-	for _, w := range m.watches {
+	for _, w := range m.st.watches {
 		if !w.announced {
 			w.announced = true
-			announce = append(announce, w.keys...)
+			round.announce = append(round.announce, w.keys...)
 		}
 	}
-	free := m.free
-	m.free = nil
-	m.mu.Unlock()
-	if len(batch) == 0 && len(free) == 0 && len(announce) == 0 {
-		return false
-	}
+	round.free, m.st.free = m.st.free, nil
+	return round
+}
+
+// planRound builds a round's statements: its notifications, then its tries.
+func planRound(round muxRound) ([]*req, []*muxTry) {
 	var rs []*req
-	for _, p := range append(payloads(wantedMark, announce), payloads(freedMark, free)...) {
+	for _, p := range append(payloads(wantedMark, round.announce), payloads(freedMark, round.free)...) {
 		rs = append(rs, notifyReq(p))
 	}
-	// One try per mode for the waits of one key, one per wait of several
-	// (all or nothing).
-	type try struct {
-		reqs []*muxReq
-		got  string
-		r    *req
-	}
-	var tries []*try
-	singles := map[bool]*try{}
-	for _, r := range batch {
+	var tries []*muxTry
+	singles := map[bool]*muxTry{}
+	for _, r := range round.batch {
 		if len(r.keys) == 1 {
 			t := singles[r.shared]
 			if t == nil {
-				t = &try{}
+				t = &muxTry{}
 				singles[r.shared] = t
 				tries = append(tries, t)
 			}
 			t.reqs = append(t.reqs, r)
 			continue
 		}
-		tries = append(tries, &try{reqs: []*muxReq{r}})
+		tries = append(tries, &muxTry{reqs: []*muxReq{r}})
 	}
 	for _, t := range tries {
 		var keys []Key
@@ -475,31 +563,20 @@ func (m *mux) poll() bool {
 		}
 		shared := t.reqs[0].shared
 		q, args := keysStmt(stmtMuxTry, keys, shared)
-		t.r = &req{row: row{q: q, args: args, dest: []any{&t.got}},
-			onErr: func(sctx context.Context, err error) error {
-				if sqlState(err) != stateOutOfMemory {
-					return err
-				}
-				// The lock table filled up during the statement: the keys it
-				// had tried before stay held (session locks outlive a failed
-				// statement). Let them all go; none is held otherwise.
-				uq, uargs := keysStmt(stmtMuxUnlock, keys, shared)
-				var n int64
-				if uerr := h.c.query(sctx, uq, uargs, &n); uerr != nil {
-					return uerr
-				}
-				return keepConn{classify(err)}
-			}}
+		// The keys the statement tried before the lock table filled up stay
+		// held (session locks outlive a failed statement): let them all go.
+		uq, uargs := keysStmt(stmtMuxUnlock, keys, shared)
+		t.r = &req{row: row{q: q, args: args, dest: []any{&t.got}}, onErr: onFullUnlock(uq, uargs)}
 		rs = append(rs, t.r)
 	}
-	m.l.sessions.doMany(ctx, h, rs)
+	return rs, tries
+}
 
-	// What was granted, per wait; what a wait of several got partly goes
-	// back.
-	granted := map[*muxReq]bool{}
-	partial := map[bool][]Key{}
-	failed := map[*muxReq]error{}
-	gotAny := false
+// readRound reads what a round's tries got: the waits granted, the keys
+// that waits of several got in part (to let go, by mode), and the waits
+// that failed for good.
+func readRound(tries []*muxTry) (granted map[*muxReq]bool, partial map[bool][]Key, failed map[*muxReq]error) {
+	granted, partial, failed = map[*muxReq]bool{}, map[bool][]Key{}, map[*muxReq]error{}
 	for _, t := range tries {
 		if t.r.err != nil {
 			if errors.Is(t.r.err, ErrLockTableFull) {
@@ -522,7 +599,6 @@ func (m *mux) poll() bool {
 			}
 			if all {
 				granted[r] = true
-				gotAny = true
 				continue
 			}
 			for _, k := range r.keys {
@@ -532,60 +608,36 @@ func (m *mux) poll() bool {
 			}
 		}
 	}
-	for shared, keys := range partial {
-		m.l.sessions.doMany(context.Background(), h, unlockReqs(keys, shared))
-	}
-	var token int64
-	if gotAny && m.l.cfg.fencing {
-		// Read after every grant of this round, in a transaction of its
-		// own: higher than the token of any earlier holder of these keys.
-		if err := m.l.sessions.do(context.Background(), h, &req{row: row{q: sqlToken, dest: []any{&token}}}); err != nil {
-			granted = map[*muxReq]bool{} // its session failed, and was closed: nothing is held
-		}
-	}
-	m.finishGranted(batch, h, granted, failed, token)
-	return gotAny
+	return granted, partial, failed
 }
 
-// unannounced reports whether a watch's keys are still to be said wanted.
-// It runs with m.mu held.
-func (m *mux) unannounced() bool {
-	for _, w := range m.watches {
-		if !w.announced {
-			return true
-		}
-	}
-	return false
-}
-
-// finishGranted ends the in-flight state of batch after a round on h: the
-// waits granted get their keys (a use of h each), those that failed their
+// finish ends the in-flight state of batch after a round on s: the waits
+// granted get their keys (a lease on s each), those that failed their
 // error, those that gave up meanwhile what they got handed back.
-func (m *mux) finishGranted(batch []*muxReq, h *holder, granted map[*muxReq]bool, failed map[*muxReq]error, token int64) {
-	m.l.sessions.useN(h, len(granted)) // one for each grant handed on
+func (m *mux) finish(batch []*muxReq, s *session, granted map[*muxReq]bool, failed map[*muxReq]error, token int64) {
+	m.pool.leases(s, len(granted)) // one for each grant handed on
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, r := range batch {
 		r.inFlight = false
-		res, end := muxResult{}, false
+		var res muxResult
 		switch {
 		case granted[r]:
 			tokens := make([]int64, len(r.keys))
 			for i := range tokens {
 				tokens[i] = token
 			}
-			res, end = muxResult{g: grant{h: h, tokens: tokens, keys: r.keys, shared: r.shared}}, true
+			res = muxResult{got: grantSet{l: lease{m.pool, s}, tokens: tokens, keys: r.keys, shared: r.shared}}
 		case failed[r] != nil:
-			res, end = muxResult{err: failed[r]}, true
+			res = muxResult{err: failed[r]}
 		case r.cancelled:
-			res, end = muxResult{err: context.Canceled}, true
-		}
-		if !end {
+			res = muxResult{err: context.Canceled}
+		default:
 			continue
 		}
 		// A goroutine that gave up waits for done, and undoes what it was
 		// given (see wait).
-		m.remove(r)
+		m.st.remove(r)
 		r.done <- res
 	}
 }

@@ -70,6 +70,9 @@ const (
 // [NewDB] return an error; they are never silently replaced by defaults.
 type Option func(*config)
 
+// maxAppName is the longest application_name the server keeps, in bytes.
+const maxAppName = 63
+
 func (c *config) fail(err error) {
 	if c.err == nil {
 		c.err = err

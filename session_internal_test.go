@@ -61,27 +61,27 @@ func TestWaitSessionHandedBackAfterCloseIsGivenBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	// move(): a session is readied for the oldest multiplexed wait ...
-	h, err := l.sessions.waitSession(l.closeCtx, false)
-	if err != nil || h == nil {
-		t.Fatalf("waitSession: %v %v", h, err)
+	w, err := l.pool.waitSession(l.closeCtx, false)
+	if err != nil || w.s == nil {
+		t.Fatalf("waitSession: %v %v", w.s, err)
 	}
 	// ... meanwhile Close begins: the waiter leaves, ops drain, sessions.close runs
 	l.table.close()
 	l.closeNow()
 	l.table.ops.Wait()
-	l.sessions.close()
+	l.pool.close()
 	// ... move finds its request gone and hands the session back.
-	l.sessions.unwait(h)
+	l.pool.unwait(w)
 	// rest of Close
-	l.bg.Wait()
-	if err := l.sessions.clear(); err != nil {
+	l.g.wait()
+	if err := l.pool.clear(); err != nil {
 		t.Fatal(err)
 	}
 	l.table.closeAll()
 	st := pool.Stat()
 	t.Logf("after Close: acquired conns %d", st.AcquiredConns())
 	if st.AcquiredConns() != 0 {
-		h.c.release() // so pool.Close does not hang
+		w.s.c.release() // so pool.Close does not hang
 		pool.Close()
 		t.Fatalf("BUG: Close left %d connection(s) acquired from the pool (pool.Close would block forever)", st.AcquiredConns())
 	}
@@ -106,7 +106,7 @@ func TestGrantRefusedAtCloseIsUnlocked(t *testing.T) {
 	defer a1.Release()
 	defer a2.Release()
 
-	if !l.beginCall() {
+	if !l.table.begin() {
 		t.Fatal("closed")
 	}
 	_, e, _, err := l.table.claim(ID(77), false, true)
@@ -120,18 +120,18 @@ func TestGrantRefusedAtCloseIsUnlocked(t *testing.T) {
 	// modelled by closing the table before acquireServer (the wait on a
 	// free key is granted at once).
 	l.table.close()
-	_, err = l.acquireServer(ctx, []*entry{e}, lockConfig{own: true}, true)
-	t.Logf("acquireServer: %v", err)
+	_, err = l.acq.take(ctx, []*entry{e}, lockConfig{own: true}, true)
+	t.Logf("take: %v", err)
 	if !errors.Is(err, ErrClosed) {
 		t.Fatalf("want ErrClosed, got %v", err)
 	}
-	l.endCall()
+	l.table.end()
 	// the rest of Close
 	l.closeNow()
 	l.table.ops.Wait()
-	l.sessions.close()
-	l.bg.Wait()
-	_ = l.sessions.clear()
+	l.pool.close()
+	l.g.wait()
+	_ = l.pool.clear()
 	l.table.closeAll()
 
 	pids := heldBy(t, srv, 77)
@@ -186,7 +186,7 @@ func TestListenFailureDropsThePrimary(t *testing.T) {
 		t.Fatal(err)
 	}
 	var fail atomic.Bool
-	l.sessions.src = reviewSrc{l.src, &fail}
+	l.pool.open.src = reviewSrc{l.pool.open.src, &fail}
 
 	// Hold key 1 on a session of its own (waited): held elsewhere first.
 	other, _ := pool.Acquire(ctx)
@@ -203,20 +203,20 @@ func TestListenFailureDropsThePrimary(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The primary's session ends; its watcher reports it.
-	l.sessions.mu.Lock()
-	p := l.sessions.primary
-	l.sessions.mu.Unlock()
-	if p == nil || p == lk1.e.h {
-		t.Fatalf("setup: primary %p, lock on %p", p, lk1.e.h)
+	l.pool.mu.Lock()
+	p := l.pool.st.primary
+	l.pool.mu.Unlock()
+	if p == nil || p == lk1.e.s {
+		t.Fatalf("setup: primary %p, lock on %p", p, lk1.e.s)
 	}
 	if _, err := srv.Admin.Exec(ctx, "SELECT pg_terminate_backend($1)", p.pid); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		l.sessions.mu.Lock()
-		gone := l.sessions.primary == nil
-		l.sessions.mu.Unlock()
+		l.pool.mu.Lock()
+		gone := l.pool.st.primary == nil
+		l.pool.mu.Unlock()
 		if gone {
 			break
 		}
@@ -232,10 +232,10 @@ func TestListenFailureDropsThePrimary(t *testing.T) {
 	t.Logf("TryLock with LISTEN failing: %v", err)
 	// From now on LISTEN works, key 2 is free: TryLock should succeed.
 	time.Sleep(3 * time.Second) // three heartbeats
-	l.sessions.mu.Lock()
-	p = l.sessions.primary
-	n := l.sessions.n
-	l.sessions.mu.Unlock()
+	l.pool.mu.Lock()
+	p = l.pool.st.primary
+	n := l.pool.st.n
+	l.pool.mu.Unlock()
 	lk2, err := l.TryLock(ctx, ID(2))
 	t.Logf("3s later: primary dead=%v, n=%d, TryLock(2) err=%v", p != nil && p.dead.Load(), n, err)
 	if lk2 != nil {
@@ -261,24 +261,24 @@ func TestNoWatcherOnGivenBackConn(t *testing.T) {
 		t.Fatal(err)
 	}
 	a1, _ := pool.Acquire(ctx) // the application uses one of the pool's two
-	h, err := l.sessions.waitSession(ctx, false)
-	if err != nil || h == nil {
-		t.Fatalf("waitSession: %v %v", h, err)
+	w, err := l.pool.waitSession(ctx, false)
+	if err != nil || w.s == nil {
+		t.Fatalf("waitSession: %v %v", w.s, err)
 	}
-	s := l.sessions
+	h := w.s
 	// The idle timer fires: watchIdle passes its checks, and is descheduled
-	// (modelled by holding qmu, which it takes next).
-	h.qmu.Lock()
-	go s.watchIdle(h)
+	// (modelled by holding pipe.mu, which it takes next).
+	h.pipe.mu.Lock()
+	go l.pool.watch.watchIdle(h)
 	time.Sleep(50 * time.Millisecond)
 	// Meanwhile the session is done with and given back (pool exhausted).
-	s.unwait(h)
+	l.pool.unwait(w)
 	if !h.dead.Load() {
 		t.Fatal("setup: h was kept, not given back")
 	}
-	h.qmu.Unlock()
+	h.pipe.mu.Unlock()
 	time.Sleep(50 * time.Millisecond)
-	watched := h.watcher.Load() != nil
+	watched := h.watch.w.Load() != nil
 	t.Logf("given back to the pool; watcher running on it: %v", watched)
 	// The application takes the pool's connections and uses them.
 	a1.Release()
@@ -306,14 +306,14 @@ func TestListeningFlagRace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := l.sessions.waitSession(ctx, false)
-	if err != nil || h == nil {
+	w, err := l.pool.waitSession(ctx, false)
+	if err != nil || w.s == nil {
 		t.Fatal(err)
 	}
 	done := make(chan struct{})
-	go func() { l.sessions.idleWatch(h); close(done) }() // a Release's lead on h
-	l.sessions.listen(h)                                 // primaryHolder promoting h
+	go func() { l.pool.watch.idle(w.s); close(done) }() // a Release's send on h
+	_ = l.pool.listen(w.s)                              // primary promoting h
 	<-done
-	l.sessions.unwait(h)
+	l.pool.unwait(w)
 	_ = l.Close()
 }

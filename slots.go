@@ -18,6 +18,9 @@ import (
 // when they free one), and tries again when told, when a goroutine of this
 // Locker frees one, or after a backoff of muxMinPoll to muxMaxPoll.
 
+// slotTaker takes slots for a Locker's acquisitions with Slots.
+type slotTaker struct{ *acquirer }
+
 // errSlotsSettling says that no slot could be tried because goroutines of
 // this Locker are taking or releasing some of them.
 var errSlotsSettling = fmt.Errorf("%w: slots being taken or released in this process", ErrLocked)
@@ -27,21 +30,9 @@ var errSlotsSettling = fmt.Errorf("%w: slots being taken or released in this pro
 const maxSettle = 8
 
 // lockSlot is Lock and TryLock with Slots.
-func (l *Locker) lockSlot(ctx context.Context, base Key, o lockConfig, wait bool) (*Lock, error) {
+func (st slotTaker) lockSlot(ctx context.Context, base Key, o lockConfig, wait bool) (*hold, error) {
 	if o.slots == 1 {
-		// One slot is one key: it waits in the server's queue, first come
-		// first served, like any key.
-		slot := base.Slot(0)
-		locks, err := l.acquire(ctx, []Key{slot}, o, wait)
-		if err != nil {
-			// Name the key asked for, not its slot's.
-			if inner := errors.Unwrap(err); inner != nil && err.Error() == lockError(slot, inner).Error() {
-				err = lockError(base, inner)
-			}
-			return nil, err
-		}
-		l.table.granted(locks, base, 0, time.Time{})
-		return locks[0], nil
+		return st.lockOnlySlot(ctx, base, o, wait)
 	}
 	keys := make([]Key, o.slots)
 	for i := range keys {
@@ -50,9 +41,9 @@ func (l *Locker) lockSlot(ctx context.Context, base Key, o lockConfig, wait bool
 	var w *muxWatch
 	delay := muxMinPoll
 	for settled := 0; ; {
-		lk, err := l.trySlots(ctx, base, keys, o)
+		h, err := st.trySlots(ctx, base, keys, o)
 		if err == nil || !errors.Is(err, ErrLocked) {
-			return lk, err
+			return h, err
 		}
 		if !wait {
 			// A try of another goroutine of this Locker claims every slot
@@ -68,44 +59,105 @@ func (l *Locker) lockSlot(ctx context.Context, base Key, o lockConfig, wait bool
 			// Say they are wanted, then try again at once: a slot freed
 			// before the want was heard is told by its Locker when it hears
 			// it (it was released lately).
-			w = l.mux.watch(keys, !wait)
-			defer l.mux.unwatch(w)
+			w = st.mux.watch(keys, !wait)
+			defer st.mux.unwatch(w)
 			continue
 		}
-		t := time.NewTimer(delay)
-		select {
-		case <-w.wake:
-			delay = muxMinPoll
-		case <-t.C:
-			delay = min(2*delay, muxMaxPoll)
-		case <-ctx.Done():
-			t.Stop()
-			return nil, lockError(base, ctxError(ctx))
-		case <-l.closing:
-			t.Stop()
-			return nil, lockError(base, ErrClosed)
+		if delay, err = st.awaitSlot(ctx, w, delay); err != nil {
+			return nil, lockError(base, err)
 		}
-		t.Stop()
+	}
+}
+
+// lockOnlySlot is lockSlot for Slots(1): one slot is one key, which waits in
+// the server's queue, first come first served, like any key.
+func (st slotTaker) lockOnlySlot(ctx context.Context, base Key, o lockConfig, wait bool) (*hold, error) {
+	slot := base.Slot(0)
+	holds, err := st.acquire(ctx, []Key{slot}, o, wait)
+	if err != nil {
+		// Name the key asked for, not its slot's.
+		if inner := errors.Unwrap(err); inner != nil && err.Error() == lockError(slot, inner).Error() {
+			err = lockError(base, inner)
+		}
+		return nil, err
+	}
+	st.table.setTerms(holds, base, 0, time.Time{})
+	return holds[0], nil
+}
+
+// awaitSlot waits until w is woken or delay has passed (then the next delay
+// is twice as long, up to muxMaxPoll), as long as ctx allows.
+func (st slotTaker) awaitSlot(ctx context.Context, w *muxWatch, delay time.Duration) (time.Duration, error) {
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	select {
+	case <-w.wake:
+		return muxMinPoll, nil
+	case <-t.C:
+		return min(2*delay, muxMaxPoll), nil
+	case <-ctx.Done():
+		return 0, ctxError(ctx)
+	case <-st.closeCtx.Done():
+		return 0, ErrClosed
 	}
 }
 
 // trySlots takes the first of keys, base's slots, that it can have at once,
 // in one round trip, or returns an error matching ErrLocked.
-func (l *Locker) trySlots(ctx context.Context, base Key, keys []Key, o lockConfig) (*Lock, error) {
-	if !l.beginCall() {
+func (st slotTaker) trySlots(ctx context.Context, base Key, keys []Key, o lockConfig) (*hold, error) {
+	if !st.table.begin() {
 		return nil, lockError(base, ErrClosed)
 	}
-	defer l.endCall()
-	var es []*entry
-	var slot []int // es[i] is slot slot[i]
+	defer st.table.end()
+	es, slot, err := st.claimSlots(keys)
+	if err != nil {
+		return nil, lockError(base, err)
+	}
+	if err := st.table.reserve(es[:1]); err != nil {
+		st.table.abandon(es...)
+		return nil, lockError(base, err)
+	}
+	for attempt := 1; ; attempt++ {
+		claimed := entryKeys(es)
+		g, err := retryBroken(ctx, func() (slotGot, error) { return st.trySlotsOnce(ctx, claimed) })
+		switch {
+		case err != nil:
+			st.table.abandon(es...)
+			return nil, lockError(base, err)
+		case g.i < 0:
+			st.table.abandon(es...) // held on the server: nobody here could have them
+			return nil, lockError(base, ErrLocked)
+		}
+		es, slot = []*entry{st.keepWinner(es, g.i)}, slot[g.i:g.i+1]
+		holds, again, err := st.keep(ctx, es, claimed[g.i:g.i+1], g.t, false, attempt)
+		switch {
+		case again:
+			continue // taken again, as the only one claimed
+		case err != nil:
+			return nil, lockError(base, err)
+		}
+		var until time.Time
+		if o.minHold > 0 {
+			until = time.Now().Add(o.minHold)
+		}
+		st.table.setTerms(holds, base, slot[0], until)
+		return holds[0], nil
+	}
+}
+
+// claimSlots claims, in this process, the slots of keys that no goroutine
+// of the Locker holds or is taking (leaving those it let go lately to the
+// waiters elsewhere that wanted them); es[i] is slot slot[i]. If it can
+// claim none, the error matches ErrLocked.
+func (st slotTaker) claimSlots(keys []Key) (es []*entry, slot []int, err error) {
 	for i, k := range keys {
-		if l.table.yielding(k) {
+		if st.table.yielding(k) {
 			continue // just let go, and wanted elsewhere: leave it to them
 		}
-		_, e, _, err := l.table.claim(k, false, false)
+		_, e, _, err := st.table.claim(k, false, false)
 		if errors.Is(err, ErrClosed) {
-			l.table.abandon(es...)
-			return nil, lockError(base, ErrClosed)
+			st.table.abandon(es...)
+			return nil, nil, ErrClosed
 		}
 		if e != nil {
 			es, slot = append(es, e), append(slot, i)
@@ -113,96 +165,74 @@ func (l *Locker) trySlots(ctx context.Context, base Key, keys []Key, o lockConfi
 	}
 	if len(es) == 0 {
 		// Every slot is held or being taken here.
-		if l.table.settling(keys) {
-			return nil, errSlotsSettling
+		if st.table.settling(keys) {
+			return nil, nil, errSlotsSettling
 		}
-		return nil, lockError(base, ErrLocked)
+		return nil, nil, ErrLocked
 	}
-	if err := l.table.reserve(es[:1]); err != nil {
-		l.table.abandon(es...)
-		return nil, lockError(base, err)
+	return es, slot, nil
+}
+
+// slotGot is what one try of slots got: the index of the slot taken (or
+// -1), and the server's grant.
+type slotGot struct {
+	i int
+	t grantSet
+}
+
+// trySlotsOnce tries claimed in one statement on the primary; an error is
+// brokenSession if the primary's session had ended.
+func (st slotTaker) trySlotsOnce(ctx context.Context, claimed []Key) (slotGot, error) {
+	pl, err := st.pool.primary(ctx)
+	if err != nil {
+		return slotGot{}, err
 	}
-	claimed := make([]Key, len(es))
+	got, token := -1, int64(0)
+	q, args := slotTryStmt(claimed, st.cfg.fencing)
+	// A fenced try may have taken its slot before the token's transaction id
+	// found no room in the lock table: let go of any the statement took.
+	uq, uargs := keysStmt(stmtMuxUnlock, claimed, false)
+	err = st.batch.do(ctx, pl.s, &req{row: row{q: q, args: args, dest: []any{&got, &token}}, onErr: onFullUnlock(uq, uargs)})
+	if err != nil {
+		dead := pl.s.dead.Load()
+		pl.end()
+		if dead {
+			err = brokenSession{err}
+		}
+		return slotGot{}, err
+	}
+	if got < 0 || got >= len(claimed) {
+		pl.end()
+		return slotGot{i: -1}, nil
+	}
+	return slotGot{i: got, t: grantSet{l: pl, tokens: []int64{token}}}, nil
+}
+
+// keepWinner keeps es[got], the slot a try took, and abandons the others,
+// waking the goroutines of this Locker that may wait for them.
+func (st slotTaker) keepWinner(es []*entry, got int) *entry {
+	winner := es[got]
+	st.table.moveCount(es[0], winner)
+	others := make([]*entry, 0, len(es)-1)
 	for i, e := range es {
-		claimed[i] = e.key
+		if i != got {
+			others = append(others, e)
+		}
 	}
-	for attempt := 1; ; attempt++ {
-		h, err := l.sessions.primaryHolder(ctx)
-		if err != nil {
-			l.table.abandon(es...)
-			return nil, lockError(base, err)
-		}
-		got, token := -1, int64(0)
-		q, args := slotTryStmt(claimed, l.cfg.fencing)
-		err = l.sessions.do(ctx, h, &req{row: row{q: q, args: args, dest: []any{&got, &token}},
-			onErr: func(sctx context.Context, err error) error {
-				if sqlState(err) != stateOutOfMemory {
-					return err
-				}
-				// The lock table is full. A fenced try may have taken its
-				// slot before the token's transaction id found no room:
-				// let go of any the statement took (none is held otherwise).
-				uq, uargs := keysStmt(stmtMuxUnlock, claimed, false)
-				var freed string
-				if uerr := h.c.query(sctx, uq, uargs, &freed); uerr != nil {
-					return uerr
-				}
-				return keepConn{classify(err)}
-			}})
-		if err != nil {
-			dead := h.dead.Load()
-			l.sessions.unuse(h)
-			if dead && attempt < 2 && ctx.Err() == nil {
-				continue // the primary's session had ended: once more, on a fresh one
-			}
-			l.table.abandon(es...)
-			return nil, lockError(base, err)
-		}
-		if got < 0 || got >= len(es) {
-			l.sessions.unuse(h)
-			l.table.abandon(es...) // held on the server: nobody here could have them
-			return nil, lockError(base, ErrLocked)
-		}
-		winner := es[got]
-		l.table.moveCount(es[0], winner)
-		others := make([]*entry, 0, len(es)-1)
-		for i, e := range es {
-			if i != got {
-				others = append(others, e)
-			}
-		}
-		l.table.abandon(others...)
-		if l.mux.nwatch.Load() > 0 && len(others) > 0 {
-			// Other goroutines of this Locker may wait for these.
-			keys := make([]Key, len(others))
-			for i, e := range others {
-				keys[i] = e.key
-			}
-			l.mux.freed(keys)
-		}
-		es = []*entry{winner}
-		locks, err := l.table.grant(es, h, []int64{token})
-		if err != nil {
-			gone := errors.Is(err, errSessionGone)
-			l.dropGrant(grant{h: h}, claimed[got:got+1], false, gone)
-			if gone && attempt < 3 && ctx.Err() == nil && !l.isClosed() {
-				// Taken again below, as the only one claimed.
-				claimed, slot = claimed[got:got+1], slot[got:got+1]
-				continue
-			}
-			if gone {
-				l.table.abandon(es...)
-			}
-			return nil, lockError(base, err)
-		}
-		l.sessions.unuse(h)
-		var until time.Time
-		if o.minHold > 0 {
-			until = time.Now().Add(o.minHold)
-		}
-		l.table.granted(locks, base, slot[got], until)
-		return locks[0], nil
+	st.table.abandon(others...)
+	if len(others) > 0 {
+		st.mux.freed(entryKeys(others)) // other goroutines of this Locker may wait for these
 	}
+	return winner
+}
+
+// entryKeys returns the keys of es.
+func entryKeys(es []*entry) []Key {
+	keys := make([]Key, len(es))
+	for i, e := range es {
+		keys[i] = e.key
+	}
+	return keys
 }
 
 // slotStatements caches slotTryStmt's texts by their number of keys and

@@ -3,6 +3,7 @@ package pglocks
 import (
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Every statement pglocks sends is built here, from the shapes below, so a
@@ -97,6 +98,26 @@ const (
 	setAppName
 	numSessionSettings
 )
+
+// sessionValues are the values that sqlInitSession sets, in the order of
+// sessionSettings (nil: leave the setting as it is).
+func sessionValues(c *config) []any {
+	v := make([]any, numSessionSettings)
+	v[setKeepalivesIdle] = seconds(c.kaIdle)
+	v[setKeepalivesInterval] = seconds(c.kaInterval)
+	v[setKeepalivesCount] = strconv.Itoa(c.kaCount)
+	v[setTCPUserTimeout] = strconv.FormatInt(c.serverBound().Milliseconds(), 10)
+	for _, i := range []int{setStatementTimeout, setLockTimeout, setTransactionTimeout, setIdleSession, setIdleInTransaction} {
+		v[i] = "0"
+	}
+	v[setConnectionCheck] = connectionCheck
+	if c.appName != "" {
+		v[setAppName] = c.appName
+	}
+	return v
+}
+
+func seconds(d time.Duration) string { return strconv.FormatInt(int64(d/time.Second), 10) }
 
 // connectionCheck is client_connection_check_interval on the Locker's
 // sessions: a waiter whose process died leaves the server's queue within

@@ -1,11 +1,15 @@
 package pglocks
 
+// table.go: the in-process lock table, which arbitrates the goroutines of
+// one Locker and knows what it holds on which session; no I/O.
+
 import (
 	"context"
 	"errors"
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -18,32 +22,73 @@ import (
 // It also counts the keys held on the server for WithMaxLocks.
 //
 // It does no I/O. Its methods decide (grant, queue, hand over) and say what
-// the caller must do on the server; the callers do it.
+// the caller must do on the server; the callers do it. It knows handles
+// only as holds: what it is given at construction (tableEvents) makes them,
+// and hears of a minimum hold's end. mu guards everything but ops.
 type table struct {
-	owner  *Locker // what handles are made for: opaque here
 	mu     sync.Mutex
 	keys   map[Key]*entry
-	on     map[*holder]map[*entry]struct{} // the entries held on each session
-	held   int                             // keys held, or being taken or released, on the server
-	max    int                             // WithMaxLocks
+	on     map[*session]map[*entry]struct{} // the entries held on each session
+	max    int                              // WithMaxLocks
 	closed bool
+	n      tally
+	// yields are the keys let go lately that waiters elsewhere wanted
+	// (see yields).
+	yields yields
+	// recent remembers keys released lately, for a notification that asks
+	// for one just after it was let go (see want).
+	recent recentKeys
+	ev     tableEvents
 	// ops counts what Close waits for: acquisitions, releases, a leader's
 	// naming (see begin).
 	ops sync.WaitGroup
-	// nHeld counts the keys held on the server by mode ([1]: shared), and
-	// queued the goroutines in entries' queues, for Stat.
-	nHeld  [2]int
-	queued int
-	// yields are the keys let go lately that waiters elsewhere wanted
-	// (see yielding).
-	yields map[Key]time.Time
-	// recent remembers keys released lately, for a notification that asks
-	// for one just after it was let go (see Locker.heard).
-	recent recentKeys
 }
 
-func newTable(owner *Locker, max int) *table {
-	return &table{owner: owner, keys: make(map[Key]*entry), on: make(map[*holder]map[*entry]struct{}), max: max}
+// tally is what the table counts.
+type tally struct {
+	held   int    // keys held, or being taken or released, on the server: WithMaxLocks
+	byMode [2]int // keys held on the server by mode ([1]: shared), for Stat
+	queued int    // goroutines in entries' queues, for Stat
+}
+
+// tableEvents is what the table is given to make handles and to tell of
+// what happens without a caller: a minimum hold's end, a loss.
+type tableEvents struct {
+	// newHold makes a handle's hold, which the table fills in.
+	newHold func() *hold
+	// lingerEnd is called, on a timer's goroutine, when a minimum hold
+	// that outlived its handles may end (see release).
+	lingerEnd func(e *entry)
+	// losses counts the locks lost.
+	losses *atomic.Int64
+}
+
+func newTable(max int, ev tableEvents) *table {
+	return &table{keys: make(map[Key]*entry), on: make(map[*session]map[*entry]struct{}), max: max, ev: ev}
+}
+
+// hold is one handle's share of the server's hold of a key (a Lock embeds
+// one): several goroutines that share a key in shared mode have a hold each.
+type hold struct {
+	e      *entry
+	ctx    context.Context // done once the lock is released or lost
+	cancel context.CancelCauseFunc
+	done   bool // guarded by table.mu: released, lost or closed
+	token  int64
+	// For a lock taken with Slots: the key asked for, and the slot held
+	// (e is the slot's entry); slot is -1 otherwise.
+	base Key
+	slot int
+	// handle is what newHold made the hold for (a *Lock): opaque here.
+	handle any
+}
+
+// key is the hold's key: for a slot, the key asked for.
+func (h *hold) key() Key {
+	if h.slot >= 0 {
+		return h.base
+	}
+	return h.e.key
 }
 
 // entryState is where a key stands in this process.
@@ -52,7 +97,7 @@ type entryState uint8
 const (
 	stateIdle      entryState = iota // not held by this Locker
 	stateAcquiring                   // one goroutine is taking it on the server
-	stateHeld                        // held on the server, by e.h
+	stateHeld                        // held on the server, by e.s
 	stateReleasing                   // one goroutine is releasing it on the server
 )
 
@@ -62,32 +107,36 @@ type entry struct {
 	key     Key
 	state   entryState
 	shared  bool // the mode held or being acquired
-	counted bool // counted in table.held
+	counted bool // counted in tally.held
 	// wanted is set when a waiter of another process asked for the key
 	// while this Locker holds it: its release then notifies.
 	wanted bool
 	// slot is set for a slot's entry held by a Lock with Slots: its release
-	// may leave it to a waiter elsewhere (see yielding).
-	slot bool
-	// lingering: see holdUntil.
+	// may leave it to a waiter elsewhere (see yields).
+	slot   bool
+	token  int64    // the fencing token of the server's hold, or 0
+	s      *session // the session holding it, in stateHeld and stateReleasing
+	holds  []*hold  // the handles sharing the server's hold: one, or several shared
+	queue  []*waiter
+	linger lingerState
+}
+
+// lingerState is how long the server's hold of an entry must last (MinHold):
+// until is when it may go at the earliest; lingering is set once its last
+// handle is released before then, and timer ends it (stopped when the entry
+// goes idle).
+type lingerState struct {
+	until     time.Time
 	lingering bool
-	token     int64   // the fencing token of the server's hold, or 0
-	h         *holder // the session holding it, in stateHeld and stateReleasing
-	locks     []*Lock // the handles sharing the server's hold: one, or several shared
-	queue     []*waiter
-	// holdUntil is when the server's hold may go at the earliest (MinHold);
-	// lingering is set once its last handle is released before then, and
-	// linger is the timer that ends it (stopped when the entry goes idle).
-	holdUntil time.Time
-	linger    *time.Timer
+	timer     *time.Timer
 }
 
 // waiter is a goroutine waiting in this process for a key.
 type waiter struct {
 	shared bool
 	// ready receives nil when the waiter is to take the key on the server
-	// itself, or the handle it was given by joining a shared hold.
-	ready chan *Lock
+	// itself, or the hold it was given by joining a shared hold.
+	ready chan *hold
 }
 
 // errSessionGone says that the session a grant came on was closed before
@@ -95,11 +144,11 @@ type waiter struct {
 var errSessionGone = fmt.Errorf("%w: its session was closed as it was granted", ErrLockLost)
 
 // claim arbitrates key between the goroutines of this Locker. It returns a
-// handle if the caller joined a shared hold, or the key's entry in
-// stateAcquiring for the caller to take on the server (then grant or
+// hold if the caller joined a shared hold, or the key's entry in
+// stateAcquiring for the caller to take on the server (then record or
 // abandon it), or, if wait is set and the key is busy in this process, a
 // waiter queued for it (see leave). Without wait a busy key is ErrLocked.
-func (t *table) claim(key Key, shared, wait bool) (*Lock, *entry, *waiter, error) {
+func (t *table) claim(key Key, shared, wait bool) (*hold, *entry, *waiter, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
@@ -116,29 +165,29 @@ func (t *table) claim(key Key, shared, wait bool) (*Lock, *entry, *waiter, error
 			e.state, e.shared = stateAcquiring, shared
 			return nil, e, nil, nil
 		case e.state == stateHeld && e.shared && shared:
-			return t.newLock(e), nil, nil, nil
+			return t.join(e), nil, nil, nil
 		}
 	}
 	if !wait {
 		t.gc(e)
 		return nil, nil, nil, ErrLocked
 	}
-	w := &waiter{shared: shared, ready: make(chan *Lock, 1)}
+	w := &waiter{shared: shared, ready: make(chan *hold, 1)}
 	e.queue = append(e.queue, w)
-	t.queued++
+	t.n.queued++
 	return nil, e, w, nil
 }
 
 // leave takes w out of e's queue when its goroutine gives up waiting. If w
 // was given its turn meanwhile, turn reports it: then w.ready holds what it
-// was given, which the caller must hand back (release the handle, or
-// abandon e).
+// was given, which the caller must hand back (release the hold, or abandon
+// e).
 func (t *table) leave(e *entry, w *waiter) (turn bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if i := slices.Index(e.queue, w); i >= 0 {
 		e.queue = slices.Delete(e.queue, i, i+1)
-		t.queued--
+		t.n.queued--
 		t.dispatch(e) // those behind w may be free to go now
 		t.gc(e)
 		return false
@@ -151,10 +200,10 @@ func (t *table) leave(e *entry, w *waiter) (turn bool) {
 func (t *table) reserve(es []*entry) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.held+len(es) > t.max {
+	if t.n.held+len(es) > t.max {
 		return fmt.Errorf("%w (%d)", ErrTooManyLocks, t.max)
 	}
-	t.held += len(es)
+	t.n.held += len(es)
 	for _, e := range es {
 		e.counted = true
 	}
@@ -183,16 +232,16 @@ func (t *table) abandon(es ...*entry) {
 	}
 }
 
-// grant records that es (in stateAcquiring, reserved) are held on h, with
-// their fencing tokens, and returns their handles. If h was closed since
-// (h.dead), the server freed them: grant records nothing and returns
+// record records that es (in stateAcquiring, reserved) are held on s, with
+// their fencing tokens, and returns their holds. If s was closed since
+// (s.dead), the server freed them: record records nothing and returns
 // errSessionGone, leaving es in stateAcquiring for the caller to take again
 // or abandon. After close it returns ErrClosed and abandons es: Close
 // clears every session of its locks.
-func (t *table) grant(es []*entry, h *holder, tokens []int64) ([]*Lock, error) {
+func (t *table) record(es []*entry, s *session, tokens []int64) ([]*hold, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if h.dead.Load() {
+	if s.dead.Load() {
 		return nil, errSessionGone
 	}
 	if t.closed {
@@ -203,139 +252,134 @@ func (t *table) grant(es []*entry, h *holder, tokens []int64) ([]*Lock, error) {
 		}
 		return nil, ErrClosed
 	}
-	on := t.on[h]
+	on := t.on[s]
 	if on == nil {
 		on = make(map[*entry]struct{})
-		t.on[h] = on
+		t.on[s] = on
 	}
-	locks := make([]*Lock, len(es))
+	holds := make([]*hold, len(es))
 	for i, e := range es {
-		e.state, e.h, e.token = stateHeld, h, tokens[i]
-		t.nHeld[b2i(e.shared)]++
+		e.state, e.s, e.token = stateHeld, s, tokens[i]
+		t.n.byMode[b2i(e.shared)]++
 		on[e] = struct{}{}
-		h.held.Add(1)
-		locks[i] = t.newLock(e)
+		s.held.Add(1)
+		holds[i] = t.join(e)
 		t.dispatch(e)
 	}
-	return locks, nil
+	return holds, nil
 }
 
-// newLock makes a handle sharing e's hold. It runs with t.mu held.
-func (t *table) newLock(e *entry) *Lock {
-	ctx, cancel := context.WithCancelCause(context.Background())
-	lk := &Lock{l: t.owner, e: e, ctx: ctx, cancel: cancel, token: e.token, slot: -1}
-	e.locks = append(e.locks, lk)
-	return lk
+// join makes a hold sharing e's. It runs with t.mu held.
+func (t *table) join(e *entry) *hold {
+	h := t.ev.newHold()
+	h.ctx, h.cancel = context.WithCancelCause(context.Background())
+	h.e, h.token, h.slot = e, e.token, -1
+	e.holds = append(e.holds, h)
+	return h
 }
 
-// unlock is a release that must unlock on the server: the key's statement
-// runs on h, and notifies (see entry.wanted) if notify is set.
-type unlock struct {
-	lk     *Lock
+// pendingUnlock is a release that must unlock on the server: the key's statement
+// runs on s, and notifies (see entry.wanted) if notify is set.
+type pendingUnlock struct {
+	h      *hold
 	e      *entry
-	h      *holder
+	s      *session
 	shared bool
 	notify bool
 }
 
-// granted finishes the handles an acquisition made: for a Lock with Slots
-// it records the key asked for and the slot (slot >= 0), and for MinHold
-// it makes the server's hold last at least until until (the entry lingers
-// past its last handle's release). A handle lost since its grant is left
-// alone: its entry may be another's by now.
-func (t *table) granted(locks []*Lock, base Key, slot int, until time.Time) {
+// setTerms finishes the holds an acquisition made: for a Lock with Slots it
+// records the key asked for and the slot (slot >= 0), and for MinHold it
+// makes the server's hold last at least until until (the entry lingers past
+// its last handle's release). A hold lost since its grant is left alone:
+// its entry may be another's by now.
+func (t *table) setTerms(holds []*hold, base Key, slot int, until time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for _, lk := range locks {
+	for _, h := range holds {
 		if slot >= 0 {
-			lk.base, lk.slot = base, slot
+			h.base, h.slot = base, slot
 		}
-		if lk.done {
+		if h.done {
 			continue
 		}
 		if slot >= 0 {
-			lk.e.slot = true
+			h.e.slot = true
 		}
-		if until.After(lk.e.holdUntil) {
-			lk.e.holdUntil = until
+		if until.After(h.e.linger.until) {
+			h.e.linger.until = until
 		}
 	}
 }
 
-// release marks lk released. If the server's hold must go (lk was its last
+// release marks h released. If the server's hold must go (h was its last
 // handle), it puts the entry in stateReleasing and returns the unlock to
 // run, counted in t.ops, after which the caller calls released. Otherwise it
 // returns nil and Release's result: nil when other handles share the hold,
-// or why lk was no longer held. If the hold must last until a later time
+// or why h was no longer held. If the hold must last until a later time
 // (MinHold), the entry lingers, held and without handles, until a timer
-// calls the owner's endLinger (lingering keys count against WithMaxLocks).
-func (t *table) release(lk *Lock) (u *unlock, err error) {
+// calls lingerEnd (lingering keys count against WithMaxLocks).
+func (t *table) release(h *hold) (u *pendingUnlock, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	e := lk.e
-	if lk.done {
-		err := lk.Err()
+	e := h.e
+	if h.done {
+		err := context.Cause(h.ctx)
 		switch {
 		case errors.Is(err, ErrClosed):
-			return nil, lockError(lk.Key(), ErrClosed)
+			return nil, lockError(h.key(), ErrClosed)
 		case errors.Is(err, ErrLockLost):
 			return nil, err
 		}
-		return nil, lockError(lk.Key(), ErrReleased)
+		return nil, lockError(h.key(), ErrReleased)
 	}
-	lk.done = true
-	e.locks = slices.DeleteFunc(e.locks, func(x *Lock) bool { return x == lk })
+	h.done = true
+	e.holds = slices.DeleteFunc(e.holds, func(x *hold) bool { return x == h })
 	if t.closed {
-		lk.cancel(ErrClosed) // Close releases the server's hold
-		return nil, lockError(lk.Key(), ErrClosed)
+		h.cancel(ErrClosed) // Close releases the server's hold
+		return nil, lockError(h.key(), ErrClosed)
 	}
-	if len(e.locks) > 0 {
-		lk.cancel(ErrReleased) // others share the server's hold
+	if len(e.holds) > 0 {
+		h.cancel(ErrReleased) // others share the server's hold
 		return nil, nil
 	}
-	if until := e.holdUntil; time.Now().Before(until) {
-		lk.cancel(ErrReleased)
-		e.lingering = true
-		if e.linger == nil {
-			e.linger = time.AfterFunc(time.Until(until), func() { t.owner.endLinger(e) })
+	if until := e.linger.until; time.Now().Before(until) {
+		h.cancel(ErrReleased)
+		e.linger.lingering = true
+		if e.linger.timer == nil {
+			e.linger.timer = time.AfterFunc(time.Until(until), func() { t.ev.lingerEnd(e) })
 		} else {
-			e.linger.Reset(time.Until(until))
+			e.linger.timer.Reset(time.Until(until))
 		}
 		return nil, nil
 	}
 	e.state = stateReleasing
 	t.ops.Add(1)
-	return &unlock{lk: lk, e: e, h: e.h, shared: e.shared, notify: e.wanted}, nil
+	return &pendingUnlock{h: h, e: e, s: e.s, shared: e.shared, notify: e.wanted}, nil
 }
 
 // endLinger ends a minimum hold that release began: it returns the unlock
 // to run, or nil if the entry is held by handles again, or was lost or
-// released meanwhile, or its hold was made longer since (a later endLinger
+// released meanwhile, or its hold was made longer since (a later lingerEnd
 // ends it).
-func (t *table) endLinger(e *entry) *unlock {
+func (t *table) endLinger(e *entry) *pendingUnlock {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if e.state != stateHeld || !e.lingering || len(e.locks) > 0 {
+	if e.state != stateHeld || !e.linger.lingering || len(e.holds) > 0 {
 		return nil
 	}
-	if d := time.Until(e.holdUntil); d > 0 {
-		e.linger.Reset(d) // made longer since
+	if d := time.Until(e.linger.until); d > 0 {
+		e.linger.timer.Reset(d) // made longer since
 		return nil
 	}
-	e.linger = nil
+	e.linger.timer = nil
 	e.state = stateReleasing
 	t.ops.Add(1)
 	// No handle is left: the unlock's is a stand-in, released already.
 	ctx, cancel := context.WithCancelCause(context.Background())
 	cancel(ErrReleased)
-	return &unlock{lk: &Lock{e: e, ctx: ctx, cancel: cancel, slot: -1}, e: e, h: e.h, shared: e.shared, notify: e.wanted}
+	return &pendingUnlock{h: &hold{e: e, ctx: ctx, cancel: cancel, slot: -1}, e: e, s: e.s, shared: e.shared, notify: e.wanted}
 }
-
-// yieldFor is how long a Locker leaves a slot it let go, that a waiter
-// elsewhere wanted, to that waiter: its next try comes a notification's
-// round trip later than the releaser's own, which would otherwise win again
-// and again (see trySlots).
-const yieldFor = 3 * time.Millisecond
 
 // settling reports whether one of keys is being taken or released by a
 // goroutine of this Locker: whether it is busy here only for a moment.
@@ -350,34 +394,12 @@ func (t *table) settling(keys []Key) bool {
 	return false
 }
 
-// yield records that slot key was let go while a waiter elsewhere wanted
-// it, and forgets the yields that are over. It runs with t.mu held.
-func (t *table) yield(key Key) {
-	now := time.Now()
-	if t.yields == nil {
-		t.yields = make(map[Key]time.Time)
-	}
-	if len(t.yields) >= 64 {
-		for k, at := range t.yields {
-			if now.Sub(at) >= yieldFor {
-				delete(t.yields, k)
-			}
-		}
-	}
-	t.yields[key] = now
-}
-
 // yielding reports whether key was let go less than yieldFor ago while a
 // waiter elsewhere wanted it.
 func (t *table) yielding(key Key) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	at, ok := t.yields[key]
-	if ok && time.Since(at) >= yieldFor {
-		delete(t.yields, key)
-		return false
-	}
-	return ok
+	return t.yields.has(key)
 }
 
 // released finishes an unlock: the key is no longer held by this Locker
@@ -385,26 +407,26 @@ func (t *table) yielding(key Key) bool {
 // reports that a waiter elsewhere asked for the key while it was being
 // released, after its unlock was sent without a notification: the caller
 // tells it now.
-func (t *table) released(u *unlock) (tell bool) {
+func (t *table) released(u *pendingUnlock) (tell bool) {
 	defer t.ops.Done()
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e := u.e
-	if on := t.on[u.h]; on != nil {
+	if on := t.on[u.s]; on != nil {
 		if _, ok := on[e]; ok {
 			delete(on, e)
-			u.h.held.Add(-1)
+			u.s.held.Add(-1)
 		}
 		if len(on) == 0 {
-			delete(t.on, u.h)
+			delete(t.on, u.s)
 		}
 	}
 	t.recent.add(e.key)
-	u.lk.cancel(ErrReleased)
+	u.h.cancel(ErrReleased)
 	wanted := e.wanted
 	tell = wanted && !u.notify
 	if wanted && e.slot {
-		t.yield(e.key)
+		t.yields.add(e.key)
 	}
 	t.setIdle(e)
 	t.dispatch(e)
@@ -417,52 +439,45 @@ func (t *table) released(u *unlock) (tell bool) {
 	return tell
 }
 
-// lost reports every lock held on h lost with cause, and forgets them: h's
+// lost reports every lock held on s lost with cause, and forgets them: s's
 // session ended, and the server freed them. Keys being released are left to
-// the releasing goroutine. It returns the handles told, and how many
-// minimum holds were cut short (see MinHold).
-func (t *table) lost(h *holder, cause error) (told []*Lock, lingering int) {
+// the releasing goroutine. It returns the holds told, and how many minimum
+// holds were cut short (see MinHold).
+func (t *table) lost(s *session, cause error) (told []*hold, lingering int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for e := range t.on[h] {
+	for e := range t.on[s] {
 		if e.state != stateHeld {
 			continue // being released: released finishes it
 		}
-		if e.lingering && len(e.locks) == 0 {
+		if e.linger.lingering && len(e.holds) == 0 {
 			lingering++
-			t.countLoss()
+			t.ev.losses.Add(1)
 		}
-		for _, lk := range e.locks {
-			lk.done = true
-			t.countLoss() // before Done closes, so that Stat already shows it
-			lk.cancel(fmt.Errorf("pglocks: lock %v: %w: %w", lk.Key(), ErrLockLost, cause))
-			told = append(told, lk)
+		for _, h := range e.holds {
+			h.done = true
+			t.ev.losses.Add(1) // before Done closes, so that Stat already shows it
+			h.cancel(fmt.Errorf("pglocks: lock %v: %w: %w", h.key(), ErrLockLost, cause))
+			told = append(told, h)
 		}
-		e.locks = nil
-		delete(t.on[h], e)
-		h.held.Add(-1)
+		e.holds = nil
+		delete(t.on[s], e)
+		s.held.Add(-1)
 		t.setIdle(e)
 		t.dispatch(e)
 		t.gc(e)
 	}
-	if len(t.on[h]) == 0 {
-		delete(t.on, h)
+	if len(t.on[s]) == 0 {
+		delete(t.on, s)
 	}
 	return told, lingering
-}
-
-// countLoss counts a lock lost in the owner's totals.
-func (t *table) countLoss() {
-	if t.owner != nil {
-		t.owner.counts.losses.Add(1)
-	}
 }
 
 // stat returns the keys held by mode and the goroutines queued, for Stat.
 func (t *table) stat() (exclusive, shared, queued int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.nHeld[0], t.nHeld[1], t.queued
+	return t.n.byMode[0], t.n.byMode[1], t.n.queued
 }
 
 func b2i(b bool) int {
@@ -483,14 +498,17 @@ func (t *table) begin() bool {
 	return true
 }
 
-// holderOf returns the session lk is held on, or nil once lk is done.
-func (t *table) holderOf(lk *Lock) *holder {
+// end ends what begin counted.
+func (t *table) end() { t.ops.Done() }
+
+// sessionOf returns the session h is held on, or nil once h is done.
+func (t *table) sessionOf(h *hold) *session {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if lk.done {
+	if h.done {
 		return nil
 	}
-	return lk.e.h
+	return h.e.s
 }
 
 // close refuses every claim and operation from now on (ErrClosed). It
@@ -511,20 +529,20 @@ func (t *table) isClosed() bool {
 	return t.closed
 }
 
-// closeAll tells every handle still held that Close released it, once Close
+// closeAll tells every hold still held that Close released it, once Close
 // has cleared the sessions.
 func (t *table) closeAll() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, e := range t.keys {
-		for _, lk := range e.locks {
-			lk.done = true
-			lk.cancel(ErrClosed)
+		for _, h := range e.holds {
+			h.done = true
+			h.cancel(ErrClosed)
 		}
-		e.locks = nil
-		if e.linger != nil {
-			e.linger.Stop() // Close clears the sessions, minimum holds with them
-			e.linger = nil
+		e.holds = nil
+		if e.linger.timer != nil {
+			e.linger.timer.Stop() // Close clears the sessions, minimum holds with them
+			e.linger.timer = nil
 		}
 	}
 }
@@ -554,14 +572,14 @@ func (t *table) dispatch(e *entry) {
 		switch {
 		case e.state == stateIdle:
 			e.queue = e.queue[1:]
-			t.queued--
+			t.n.queued--
 			e.state, e.shared = stateAcquiring, w.shared
 			w.ready <- nil
 			return
 		case e.state == stateHeld && e.shared && w.shared:
 			e.queue = e.queue[1:]
-			t.queued--
-			w.ready <- t.newLock(e)
+			t.n.queued--
+			w.ready <- t.join(e)
 		default:
 			return
 		}
@@ -572,18 +590,17 @@ func (t *table) dispatch(e *entry) {
 // WithMaxLocks. It runs with t.mu held.
 func (t *table) setIdle(e *entry) {
 	if e.state == stateHeld || e.state == stateReleasing {
-		t.nHeld[b2i(e.shared)]--
+		t.n.byMode[b2i(e.shared)]--
 	}
 	if e.counted {
-		t.held--
+		t.n.held--
 		e.counted = false
 	}
-	e.state, e.h, e.token, e.wanted, e.slot = stateIdle, nil, 0, false, false
-	e.holdUntil, e.lingering = time.Time{}, false
-	if e.linger != nil {
-		e.linger.Stop()
-		e.linger = nil
+	e.state, e.s, e.token, e.wanted, e.slot = stateIdle, nil, 0, false, false
+	if e.linger.timer != nil {
+		e.linger.timer.Stop()
 	}
+	e.linger = lingerState{}
 }
 
 // gc forgets e when nothing refers to it any more. It runs with t.mu held.
@@ -593,47 +610,39 @@ func (t *table) gc(e *entry) {
 	}
 }
 
-// recentKeys remembers keys released in the last recentFor, at most
-// recentMax of them.
-type recentKeys struct {
-	at    map[Key]time.Time
-	order []recentKey // oldest first; a key may appear more than once
-}
+// yieldFor is how long a Locker leaves a slot it let go, that a waiter
+// elsewhere wanted, to that waiter: its next try comes a notification's
+// round trip later than the releaser's own, which would otherwise win again
+// and again (see Locker.trySlots).
+const yieldFor = 3 * time.Millisecond
 
-type recentKey struct {
-	k  Key
-	at time.Time
-}
+// yields are the slot keys let go lately while a waiter elsewhere wanted
+// them; guarded by table.mu.
+type yields map[Key]time.Time
 
-const (
-	recentFor = 2 * time.Second
-	recentMax = 4096
-)
-
-func (r *recentKeys) add(k Key) {
+// add records that slot key was let go while a waiter elsewhere wanted it,
+// and forgets the yields that are over.
+func (y *yields) add(key Key) {
 	now := time.Now()
-	if r.at == nil {
-		r.at = make(map[Key]time.Time)
+	if *y == nil {
+		*y = make(yields)
 	}
-	r.at[k] = now
-	r.order = append(r.order, recentKey{k, now})
-	for len(r.order) > recentMax || now.Sub(r.order[0].at) >= recentFor {
-		old := r.order[0]
-		r.order = r.order[1:]
-		if r.at[old.k].Equal(old.at) {
-			delete(r.at, old.k)
+	if len(*y) >= 64 {
+		for k, at := range *y {
+			if now.Sub(at) >= yieldFor {
+				delete(*y, k)
+			}
 		}
 	}
+	(*y)[key] = now
 }
 
-// take reports whether k was released lately, and forgets it.
-func (r *recentKeys) take(k Key) bool {
-	ok := r.has(k)
-	delete(r.at, k)
+// has reports whether key was let go less than yieldFor ago.
+func (y yields) has(key Key) bool {
+	at, ok := y[key]
+	if ok && time.Since(at) >= yieldFor {
+		delete(y, key)
+		return false
+	}
 	return ok
-}
-
-func (r *recentKeys) has(k Key) bool {
-	t, ok := r.at[k]
-	return ok && time.Since(t) < recentFor
 }

@@ -1,23 +1,39 @@
 package pglocks
 
 import (
+	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 )
 
 // The lock table decides without I/O, so it is tested without a server:
 // what PostgreSQL grants is tested against PostgreSQL elsewhere.
 
-func grantOne(t *testing.T, tb *table, e *entry, h *holder) *Lock {
+// newTestTable is a table whose holds are plain holds.
+func newTestTable(max int) *table {
+	var losses atomic.Int64
+	return newTable(max, tableEvents{newHold: func() *hold { return &hold{} }, lingerEnd: func(*entry) {}, losses: &losses})
+}
+
+func grantOne(t *testing.T, tb *table, e *entry, s *session) *hold {
 	t.Helper()
 	if err := tb.reserve([]*entry{e}); err != nil {
 		t.Fatal(err)
 	}
-	locks, err := tb.grant([]*entry{e}, h, []int64{0})
+	holds, err := tb.record([]*entry{e}, s, []int64{0})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return locks[0]
+	return holds[0]
+}
+
+// errOf is the hold's Err, as Lock.Err reports it.
+func errOf(h *hold) error {
+	if h.ctx.Err() == nil {
+		return nil
+	}
+	return context.Cause(h.ctx)
 }
 
 func mustClaim(t *testing.T, tb *table, k Key, shared bool) *entry {
@@ -30,13 +46,13 @@ func mustClaim(t *testing.T, tb *table, k Key, shared bool) *entry {
 }
 
 func TestTableExclusiveFIFO(t *testing.T) {
-	tb := newTable(nil, 10)
-	h := &holder{}
+	tb := newTestTable(10)
+	h := &session{}
 	k := ID(1)
 	e := mustClaim(t, tb, k, false)
 	lk := grantOne(t, tb, e, h)
-	if h.held.Load() != 1 || tb.held != 1 {
-		t.Fatalf("held %d, counted %d", h.held.Load(), tb.held)
+	if h.held.Load() != 1 || tb.n.held != 1 {
+		t.Fatalf("held %d, counted %d", h.held.Load(), tb.n.held)
 	}
 	// Busy: a try is refused, waiters queue in order.
 	if _, _, _, err := tb.claim(k, false, false); !errors.Is(err, ErrLocked) {
@@ -57,8 +73,8 @@ func TestTableExclusiveFIFO(t *testing.T) {
 	default:
 	}
 	tb.released(u)
-	if h.held.Load() != 0 || lk.Err() != ErrReleased {
-		t.Fatalf("after released: held %d, Err %v", h.held.Load(), lk.Err())
+	if h.held.Load() != 0 || errOf(lk) != ErrReleased {
+		t.Fatalf("after released: held %d, Err %v", h.held.Load(), errOf(lk))
 	}
 	if got := <-w1.ready; got != nil || e.state != stateAcquiring || e.shared {
 		t.Fatalf("first waiter: %v, state %v", got, e.state)
@@ -73,14 +89,14 @@ func TestTableExclusiveFIFO(t *testing.T) {
 		t.Fatalf("second waiter: %v shared=%v", got, e.shared)
 	}
 	tb.abandon(e)
-	if len(tb.keys) != 0 || tb.held != 0 {
-		t.Fatalf("left: %d keys, %d counted", len(tb.keys), tb.held)
+	if len(tb.keys) != 0 || tb.n.held != 0 {
+		t.Fatalf("left: %d keys, %d counted", len(tb.keys), tb.n.held)
 	}
 }
 
 func TestTableSharedJoin(t *testing.T) {
-	tb := newTable(nil, 10)
-	h := &holder{}
+	tb := newTestTable(10)
+	h := &session{}
 	k := Pair(1, 2)
 	lk1 := grantOne(t, tb, mustClaim(t, tb, k, true), h)
 	// A shared claim joins the hold without the server.
@@ -115,7 +131,7 @@ func TestTableSharedJoin(t *testing.T) {
 }
 
 func TestTableMaxLocks(t *testing.T) {
-	tb := newTable(nil, 2)
+	tb := newTestTable(2)
 	es := []*entry{mustClaim(t, tb, ID(1), false), mustClaim(t, tb, ID(2), false), mustClaim(t, tb, ID(3), false)}
 	if err := tb.reserve(es); !errors.Is(err, ErrTooManyLocks) {
 		t.Fatalf("3 of 2: %v", err)
@@ -131,25 +147,25 @@ func TestTableMaxLocks(t *testing.T) {
 		t.Fatalf("after one was given back: %v", err)
 	}
 	tb.abandon(es[1:]...)
-	if tb.held != 0 {
-		t.Fatalf("counted %d", tb.held)
+	if tb.n.held != 0 {
+		t.Fatalf("counted %d", tb.n.held)
 	}
 }
 
 func TestTableGrantOnDeadOrClosed(t *testing.T) {
-	tb := newTable(nil, 10)
-	h := &holder{}
+	tb := newTestTable(10)
+	h := &session{}
 	e := mustClaim(t, tb, ID(1), false)
 	if err := tb.reserve([]*entry{e}); err != nil {
 		t.Fatal(err)
 	}
 	h.dead.Store(true)
-	if _, err := tb.grant([]*entry{e}, h, []int64{0}); !errors.Is(err, errSessionGone) || e.state != stateAcquiring {
+	if _, err := tb.record([]*entry{e}, h, []int64{0}); !errors.Is(err, errSessionGone) || e.state != stateAcquiring {
 		t.Fatalf("grant on a closed session: %v, state %v", err, e.state)
 	}
 	tb.close()
-	if _, err := tb.grant([]*entry{e}, &holder{}, []int64{0}); !errors.Is(err, ErrClosed) || e.state != stateIdle || tb.held != 0 {
-		t.Fatalf("grant after close: %v, state %v, counted %d", err, e.state, tb.held)
+	if _, err := tb.record([]*entry{e}, &session{}, []int64{0}); !errors.Is(err, ErrClosed) || e.state != stateIdle || tb.n.held != 0 {
+		t.Fatalf("grant after close: %v, state %v, counted %d", err, e.state, tb.n.held)
 	}
 	if _, _, _, err := tb.claim(ID(2), false, true); !errors.Is(err, ErrClosed) {
 		t.Fatalf("claim after close: %v", err)
@@ -160,8 +176,8 @@ func TestTableGrantOnDeadOrClosed(t *testing.T) {
 }
 
 func TestTableLost(t *testing.T) {
-	tb := newTable(nil, 10)
-	h, other := &holder{}, &holder{}
+	tb := newTestTable(10)
+	h, other := &session{}, &session{}
 	lk1 := grantOne(t, tb, mustClaim(t, tb, ID(1), false), h)
 	lk2 := grantOne(t, tb, mustClaim(t, tb, ID(2), false), h)
 	lk3 := grantOne(t, tb, mustClaim(t, tb, ID(3), false), other)
@@ -171,8 +187,8 @@ func TestTableLost(t *testing.T) {
 	if told, _ := tb.lost(h, errors.New("terminated")); len(told) != 1 || told[0] != lk1 {
 		t.Fatalf("lost %v, want lk1 alone", told)
 	}
-	if !errors.Is(lk1.Err(), ErrLockLost) || lk3.Err() != nil {
-		t.Fatalf("lk1 %v, lk3 %v", lk1.Err(), lk3.Err())
+	if !errors.Is(errOf(lk1), ErrLockLost) || errOf(lk3) != nil {
+		t.Fatalf("lk1 %v, lk3 %v", errOf(lk1), errOf(lk3))
 	}
 	if got := <-w.ready; got != nil {
 		t.Fatal("the waiter for the lost key got a handle")
@@ -187,8 +203,8 @@ func TestTableLost(t *testing.T) {
 }
 
 func TestTableWant(t *testing.T) {
-	tb := newTable(nil, 10)
-	h := &holder{}
+	tb := newTestTable(10)
+	h := &session{}
 	k := ID(7)
 	if tb.want(k) {
 		t.Fatal("a key never held was released lately")

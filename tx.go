@@ -142,7 +142,7 @@ func (l *Locker) txCheck(ctx context.Context, key Key, fnNil, driverOK bool, dri
 	case ctx.Err() != nil:
 		return lockError(key, ctxError(ctx))
 	}
-	if l.isClosed() {
+	if l.table.isClosed() {
 		return lockError(key, ErrClosed)
 	}
 	return nil

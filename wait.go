@@ -1,5 +1,8 @@
 package pglocks
 
+// wait.go: one statement that waits inside the server for a lock, and the
+// ways to stop it: the server's lock_timeout, cancel requests, a cut socket.
+
 import (
 	"context"
 	"errors"
@@ -24,10 +27,9 @@ type waitSpec struct {
 	// grace bounds how long we wait for the server to confirm that a
 	// cancelled statement has stopped, and how far past ctx's deadline the
 	// client waits for the server's lock_timeout before giving up on it.
-	grace   time.Duration
-	closing <-chan struct{} // nil, or closed when the Locker closes
-	// closeCtx, if set, is done when the Locker closes (as closing), for
-	// waitInline.
+	grace time.Duration
+	// closeCtx, if set, is done when the Locker closes: the wait stops then
+	// with ErrClosed.
 	closeCtx context.Context
 	// abandon, if set, is called when waitLock returns although the
 	// statement is still running, because the driver did not stop it within
@@ -55,123 +57,26 @@ const cancelTimeout = time.Second
 // set for this statement only); if ctx is cancelled, or the Locker closes,
 // the server is asked to cancel the statement. In every case waitLock returns
 // only once the statement has stopped running on the server, or it could not
-// be confirmed within s.grace, in which case the driver's context is
-// cancelled too (and the caller discards the connection).
+// be confirmed within s.grace, in which case the driver is made to stop it
+// (the caller then discards the connection).
 //
 // After an error the lock may still have been granted (a cancel can race with
-// the grant): the caller must discard the connection or roll back.
+// the grant): the caller must discard the connection or roll back. If the
+// wait was stopped, it fails even if the server granted the lock meanwhile.
+//
+// Where the socket can be cut (s.cut, with s.cancel), the statement runs on
+// the caller's goroutine (waitInline); otherwise on a goroutine of its own,
+// with a context the driver watches (waitAside).
 func waitLock(ctx context.Context, s waitSpec) error {
-	if s.cut != nil && s.cancel != nil {
-		return waitInline(ctx, s)
-	}
-	deadline, hasDeadline := ctx.Deadline()
-	limit := ""
-	qctx, qcancel := context.WithCancel(context.WithoutCancel(ctx))
-	defer qcancel()
-	if hasDeadline {
-		left := time.Until(deadline)
-		if left <= 0 {
-			return context.DeadlineExceeded
-		}
-		ms := (left + time.Millisecond - 1) / time.Millisecond // lock_timeout 0 would mean "no limit"
-		if ms > math.MaxInt32 {
-			// Beyond lock_timeout's range (24.8 days): the client cancels
-			// the wait when the deadline comes, as for a cancelled ctx.
-			hasDeadline = false
-		} else {
-			limit = strconv.FormatInt(int64(ms), 10)
-			var dcancel context.CancelFunc
-			qctx, dcancel = context.WithDeadline(qctx, deadline.Add(s.grace))
-			defer dcancel()
-		}
+	limit, deadline, expired := lockTimeout(ctx)
+	if expired {
+		return context.DeadlineExceeded
 	}
 	q, args := s.stmt(limit)
-	done := make(chan error, 1)
-	go func() { done <- s.run(qctx, q, args) }()
-
-	var stop error
-	select {
-	case err := <-done:
-		switch {
-		case err == nil:
-			return nil
-		case ctx.Err() != nil:
-			// A driver's own cancel request, sent when ctx ended during an
-			// earlier statement, may land on this one.
-			return fmt.Errorf("%w: %w", ctxError(ctx), err)
-		case hasDeadline && (sqlState(err) == stateLockNotAvailable || qctx.Err() != nil):
-			return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
-		}
-		return serverEnded(err)
-	case <-ctx.Done():
-		stop = ctxError(ctx)
-	case <-s.closing:
-		stop = ErrClosed
+	if s.cut != nil && s.cancel != nil {
+		return waitInline(ctx, s, q, args, limit != "", deadline)
 	}
-
-	// Stop the wait on the server before returning, so that nothing of ours
-	// stays queued there.
-	give := time.NewTimer(s.grace)
-	defer give.Stop()
-	if hasDeadline && ctx.Err() == context.DeadlineExceeded {
-		// The server's lock_timeout fires at the same moment.
-		var err error
-		select {
-		case err = <-done:
-		case <-give.C:
-			if !s.giveUp(qcancel, done) {
-				return stop
-			}
-		}
-		if err != nil {
-			return fmt.Errorf("%w: %w", stop, err)
-		}
-		return stop
-	}
-	if s.cancel == nil {
-		s.giveUp(qcancel, done)
-		return stop
-	}
-	retry := time.NewTicker(cancelRetry)
-	defer retry.Stop()
-	for {
-		cctx, ccancel := context.WithTimeout(context.Background(), cancelTimeout)
-		err := s.cancel(cctx)
-		ccancel()
-		if err != nil {
-			// The cancel could not be sent: leave it to the driver.
-			s.giveUp(qcancel, done)
-			return stop
-		}
-		select {
-		case <-done:
-			return stop
-		case <-retry.C:
-		case <-give.C:
-			s.giveUp(qcancel, done)
-			return stop
-		}
-	}
-}
-
-// giveUp cancels the statement's context, which makes the driver stop it, and
-// waits for it to end: at most s.grace if s.abandon is set. It reports
-// whether the statement ended.
-func (s waitSpec) giveUp(qcancel context.CancelFunc, done <-chan error) bool {
-	qcancel()
-	if s.abandon == nil {
-		<-done
-		return true
-	}
-	t := time.NewTimer(s.grace)
-	defer t.Stop()
-	select {
-	case <-done:
-		return true
-	case <-t.C:
-		s.abandon(done)
-		return false
-	}
+	return waitAside(ctx, s, q, args, limit != "", deadline)
 }
 
 // lockTimeout returns lock_timeout for a wait that ctx bounds, in
@@ -194,127 +99,266 @@ func lockTimeout(ctx context.Context) (limit string, deadline time.Time, expired
 	return strconv.FormatInt(int64(ms), 10), deadline, false
 }
 
+// closing returns what is done when the Locker closes, or nil.
+func (s waitSpec) closing() <-chan struct{} {
+	if s.closeCtx == nil {
+		return nil
+	}
+	return s.closeCtx.Done()
+}
+
+// cancelUntil sends cancel requests for the statement every cancelRetry
+// until ended yields (a value, or closed), and reports whether it did within
+// s.grace; false also when a cancel request could not be sent.
+func (s waitSpec) cancelUntil(ended <-chan error) bool {
+	grace := time.NewTimer(s.grace)
+	defer grace.Stop()
+	retry := time.NewTicker(cancelRetry)
+	defer retry.Stop()
+	for {
+		cctx, ccancel := context.WithTimeout(context.Background(), cancelTimeout)
+		err := s.cancel(cctx)
+		ccancel()
+		if err != nil {
+			return false
+		}
+		select {
+		case <-ended:
+			return true
+		case <-retry.C:
+		case <-grace.C:
+			return false
+		}
+	}
+}
+
+// waitAside is waitLock for a driver whose statement stops when its
+// context ends: the statement runs on a goroutine of its own.
+func waitAside(ctx context.Context, s waitSpec, q string, args []any, hasDeadline bool, deadline time.Time) error {
+	qctx, qcancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer qcancel()
+	if hasDeadline {
+		var dcancel context.CancelFunc
+		qctx, dcancel = context.WithDeadline(qctx, deadline.Add(s.grace))
+		defer dcancel()
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.run(qctx, q, args) }()
+
+	var stop error
+	select {
+	case err := <-done:
+		return waitResult(ctx, nil, err, hasDeadline && (sqlState(err) == stateLockNotAvailable || qctx.Err() != nil))
+	case <-ctx.Done():
+		stop = ctxError(ctx)
+	case <-s.closing():
+		stop = ErrClosed
+	}
+
+	// Stop the wait on the server before returning, so that nothing of ours
+	// stays queued there.
+	if hasDeadline && ctx.Err() == context.DeadlineExceeded {
+		// The server's lock_timeout fires at the same moment.
+		give := time.NewTimer(s.grace)
+		defer give.Stop()
+		select {
+		case err := <-done:
+			return waitResult(ctx, stop, err, true)
+		case <-give.C:
+			s.giveUp(qcancel, done)
+			return stop
+		}
+	}
+	if s.cancel == nil || !s.cancelUntil(done) {
+		s.giveUp(qcancel, done)
+	}
+	return stop
+}
+
+// giveUp cancels the statement's context, which makes the driver stop it, and
+// waits for it to end: at most s.grace if s.abandon is set.
+func (s waitSpec) giveUp(qcancel context.CancelFunc, done <-chan error) {
+	qcancel()
+	if s.abandon == nil {
+		<-done
+		return
+	}
+	t := time.NewTimer(s.grace)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		s.abandon(done)
+	}
+}
+
 // waitInline is waitLock for a session whose socket can be cut (s.cut): the
 // statement runs here, without a context for the driver to watch, and no
 // goroutine watches it unless it must be stopped: callbacks on ctx and on
-// the Locker's closing start one, which sends cancel requests and cuts the
-// socket if the server does not stop the statement within s.grace; a timer
-// cuts it if the server does not answer by the deadline plus s.grace. If
-// the wait was stopped, it fails even if the server granted the lock
-// meanwhile: the caller discards the session.
-func waitInline(ctx context.Context, s waitSpec) error {
-	limit, deadline, expired := lockTimeout(ctx)
-	if expired {
-		return context.DeadlineExceeded
-	}
-	hasDeadline := limit != ""
-	q, args := s.stmt(limit)
-
-	var (
-		mu       sync.Mutex
-		ended    bool  // the statement returned: nothing may cancel it now
-		stop     error // why the statement was stopped, or nil
-		stopping sync.WaitGroup
-	)
-	finished := make(chan struct{})
-	// act records why the statement is being stopped, unless it has ended;
-	// it reports whether the caller is the one to stop it.
-	act := func(why error) bool {
-		mu.Lock()
-		defer mu.Unlock()
-		if ended || stop != nil {
-			return false
-		}
-		stop = why
-		stopping.Add(1)
-		return true
-	}
-	stopper := func(why error) {
-		if !act(why) {
-			return
-		}
-		go func() {
-			defer stopping.Done()
-			if hasDeadline && errors.Is(why, context.DeadlineExceeded) {
-				return // the server's lock_timeout ends it at the same moment
-			}
-			grace := time.NewTimer(s.grace)
-			defer grace.Stop()
-			retry := time.NewTicker(cancelRetry)
-			defer retry.Stop()
-			for {
-				cctx, ccancel := context.WithTimeout(context.Background(), cancelTimeout)
-				err := s.cancel(cctx)
-				ccancel()
-				if err != nil {
-					s.cut() // the cancel could not be sent
-					return
-				}
-				select {
-				case <-finished:
-					return
-				case <-retry.C:
-				case <-grace.C:
-					s.cut()
-					return
-				}
-			}
-		}()
-	}
-	unCtx := context.AfterFunc(ctx, func() { stopper(ctxError(ctx)) })
+// the Locker's closing start one (stopper), which sends cancel requests and
+// cuts the socket if the server does not stop the statement within s.grace;
+// a timer cuts it if the server does not answer by the deadline plus
+// s.grace.
+func waitInline(ctx context.Context, s waitSpec, q string, args []any, hasDeadline bool, deadline time.Time) error {
+	st := &stopper{s: s, hasDeadline: hasDeadline, finished: make(chan error)}
+	unCtx := context.AfterFunc(ctx, func() { st.stop(ctxError(ctx)) })
 	unClose := func() bool { return true }
 	if s.closeCtx != nil {
-		unClose = context.AfterFunc(s.closeCtx, func() { stopper(ErrClosed) })
+		unClose = context.AfterFunc(s.closeCtx, func() { st.stop(ErrClosed) })
 	}
 	var giveUp *time.Timer
 	if hasDeadline {
 		// The server answers at its lock_timeout; if it does not (a silent
 		// network), cut the socket.
-		giveUp = time.AfterFunc(time.Until(deadline)+s.grace, func() {
-			mu.Lock()
-			over := ended
-			mu.Unlock()
-			if !over {
-				s.cut()
-			}
-		})
+		giveUp = time.AfterFunc(time.Until(deadline)+s.grace, st.cutUnlessEnded)
 	}
 
 	err := s.run(context.Background(), q, args)
-	mu.Lock()
-	ended = true
-	why := stop
-	mu.Unlock()
-	close(finished)
+	why := st.end()
 	unCtx()
 	unClose()
 	if giveUp != nil {
 		giveUp.Stop()
 	}
-	if why != nil {
-		// A cancel request being sent must reach the server before the
-		// caller's next statement on the session (its clearing), or it could
-		// cancel that one instead.
-		stopping.Wait()
+	return waitResult(ctx, why, err, hasDeadline && (sqlState(err) == stateLockNotAvailable || time.Now().After(deadline)))
+}
+
+// stopper stops a wait that waitInline runs, once.
+type stopper struct {
+	s           waitSpec
+	hasDeadline bool
+	finished    chan error // closed when the statement returned
+
+	mu       sync.Mutex
+	ended    bool  // the statement returned: nothing may cancel it now (guarded by mu)
+	why      error // why the statement was stopped, or nil (guarded by mu)
+	stopping sync.WaitGroup
+}
+
+// stop stops the statement for why, unless it has ended or is being
+// stopped already: the server's lock_timeout ends a wait at its deadline;
+// otherwise cancel requests are sent, and the socket cut if they do not
+// stop it.
+func (st *stopper) stop(why error) {
+	st.mu.Lock()
+	if st.ended || st.why != nil {
+		st.mu.Unlock()
+		return
 	}
+	st.why = why
+	st.stopping.Add(1)
+	st.mu.Unlock()
+	go func() {
+		defer st.stopping.Done()
+		if st.hasDeadline && errors.Is(why, context.DeadlineExceeded) {
+			return // the server's lock_timeout ends it at the same moment
+		}
+		if !st.s.cancelUntil(st.finished) {
+			st.s.cut()
+		}
+	}()
+}
+
+// cutUnlessEnded cuts the socket under a statement that has not returned.
+func (st *stopper) cutUnlessEnded() {
+	st.mu.Lock()
+	over := st.ended
+	st.mu.Unlock()
+	if !over {
+		st.s.cut()
+	}
+}
+
+// end records that the statement returned, and returns why it was stopped
+// (or nil) once any cancel request being sent is done: it must reach the
+// server before the caller's next statement on the session (its clearing),
+// or it could cancel that one instead.
+func (st *stopper) end() error {
+	st.mu.Lock()
+	st.ended = true
+	why := st.why
+	st.mu.Unlock()
+	close(st.finished)
+	if why != nil {
+		st.stopping.Wait()
+	}
+	return why
+}
+
+// waitResult is the error a wait returns: stop is why it was stopped (or
+// nil), err what the statement returned, and timedOut whether err is the
+// server's lock_timeout (or the client's) for ctx's deadline.
+func waitResult(ctx context.Context, stop, err error, timedOut bool) error {
 	switch {
-	case why != nil && hasDeadline && errors.Is(why, context.DeadlineExceeded):
-		if err != nil {
-			return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
-		}
-		return context.DeadlineExceeded
-	case why != nil:
+	case stop != nil && err != nil:
 		// The wait was stopped: it fails, whatever the server said last.
-		if err != nil {
-			return fmt.Errorf("%w: %w", why, err)
-		}
-		return why
+		return fmt.Errorf("%w: %w", stop, err)
+	case stop != nil:
+		return stop
 	case err == nil:
 		return nil
 	case ctx.Err() != nil:
+		// A driver's own cancel request, sent when ctx ended during an
+		// earlier statement, may land on this one.
 		return fmt.Errorf("%w: %w", ctxError(ctx), err)
-	case hasDeadline && (sqlState(err) == stateLockNotAvailable || time.Now().After(deadline)):
+	case timedOut:
 		return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
 	}
 	return serverEnded(err)
+}
+
+// waitOn waits for keys on w, a session of its own, one after the other in
+// the order given, so that the server sees a cycle through this session
+// (ErrDeadlock). If any wait fails, the session is cleared and closed:
+// nothing is held. It returns the lease and the keys' fencing tokens; or
+// the index of the key whose wait failed, and why.
+func waitOn(ctx context.Context, w lease, keys []Key, shared bool, cfg *config, closeCtx context.Context) (grantSet, int, error) {
+	cancel := func(ctx context.Context) error {
+		err := w.s.c.cancel(ctx)
+		if errors.Is(err, errNoCancelRequest) {
+			// database/sql without pgx: cancel from a session we own.
+			// (Leaving it to the driver would close the connection before
+			// we can clear it of a lock granted as the wait was cancelled.)
+			return w.p.cancelBackend(ctx, w.s.pid)
+		}
+		return err
+	}
+	tokens := make([]int64, len(keys))
+	var stuck <-chan error
+	at := 0 // the key being waited for
+	var err error
+	w.s.enter()
+	for i, key := range keys {
+		at = i
+		err = waitLock(ctx, waitSpec{
+			stmt: sessionWait(key, shared, cfg.fencing),
+			run: func(ctx context.Context, q string, args []any) error {
+				var s1, s2 string
+				return w.s.c.query(ctx, q, args, &s1, &s2, &tokens[i])
+			},
+			cancel: cancel, grace: cfg.stmtTime, closeCtx: closeCtx,
+			abandon: func(done <-chan error) { stuck = done },
+			cut:     cutter(w.s.c),
+		})
+		if err != nil {
+			break
+		}
+	}
+	w.s.leave()
+	if err != nil {
+		// If the driver is still in the statement (stuck), the connection is
+		// discarded when it comes back.
+		w.p.dropWait(w, stuck)
+		return grantSet{}, at, classify(err)
+	}
+	return grantSet{l: w, tokens: tokens, own: true}, 0, nil
+}
+
+// cutter returns what cuts c's socket under a running statement, for
+// waitSpec.cut, or nil if its driver is not interruptible.
+func cutter(c conn) func() {
+	if !c.interruptible() {
+		return nil
+	}
+	return c.closeSocket
 }

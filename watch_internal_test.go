@@ -52,19 +52,19 @@ func TestSpareClosedByItsWatcher(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-unlock
-	h := lk.e.h
-	s := l.sessions
-	s.use(h)                                // the heartbeat picks h for a probe ...
+	h := lk.e.s
+	s := l.pool
+	use := s.lease(h)                       // the heartbeat picks h for a probe ...
 	if err := lk.Release(ctx); err != nil { // ... the release ends first ...
 		t.Fatal(err)
 	}
 	s.probe(h) // ... the probe starts a watcher ...
-	s.unuse(h) // ... and h becomes a spare, watched.
+	use.end()  // ... and h becomes a spare, watched.
 	s.mu.Lock()
-	spare := slices.Contains(s.spare, h)
+	spare := slices.Contains(s.st.spare, h)
 	s.mu.Unlock()
-	if !spare || h.watcher.Load() == nil {
-		t.Fatalf("setup: spare %v, watched %v", spare, h.watcher.Load() != nil)
+	if !spare || h.watch.w.Load() == nil {
+		t.Fatalf("setup: spare %v, watched %v", spare, h.watch.w.Load() != nil)
 	}
 	if _, err := srv.Admin.Exec(ctx, "SELECT pg_terminate_backend($1)", h.pid); err != nil {
 		t.Fatal(err)
@@ -72,7 +72,7 @@ func TestSpareClosedByItsWatcher(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		s.mu.Lock()
-		spare = slices.Contains(s.spare, h)
+		spare = slices.Contains(s.st.spare, h)
 		s.mu.Unlock()
 		if !spare {
 			break

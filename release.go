@@ -1,0 +1,155 @@
+package pglocks
+
+// release.go: letting locks go: the table decides, the unlocks run on the
+// sessions that hold the keys, and waiters are told.
+
+import (
+	"context"
+	"fmt"
+	"sync"
+)
+
+// releaser lets holds go for a Locker.
+type releaser struct {
+	table *table
+	pool  *pool
+	batch *batcher
+	mux   *mux
+}
+
+// releaseOne releases h, as Lock.Release does.
+func (r *releaser) releaseOne(ctx context.Context, h *hold) error {
+	u, err := r.table.release(h)
+	if u != nil {
+		err = r.unlock(ctx, []*pendingUnlock{u})[0]
+	}
+	return err
+}
+
+// release releases holds, as LockSet.Release does, the unlocks on one
+// session in one round trip, and returns each hold's error.
+func (r *releaser) release(ctx context.Context, holds []*hold) []error {
+	errs := make([]error, len(holds))
+	var us []*pendingUnlock
+	var at []int // us[i] is holds[at[i]]'s
+	for i, h := range holds {
+		u, err := r.table.release(h)
+		if u == nil {
+			errs[i] = err
+			continue
+		}
+		us, at = append(us, u), append(at, i)
+	}
+	if len(us) > 0 {
+		for j, err := range r.unlock(ctx, us) {
+			errs[at[j]] = err
+		}
+	}
+	return errs
+}
+
+// releaseJoined releases the holds of holds that are not nil, for an
+// acquisition that failed after it joined shared holds.
+func (r *releaser) releaseJoined(holds []*hold) {
+	for _, h := range holds {
+		if h != nil {
+			_ = r.releaseOne(context.Background(), h)
+		}
+	}
+}
+
+// endLinger lets e go on the server once its minimum hold is up, unless it
+// was taken again or lost meanwhile, or the Locker closed (Close clears
+// every session).
+func (r *releaser) endLinger(e *entry) {
+	if !r.table.begin() {
+		return
+	}
+	defer r.table.end()
+	if u := r.table.endLinger(e); u != nil {
+		_ = r.unlock(context.Background(), []*pendingUnlock{u})
+	}
+}
+
+// unlock runs the unlocks that table.release asked for, those on one
+// session in one round trip, and finishes them; it returns their errors.
+func (r *releaser) unlock(ctx context.Context, us []*pendingUnlock) []error {
+	ctx = context.WithoutCancel(ctx)
+	rs := make([]*req, len(us))
+	if len(us) == 1 && !us[0].notify {
+		// The common case, without the maps.
+		u := us[0]
+		rs[0] = unlockReq(u.e.key, u.shared)
+		l := r.pool.lease(u.s)
+		rs[0].err = r.batch.do(ctx, u.s, rs[0])
+		return r.unlocked(us, rs, l)
+	}
+	bySession := map[*session][]*req{}
+	tell := map[*session][]Key{} // wanted keys: their release notifies
+	for i, u := range us {
+		rs[i] = unlockReq(u.e.key, u.shared)
+		bySession[u.s] = append(bySession[u.s], rs[i])
+		if u.notify {
+			tell[u.s] = append(tell[u.s], u.e.key)
+		}
+	}
+	for s, keys := range tell {
+		// After the unlocks, in the same round trip where the driver
+		// pipelines: sent when they are done.
+		for _, p := range payloads(freedMark, keys) {
+			bySession[s] = append(bySession[s], notifyReq(p))
+		}
+	}
+	leases := make([]lease, 0, len(bySession))
+	for s := range bySession {
+		leases = append(leases, r.pool.lease(s))
+	}
+	if len(bySession) == 1 {
+		r.unlockOn(ctx, us[0].s, bySession[us[0].s])
+	} else {
+		var wg sync.WaitGroup
+		for s, srs := range bySession {
+			wg.Go(func() { r.unlockOn(ctx, s, srs) })
+		}
+		wg.Wait()
+	}
+	return r.unlocked(us, rs, leases...)
+}
+
+// unlocked finishes unlocks us, whose statements rs have run, and ends the
+// leases taken for them.
+func (r *releaser) unlocked(us []*pendingUnlock, rs []*req, leases ...lease) []error {
+	errs := make([]error, len(us))
+	var late []Key // wanted while being released: told now
+	for i, u := range us {
+		if r.table.released(u) {
+			late = append(late, u.e.key)
+		}
+		if err := rs[i].err; err != nil {
+			errs[i] = lockError(u.e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))
+		}
+	}
+	for _, l := range leases {
+		l.end()
+	}
+	if len(late) > 0 {
+		r.mux.tellFreed(late)
+	}
+	if r.mux.nwatch.Load() > 0 {
+		freed := make([]Key, len(us))
+		for i, u := range us {
+			freed[i] = u.e.key
+		}
+		r.mux.freed(freed) // goroutines of this Locker waiting for a slot
+	}
+	return errs
+}
+
+// unlockOn runs rs, unlocks (and notifications), on s.
+func (r *releaser) unlockOn(ctx context.Context, s *session, rs []*req) {
+	if len(rs) == 1 {
+		rs[0].err = r.batch.do(ctx, s, rs[0])
+		return
+	}
+	r.batch.doMany(ctx, s, rs)
+}
