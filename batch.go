@@ -85,16 +85,13 @@ func (b *batcher) send(s *session) {
 	for {
 		s.pipe.mu.Lock()
 		n := min(len(s.pipe.queue), maxBatch)
-		if n == 0 {
-			s.pipe.leading = false
-			s.pipe.mu.Unlock()
-			b.pool.watch.idle(s)
-			return
-		}
 		batch := s.pipe.queue[:n:n]
 		s.pipe.queue = s.pipe.queue[n:]
+		s.pipe.leading = n > 0
 		s.pipe.mu.Unlock()
-
+		if n == 0 {
+			break
+		}
 		s.enter() // not beside a heartbeat probe or a watcher
 		redo := b.run(s, batch)
 		b.pool.watch.drain(s)
@@ -110,34 +107,35 @@ func (b *batcher) send(s *session) {
 			}
 		}
 	}
+	b.pool.watch.idle(s)
 }
 
 // run runs batch on s, holding s.sem, and returns the statements that did
 // not run (those after a server error in a pipelined batch, which the
 // server skipped), to be sent again.
 func (b *batcher) run(s *session, batch []*req) (redo []*req) {
-	if s.broken != nil {
+	switch {
+	case s.broken != nil:
 		for _, r := range batch {
 			r.err = s.broken
 		}
 		return nil
+	case len(batch) > 1 && s.c.pipelines() && !b.cfg.fencing:
+		return b.runPipelined(s, batch)
 	}
-	if len(batch) == 1 || !s.c.pipelines() || b.cfg.fencing {
-		// One at a time: fencing tokens must each come from a transaction
-		// of their own, and a pipelined batch is one transaction.
-		for i, r := range batch {
-			r.err = b.runOne(s, r)
-			if _, keep := r.err.(keepConn); r.err != nil && !keep {
-				b.pool.fail(s, r.err)
-				for _, rest := range batch[i+1:] {
-					rest.err = s.broken
-				}
-				return nil
+	// One at a time: fencing tokens must each come from a transaction of
+	// their own, and a pipelined batch is one transaction.
+	for i, r := range batch {
+		r.err = b.runOne(s, r)
+		if _, keep := r.err.(keepConn); r.err != nil && !keep {
+			b.pool.fail(s, r.err)
+			for _, rest := range batch[i+1:] {
+				rest.err = s.broken
 			}
+			return nil
 		}
-		return nil
 	}
-	return b.runPipelined(s, batch)
+	return nil
 }
 
 // runPipelined runs batch, of several statements, in one round trip.
@@ -161,9 +159,17 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 		}
 		if _, keep := r.err.(keepConn); !keep {
 			bad = r.err
-		} else {
-			redo = redoAfter(batch, failed)
+			break
 		}
+		// The batch's transaction aborted: what ran before the error and
+		// was transactional is undone; and the server skipped the rest.
+		// Both run again.
+		for _, before := range batch[:failed] {
+			if before.txn {
+				redo = append(redo, before)
+			}
+		}
+		redo = append(redo, batch[failed+1:]...)
 	}
 	ran := batch
 	if failed >= 0 {
@@ -173,7 +179,9 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 		if r.check != nil && !slices.Contains(redo, r) {
 			if err := r.check(); err != nil {
 				r.err = err
-				bad = firstErr(bad, err)
+				if bad == nil {
+					bad = err
+				}
 			}
 		}
 	}
@@ -186,29 +194,6 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 			if r.err == nil {
 				r.err = s.broken
 			}
-		}
-	}
-	return nil
-}
-
-// redoAfter returns what must run again after batch's statement failed
-// failed with the session kept: the batch's transaction aborted, so what
-// ran before the error and was transactional is undone; and the server
-// skipped the rest.
-func redoAfter(batch []*req, failed int) (redo []*req) {
-	for _, before := range batch[:failed] {
-		if before.txn {
-			redo = append(redo, before)
-		}
-	}
-	return append(redo, batch[failed+1:]...)
-}
-
-// firstErr returns the first of errs that is not nil.
-func firstErr(errs ...error) error {
-	for _, err := range errs {
-		if err != nil {
-			return err
 		}
 	}
 	return nil

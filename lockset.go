@@ -20,7 +20,7 @@ type LockSet struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	mu     sync.Mutex
-	stops  []func() bool
+	stops  []func() bool // guarded by mu: what watch registered on the locks' ctx
 }
 
 // Locks returns the set's locks, one per distinct key, in the order they

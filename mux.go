@@ -615,7 +615,6 @@ func readRound(tries []*muxTry) (granted map[*muxReq]bool, partial map[bool][]Ke
 // granted get their keys (a lease on s each), those that failed their
 // error, those that gave up meanwhile what they got handed back.
 func (m *mux) finish(batch []*muxReq, s *session, granted map[*muxReq]bool, failed map[*muxReq]error, token int64) {
-	m.pool.leases(s, len(granted)) // one for each grant handed on
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, r := range batch {
@@ -627,7 +626,8 @@ func (m *mux) finish(batch []*muxReq, s *session, granted map[*muxReq]bool, fail
 			for i := range tokens {
 				tokens[i] = token
 			}
-			res = muxResult{got: grantSet{l: lease{m.pool, s}, tokens: tokens, keys: r.keys, shared: r.shared}}
+			// A lease on s for each grant handed on.
+			res = muxResult{got: grantSet{l: m.pool.lease(s), tokens: tokens, keys: r.keys, shared: r.shared}}
 		case failed[r] != nil:
 			res = muxResult{err: failed[r]}
 		case r.cancelled:

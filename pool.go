@@ -333,13 +333,6 @@ func (p *pool) lease(s *session) lease {
 	return lease{p, s}
 }
 
-// leases counts n uses of s at once, to be ended one by one.
-func (p *pool) leases(s *session, n int) {
-	p.mu.Lock()
-	s.use.users += n
-	p.mu.Unlock()
-}
-
 // unuse ends a use of s, and gives its connection back to the pool if it
 // is done with: the primary stays (the heartbeat retires it after
 // primaryLinger), other sessions are kept as spares while there is room and

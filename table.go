@@ -69,6 +69,8 @@ func newTable(max int, ev tableEvents) *table {
 
 // hold is one handle's share of the server's hold of a key (a Lock embeds
 // one): several goroutines that share a key in shared mode have a hold each.
+// done, base and slot are guarded by table.mu (base and slot are set before
+// the hold is handed out); the rest is set when it is made.
 type hold struct {
 	e      *entry
 	ctx    context.Context // done once the lock is released or lost
@@ -101,8 +103,9 @@ const (
 	stateReleasing                   // one goroutine is releasing it on the server
 )
 
-// entry is one key that this Locker holds or that goroutines wait for.
-// (Its flags are together, to keep it in a small size class.)
+// entry is one key that this Locker holds or that goroutines wait for. Its
+// fields are guarded by table.mu. (Its flags are together, to keep it in a
+// small size class.)
 type entry struct {
 	key     Key
 	state   entryState
@@ -131,7 +134,8 @@ type lingerState struct {
 	timer     *time.Timer
 }
 
-// waiter is a goroutine waiting in this process for a key.
+// waiter is a goroutine waiting in this process for a key; it is in its
+// entry's queue (guarded by table.mu) until ready receives.
 type waiter struct {
 	shared bool
 	// ready receives nil when the waiter is to take the key on the server
