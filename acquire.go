@@ -296,20 +296,7 @@ func (a *acquirer) tryAll(ctx context.Context, keys []Key, shared bool) (grantSe
 	}
 	oks := make([]bool, len(keys))
 	tokens := make([]int64, len(keys))
-	rs := make([]*req, len(keys))
-	for i, k := range keys {
-		q, args := stmt(stmtTry, k, shared, a.cfg.fencing)
-		rs[i] = &req{row: row{q: q, args: args, dest: []any{&oks[i], &tokens[i]}}, onErr: onFullUnlock("", nil)}
-		if a.cfg.fencing {
-			// With fencing the lock may have taken the last slot of the lock
-			// table and the token's transaction id found none: the session
-			// lock outlives the failed statement, so let it go (the Locker
-			// never holds a key twice on the server, so this unlock is
-			// exact). Without it nothing was granted.
-			uq, uargs := stmt(stmtUnlock, k, shared, false)
-			rs[i].onErr = onFullUnlock(uq, uargs)
-		}
-	}
+	rs := tryReqs(keys, shared, a.cfg.fencing && !l.s.pinned, oks, tokens) // a pinned session's token is read elsewhere
 	if len(rs) == 1 {
 		rs[0].err = a.batch.do(ctx, l.s, rs[0])
 	} else {
@@ -328,6 +315,11 @@ func (a *acquirer) tryAll(ctx context.Context, keys []Key, shared bool) (grantSe
 			first = lockError(keys[i], ErrLocked)
 		}
 	}
+	if first == nil && a.cfg.fencing && l.s.pinned {
+		if err := a.pool.open.tokens(ctx, tokens); err != nil {
+			first = lockError(keys[0], err)
+		}
+	}
 	if first == nil {
 		return grantSet{l: l, tokens: tokens}, nil
 	}
@@ -341,6 +333,25 @@ func (a *acquirer) tryAll(ctx context.Context, keys []Key, shared bool) (grantSe
 		first = brokenSession{first}
 	}
 	return grantSet{}, first
+}
+
+// tryReqs are the tries of keys, scanning into oks and tokens.
+func tryReqs(keys []Key, shared, fenced bool, oks []bool, tokens []int64) []*req {
+	rs := make([]*req, len(keys))
+	for i, k := range keys {
+		q, args := stmt(stmtTry, k, shared, fenced)
+		rs[i] = &req{row: row{q: q, args: args, dest: []any{&oks[i], &tokens[i]}}, onErr: onFullUnlock("", nil)}
+		if fenced {
+			// With fencing the lock may have taken the last slot of the lock
+			// table and the token's transaction id found none: the session
+			// lock outlives the failed statement, so let it go (the Locker
+			// never holds a key twice on the server, so this unlock is
+			// exact). Without it nothing was granted.
+			uq, uargs := stmt(stmtUnlock, k, shared, false)
+			rs[i].onErr = onFullUnlock(uq, uargs)
+		}
+	}
+	return rs
 }
 
 func (c *contended) add(keys ...Key) {

@@ -120,11 +120,12 @@ func (b *batcher) run(s *session, batch []*req) (redo []*req) {
 			r.err = s.broken
 		}
 		return nil
-	case len(batch) > 1 && s.c.pipelines() && !b.cfg.fencing:
+	case len(batch) > 1 && s.c.pipelines() && (!b.cfg.fencing || s.pinned):
 		return b.runPipelined(s, batch)
 	}
 	// One at a time: fencing tokens must each come from a transaction of
-	// their own, and a pipelined batch is one transaction.
+	// their own, and a pipelined batch is one transaction (a pinned
+	// session's tokens are read elsewhere).
 	for i, r := range batch {
 		r.err = b.runOne(s, r)
 		if _, keep := r.err.(keepConn); r.err != nil && !keep {
@@ -139,14 +140,17 @@ func (b *batcher) run(s *session, batch []*req) (redo []*req) {
 }
 
 // runPipelined runs batch, of several statements, in one round trip.
+//
+// On a pinned session the batch runs between a savepoint and its release,
+// in the same round trip, and a statement's server error is undone back to
+// the savepoint before its onErr runs: the error aborted the transaction,
+// in which nothing else would run.
 func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
-	rows := make([]row, len(batch))
-	for i, r := range batch {
-		rows[i] = r.row
-	}
-	s.pipe.busySince.Store(time.Now().UnixNano())
-	failed, err, cerr := s.c.batch(context.Background(), rows)
-	s.pipe.busySince.Store(0)
+	// Always on a pinned session: the trailing RELEASE, a utility statement,
+	// also ends the portal of the last statement, which would otherwise
+	// keep its snapshot while the session idles (extended protocol).
+	saved := s.pinned
+	failed, err, cerr := send(s, batch, saved)
 	var bad error // why the session must go
 	switch {
 	case failed < 0 && cerr != nil:
@@ -155,7 +159,7 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 		r := batch[failed]
 		r.err = err
 		if sqlState(err) != "" && r.onErr != nil {
-			r.err = r.onErr(context.Background(), s.c, err)
+			r.err = undoThen(context.Background(), s.c, saved, err, r.onErr)
 		}
 		if _, keep := r.err.(keepConn); !keep {
 			bad = r.err
@@ -202,6 +206,9 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 // runOne runs r alone on s, holding s.sem.
 func (b *batcher) runOne(s *session, r *req) error {
 	f := func(ctx context.Context) error {
+		if s.pinned && r.onErr != nil {
+			return runSaved(ctx, s.c, r)
+		}
 		err := s.c.query(ctx, r.q, r.args, r.dest...)
 		if err != nil && sqlState(err) != "" && r.onErr != nil {
 			return r.onErr(ctx, s.c, err)
@@ -273,4 +280,66 @@ func onFullUnlock(q string, args []any) func(ctx context.Context, c conn, err er
 		}
 		return keepConn{classify(err)}
 	}
+}
+
+// send sends batch in one round trip (between a savepoint and its release
+// if saved), and returns the index in batch of the statement that failed,
+// or -1, and the errors as conn.batch does.
+func send(s *session, batch []*req, saved bool) (failed int, err, cerr error) {
+	rows := make([]row, 0, len(batch)+2)
+	if saved {
+		rows = append(rows, row{q: sqlStmtSave})
+	}
+	for _, r := range batch {
+		rows = append(rows, r.row)
+	}
+	if saved {
+		rows = append(rows, row{q: sqlStmtRelease})
+	}
+	s.pipe.busySince.Store(time.Now().UnixNano())
+	failed, err, cerr = s.c.batch(context.Background(), rows)
+	s.pipe.busySince.Store(0)
+	if saved && failed >= 0 {
+		failed-- // rows[0] is the savepoint
+		if failed < 0 || failed == len(batch) {
+			failed, cerr = -1, err // the savepoint failed, or its release
+		}
+	}
+	return failed, err, cerr
+}
+
+// undoThen runs onErr for a statement's server error err, first undoing
+// the transaction back to the batch's savepoint if saved.
+func undoThen(ctx context.Context, c conn, saved bool, err error, onErr func(context.Context, conn, error) error) error {
+	if saved {
+		if uerr := c.exec(ctx, sqlStmtUndo); uerr != nil {
+			return uerr
+		}
+		if uerr := c.exec(ctx, sqlStmtRelease); uerr != nil {
+			return uerr
+		}
+	}
+	return onErr(ctx, c, err)
+}
+
+// runSaved runs r on a pinned session inside a savepoint: a server error is
+// undone back to it before r's onErr runs.
+func runSaved(ctx context.Context, c conn, r *req) error {
+	if err := c.exec(ctx, sqlStmtSave); err != nil {
+		return err
+	}
+	err := c.query(ctx, r.q, r.args, r.dest...)
+	if err != nil && sqlState(err) != "" {
+		return undoThen(ctx, c, true, err, r.onErr)
+	}
+	if err != nil {
+		return err
+	}
+	if err := c.exec(ctx, sqlStmtRelease); err != nil {
+		return err
+	}
+	if r.check != nil {
+		return r.check()
+	}
+	return nil
 }

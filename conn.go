@@ -5,7 +5,10 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"fmt"
 	"net"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -71,6 +74,14 @@ type conn interface {
 	// that it fails. It may be called from another goroutine.
 	closeSocket()
 
+	// simple makes every later statement go by the simple protocol, with its
+	// arguments as literals, whatever the driver or the application's
+	// QueryExecMode: no prepared statement and no portal outlives the
+	// statement. For a pinned session (see sql.go): a pooler's server session
+	// may not keep a prepared statement, and a portal left open keeps its
+	// snapshot, and so a backend_xmin, while the session idles.
+	simple()
+
 	// destroy closes the session, which frees every lock it holds.
 	destroy()
 	// release gives the session back to its pool. Only a session that holds
@@ -111,8 +122,20 @@ func (s pgxSource) exhausted() bool {
 // pgxSession is what pgx's connection can do, for pgxpool and for pgx's
 // stdlib driver alike.
 type pgxSession struct {
-	c *pgx.Conn // kept: pgxpool.Conn.Conn() panics once it is hijacked
+	c          *pgx.Conn // kept: pgxpool.Conn.Conn() panics once it is hijacked
+	simpleMode bool      // see conn.simple
 }
+
+// args are a statement's arguments as pgx takes them: after
+// QueryExecModeSimpleProtocol once simple was called.
+func (s *pgxSession) args(args []any) []any {
+	if !s.simpleMode {
+		return args
+	}
+	return append([]any{pgx.QueryExecModeSimpleProtocol}, args...)
+}
+
+func (s *pgxSession) simple() { s.simpleMode = true }
 
 func (s pgxSession) pipelines() bool     { return true }
 func (s pgxSession) interruptible() bool { return true }
@@ -126,7 +149,12 @@ func (s pgxSession) batch(ctx context.Context, rows []row) (failed int, err, clo
 	br := s.c.SendBatch(ctx, b)
 	failed = -1
 	for i, r := range rows {
-		if err = br.QueryRow().Scan(r.dest...); err != nil {
+		if len(r.dest) == 0 {
+			_, err = br.Exec() // a statement that returns no row (SAVEPOINT)
+		} else {
+			err = br.QueryRow().Scan(r.dest...)
+		}
+		if err != nil {
 			failed = i
 			break
 		}
@@ -155,11 +183,11 @@ type pgxConn struct {
 }
 
 func (c *pgxConn) query(ctx context.Context, q string, args []any, dest ...any) error {
-	return c.c.QueryRow(ctx, q, args...).Scan(dest...)
+	return c.c.QueryRow(ctx, q, c.args(args)...).Scan(dest...)
 }
 
 func (c *pgxConn) exec(ctx context.Context, q string, args ...any) error {
-	_, err := c.c.Exec(ctx, q, args...)
+	_, err := c.c.Exec(ctx, q, c.args(args)...)
 	return err
 }
 
@@ -203,16 +231,47 @@ type sqlConn struct {
 	// the *sql.Conn, to read its socket while it is idle, to pipeline and
 	// to send cancel requests, which pgx itself does from another
 	// goroutine.
-	pgx *pgxSession
+	pgx        *pgxSession
+	simpleMode bool // see conn.simple
 }
 
 func (c *sqlConn) query(ctx context.Context, q string, args []any, dest ...any) error {
+	q, args, err := c.args(q, args)
+	if err != nil {
+		return err
+	}
 	return c.c.QueryRowContext(ctx, q, args...).Scan(dest...)
 }
 
 func (c *sqlConn) exec(ctx context.Context, q string, args ...any) error {
-	_, err := c.c.ExecContext(ctx, q, args...)
+	q, args, err := c.args(q, args)
+	if err != nil {
+		return err
+	}
+	_, err = c.c.ExecContext(ctx, q, args...)
 	return err
+}
+
+// args are a statement and its arguments as the driver takes them once
+// simple was called: pgx's stdlib passes QueryExecModeSimpleProtocol on to
+// pgx; other drivers (lib/pq) use the simple protocol for a statement
+// without arguments, so the arguments become literals in its text.
+func (c *sqlConn) args(q string, args []any) (string, []any, error) {
+	switch {
+	case !c.simpleMode || len(args) == 0:
+		return q, args, nil
+	case c.pgx != nil:
+		return q, append([]any{pgx.QueryExecModeSimpleProtocol}, args...), nil
+	}
+	q, err := inline(q, args)
+	return q, nil, err
+}
+
+func (c *sqlConn) simple() {
+	c.simpleMode = true
+	if c.pgx != nil {
+		c.pgx.simple()
+	}
 }
 
 func (c *sqlConn) pipelines() bool     { return c.pgx != nil }
@@ -274,4 +333,35 @@ func tcpConn(nc net.Conn) *net.TCPConn {
 	}
 	tc, _ := nc.(*net.TCPConn)
 	return tc
+}
+
+// inline replaces the parameters $1, $2, ... of q by args as SQL literals.
+// It knows the values pglocks sends: integers, booleans, strings (nil:
+// NULL). A string literal is written E'...' with quotes and backslashes
+// doubled, which reads the same whatever standard_conforming_strings says.
+func inline(q string, args []any) (string, error) {
+	lits := make([]string, len(args))
+	for i, a := range args {
+		switch v := a.(type) {
+		case nil:
+			lits[i] = "NULL"
+		case int64:
+			lits[i] = strconv.FormatInt(v, 10)
+		case int32:
+			lits[i] = strconv.FormatInt(int64(v), 10)
+		case int:
+			lits[i] = strconv.Itoa(v)
+		case bool:
+			lits[i] = strconv.FormatBool(v)
+		case string:
+			lits[i] = "E'" + strings.NewReplacer(`\`, `\\`, `'`, `''`).Replace(v) + "'"
+		default:
+			return "", fmt.Errorf("pglocks: cannot send %T as a literal", a)
+		}
+	}
+	// Highest first, so that $1 does not match the start of $10.
+	for i := len(lits) - 1; i >= 0; i-- {
+		q = strings.ReplaceAll(q, "$"+strconv.Itoa(i+1), lits[i])
+	}
+	return q, nil
 }

@@ -135,8 +135,14 @@
 //     from one holder of a key to the next, so the resource a lock guards can
 //     refuse a stale holder's write.
 //   - Locks are refused on a standby ([ErrStandby]), where [Locker.Leader]
-//     returns ErrStandby too and [Locker.Observe] stops, and, as far as it can
-//     tell, through a transaction-pooling proxy ([ErrTransactionPooling]).
+//     returns ErrStandby too and [Locker.Observe] stops, and through a
+//     statement-pooling proxy ([ErrTransactionPooling]). Behind a transaction
+//     pooler (PgBouncer's pool_mode=transaction) every session the Locker uses
+//     is pinned by a transaction of its own (READ COMMITTED, READ ONLY: it
+//     holds back no VACUUM and gets no transaction id), whose settings end
+//     with it; a statement that may fail runs inside a savepoint, and a
+//     session whose transaction cannot be recovered is closed, so the pooler
+//     never hands a server session with the Locker's locks to another client.
 //     A full server lock table fails one acquire with [ErrLockTableFull] and
 //     loses nothing else; [WithMaxLocks] caps what one Locker holds.
 //

@@ -179,7 +179,7 @@ func (l *Locker) markLeader(lk *Lock) {
 		base = base[:len(base)-n]
 	}
 	var set string
-	err := l.acq.batch.do(context.Background(), s, &req{row: row{q: sqlMarkLeader, args: []any{base + sinceMark}, dest: []any{&set}}, txn: true})
+	err := l.acq.batch.do(context.Background(), s, &req{row: row{q: sqlMarkLeader, args: []any{base + sinceMark, s.pinned}, dest: []any{&set}}, txn: true})
 	if err == nil && s.tryEnter() {
 		l.pool.watch.hand(s) // the statement stopped the watcher
 	}

@@ -48,11 +48,13 @@ var ErrLockTableFull = errors.New("the server's lock table is full")
 // [WithMaxLocks] allows.
 var ErrTooManyLocks = errors.New("the Locker holds as many locks as WithMaxLocks allows")
 
-// ErrTransactionPooling is returned, or reported by [Lock.Err] joined with
-// [ErrLockLost], when the Locker's session is shared with other clients by a
-// proxy in transaction pooling mode (PgBouncer's pool_mode=transaction):
-// session locks there stay on a server session that other clients then use.
-// Use transaction locks ([LockTx]) through such a proxy, or session pooling.
+// ErrTransactionPooling is returned when a proxy shares every server session
+// between statements (PgBouncer's pool_mode=statement), where no transaction
+// can pin one, and reported by [Lock.Err] joined with [ErrLockLost] when the
+// heartbeat finds a session's statements reaching another server session (a
+// pooler the Locker could not recognise). Behind a transaction pooler
+// (pool_mode=transaction) session locks work: the Locker pins each session
+// it uses with a transaction of its own (see the package documentation).
 var ErrTransactionPooling = errors.New("session locks do not work through a transaction-pooling proxy")
 
 // ErrServerTimeout is returned when the server, not the caller's ctx, ended

@@ -472,6 +472,11 @@ func (m *mux) poll() bool {
 	}
 	defer l.end()
 	round := m.collect()
+	if l.s.pinned {
+		// A notification is sent when its transaction commits: a pinned
+		// session's would not be sent before it is given back.
+		round.announce, round.free = nil, nil
+	}
 	if len(round.batch) == 0 && len(round.free) == 0 && len(round.announce) == 0 {
 		return false
 	}
@@ -483,14 +488,37 @@ func (m *mux) poll() bool {
 	}
 	var token int64
 	if len(granted) > 0 && m.cfg.fencing {
-		// Read after every grant of this round, in a transaction of its
-		// own: higher than the token of any earlier holder of these keys.
-		if err := m.batch.do(context.Background(), l.s, &req{row: row{q: sqlToken, dest: []any{&token}}}); err != nil {
-			clear(granted) // its session failed, and was closed: nothing is held
+		var ok bool
+		if token, ok = m.roundToken(l.s, granted); !ok {
+			clear(granted) // nothing of them is held: they wait on
 		}
 	}
 	m.finish(round.batch, l.s, granted, failed, token)
 	return len(granted) > 0
+}
+
+// roundToken reads the fencing token of a round's grants on s, after every
+// grant of the round and in a transaction of its own: higher than the token
+// of any earlier holder of these keys. A pinned session's is read on
+// another connection. If it cannot be read, ok is false and nothing granted
+// is held: s failed and was closed, or the keys were let go.
+func (m *mux) roundToken(s *session, granted map[*muxReq]bool) (token int64, ok bool) {
+	if !s.pinned {
+		err := m.batch.do(context.Background(), s, &req{row: row{q: sqlToken, dest: []any{&token}}})
+		return token, err == nil
+	}
+	token, err := m.pool.open.token(m.closeCtx)
+	if err == nil {
+		return token, true
+	}
+	back := map[bool][]Key{}
+	for r := range granted {
+		back[r.shared] = append(back[r.shared], r.keys...)
+	}
+	for shared, keys := range back {
+		m.batch.doMany(context.Background(), s, unlockReqs(keys, shared))
+	}
+	return 0, false
 }
 
 // pending reports whether a round has anything to send.

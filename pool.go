@@ -521,13 +521,17 @@ func (p *pool) lose(s *session, cause error) {
 
 // listen makes s, the new primary, listen for the Locker's notifications,
 // if its driver lets them be read.
+//
+// A pinned session does not listen: LISTEN does not work through
+// transaction pooling, and notifications are not delivered inside a
+// transaction. Multiplexed waits there are tried every muxMaxPoll at most.
 func (p *pool) listen(s *session) error {
-	if !s.c.watchable() {
+	if !s.c.watchable() || s.pinned {
 		return nil
 	}
 	s.enter()
 	defer s.leave()
-	if s.listening.Load() || s.broken != nil {
+	if s.watch.listening.Load() || s.broken != nil {
 		return s.broken
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.stmtTime)
@@ -538,7 +542,7 @@ func (p *pool) listen(s *session) error {
 		}
 		return fmt.Errorf("listen: %w", err)
 	}
-	s.listening.Store(true)
+	s.watch.listening.Store(true)
 	return nil
 }
 

@@ -89,7 +89,7 @@ func (r *releaser) unlock(ctx context.Context, us []*pendingUnlock) []error {
 	for i, u := range us {
 		rs[i] = unlockReq(u.e.key, u.shared)
 		bySession[u.s] = append(bySession[u.s], rs[i])
-		if u.notify {
+		if u.notify && !u.s.pinned { // a pinned session's would be sent when it ends
 			tell[u.s] = append(tell[u.s], u.e.key)
 		}
 	}

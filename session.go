@@ -33,8 +33,9 @@ type session struct {
 	broken error        // guarded by sem: why the session was closed
 	stuck  <-chan error // guarded by sem: a statement abandoned by runStmt that may still run
 
-	// listening says the session LISTENs (set under sem, read anywhere).
-	listening atomic.Bool
+	// pinned says the session is pinned by a transaction of its own (see
+	// sql.go): set when it is readied.
+	pinned bool
 	// dead is set, before its loss is reported, once the session is closed
 	// or given back: a grant on it is then void (see table.grant).
 	dead atomic.Bool
@@ -54,6 +55,8 @@ type watchSlot struct {
 	want atomic.Int32
 	mu   sync.Mutex
 	idle *time.Timer
+	// listening says the session LISTENs (set under sem, read anywhere).
+	listening atomic.Bool
 }
 
 // pipeline is the statements waiting for a round trip on a session, and
@@ -208,7 +211,14 @@ func (s *session) discard(stmtTime time.Duration) {
 	defer cancel()
 	s.enter()
 	if s.broken == nil {
-		_ = s.runStmt(ctx, func(ctx context.Context) error { return s.c.exec(ctx, sqlUnlockAll) })
+		_ = s.runStmt(ctx, func(ctx context.Context) error {
+			if s.pinned {
+				// The wait's failure aborted the transaction: back to before
+				// the wait, where unlocking works.
+				_ = s.c.exec(ctx, sqlWaitUndo)
+			}
+			return s.c.exec(ctx, sqlUnlockAll)
+		})
 		s.closeConn()
 	}
 	s.leave()
@@ -229,7 +239,15 @@ func (s *session) giveBack(stmtTime time.Duration) {
 		return // closed already, by a watcher that saw the session end
 	}
 	err := s.runStmt(ctx, func(ctx context.Context) error {
-		if s.listening.Load() {
+		if s.pinned {
+			// Locks released first: COMMIT hands the server session back to
+			// the pooler, and the settings end with the transaction.
+			if err := s.c.exec(ctx, sqlUnlockAll); err != nil {
+				return err
+			}
+			return s.c.exec(ctx, sqlUnpin)
+		}
+		if s.watch.listening.Load() {
 			if err := s.c.exec(ctx, sqlUnlisten); err != nil {
 				return err
 			}
@@ -266,9 +284,17 @@ type opener struct {
 	src      source
 	cfg      *config
 	closeCtx context.Context // a wait for a pooled connection ends when the Locker closes
-	// poolingOK says a session of the pool was seen to be its own.
-	poolingOK atomic.Bool
+	// mode is how the pool's sessions are had: modeUnknown until the first
+	// is readied, then modeOwn or modePinned.
+	mode atomic.Int32
 }
+
+// How an opener's sessions are had.
+const (
+	modeUnknown = iota
+	modeOwn     // a session is the client's own (no proxy, or session pooling)
+	modePinned  // transaction pooling: a session is pinned by a transaction
+)
 
 // staleConn is a pooled connection that failed its first statement without
 // an error from the server.
@@ -301,14 +327,33 @@ func (o *opener) open1(ctx context.Context) (*session, error) {
 	s := &session{c: c, sem: make(chan struct{}, 1)}
 	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), o.cfg.stmtTime)
 	defer scancel()
-	var recovery bool
-	var set string
-	dest := []any{&s.pid, &recovery}
-	for i := range s.orig {
-		dest = append(dest, &s.orig[i])
+	if s.pinned, err = o.pinning(sctx, c); err == nil && s.pinned {
+		c.simple()
+		if err = c.exec(sctx, sqlPin); err != nil && sqlState(err) != "" {
+			// A statement pooler refuses transactions: nothing can pin a
+			// session there.
+			c.release()
+			return nil, fmt.Errorf("%w: %w", ErrTransactionPooling, err)
+		}
 	}
-	if err := c.query(sctx, sqlInitSession, sessionValues(o.cfg), append(dest, &set)...); err != nil {
+	var recovery bool
+	if err == nil {
+		init := sqlInitSession
+		if s.pinned {
+			init = sqlInitPinned
+		}
+		var set string
+		dest := []any{&s.pid, &recovery}
+		for i := range s.orig {
+			dest = append(dest, &s.orig[i])
+		}
+		err = c.query(sctx, init, sessionValues(o.cfg), append(dest, &set)...)
+	}
+	if err != nil {
 		c.destroy()
+		if errors.Is(err, ErrStandby) {
+			return nil, err
+		}
 		err = fmt.Errorf("ready connection: %w", err)
 		if sqlState(err) == "" {
 			err = staleConn{err}
@@ -325,16 +370,36 @@ func (o *opener) open1(ctx context.Context) (*session, error) {
 		})
 		_ = setUserTimeout(tc, o.cfg.serverBound())
 	}
-	if pid, ok := c.backendPID(); (!ok || pid != uint32(s.pid)) && !o.poolingOK.Load() {
-		// The BackendKeyData is not the backend's, so a proxy is in between;
-		// or the driver does not show it (lib/pq).
-		if err := o.checkPooling(sctx, s); err != nil {
-			s.giveBack(o.cfg.stmtTime)
-			return nil, err
-		}
-		o.poolingOK.Store(true) // owned, or could not tell: either way, do not ask again
-	}
 	return s, nil
+}
+
+// pinning reports whether sessions of the pool must be pinned by a
+// transaction of their own, finding out on the first session: if its
+// BackendKeyData is not its backend's, a proxy is in between (or the driver
+// does not show it: lib/pq), and a second client that lands on its server
+// session proves transaction pooling (see checkPooling). It runs nothing on
+// c that a pooler's next client could see.
+func (o *opener) pinning(ctx context.Context, c conn) (bool, error) {
+	switch o.mode.Load() {
+	case modeOwn:
+		return false, nil
+	case modePinned:
+		return true, nil
+	}
+	var pid int32
+	var recovery bool
+	if err := c.query(ctx, sqlProbe, nil, &pid, &recovery); err != nil {
+		return false, err
+	}
+	if recovery {
+		return false, ErrStandby
+	}
+	mode := int32(modeOwn)
+	if bpid, ok := c.backendPID(); (!ok || bpid != uint32(pid)) && o.checkPooling(ctx, pid) {
+		mode = modePinned
+	}
+	o.mode.CompareAndSwap(modeUnknown, mode)
+	return o.mode.Load() == modePinned, nil
 }
 
 // acquire takes a connection from the pool; the wait ends when the Locker
@@ -358,25 +423,51 @@ func (o *opener) acquire(ctx context.Context) (conn, error) {
 }
 
 // checkPooling tells session pooling from transaction pooling behind a
-// proxy. Under transaction pooling s's server session goes back to the
-// proxy's pool between statements, and the proxy hands its most recently
-// used session (PgBouncer's default) to the next client: so a second client
-// that lands on s's pid proves that s does not own its session
-// (ErrTransactionPooling). If no second connection can be had, it cannot
-// tell (nil), and the heartbeat still notices when s's statements run on
-// another session.
-func (o *opener) checkPooling(ctx context.Context, s *session) error {
+// proxy. Under transaction pooling a client's server session goes back to
+// the proxy's pool after each transaction, and the proxy hands its most
+// recently used session (PgBouncer's default) to the next client: so a
+// second client that lands on pid, the server session the first client's
+// statement just ran on, proves transaction pooling. If no second
+// connection can be had, it cannot tell (false), and the heartbeat still
+// notices when a session's statements run on another server session (the
+// locks on it are then reported lost, with ErrTransactionPooling).
+func (o *opener) checkPooling(ctx context.Context, pid int32) bool {
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	c2, err := o.src.acquire(ctx)
 	if err != nil {
-		return nil
+		return false
 	}
-	var pid int32
-	err = c2.query(ctx, sqlBackendPID, nil, &pid)
+	var pid2 int32
+	err = c2.query(ctx, sqlBackendPID, nil, &pid2)
 	c2.release()
-	if err == nil && pid == s.pid {
-		return ErrTransactionPooling
+	return err == nil && pid2 == pid
+}
+
+// token reads a fencing token on a connection of the pool other than the
+// Locker's sessions, in a transaction of its own, for a pinned session,
+// whose transaction must not get a transaction id.
+func (o *opener) token(ctx context.Context) (int64, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.cfg.stmtTime)
+	defer cancel()
+	c, err := o.acquire(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("fencing token: %w", err)
 	}
-	return nil
+	var t int64
+	if err := c.query(ctx, sqlToken, nil, &t); err != nil {
+		c.destroy()
+		return 0, fmt.Errorf("fencing token: %w", err)
+	}
+	c.release()
+	return t, nil
+}
+
+// tokens sets every one of tokens to one fencing token read by token.
+func (o *opener) tokens(ctx context.Context, tokens []int64) error {
+	t, err := o.token(ctx)
+	for i := range tokens {
+		tokens[i] = t
+	}
+	return err
 }

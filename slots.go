@@ -188,7 +188,7 @@ func (st slotTaker) trySlotsOnce(ctx context.Context, claimed []Key) (slotGot, e
 		return slotGot{}, err
 	}
 	got, token := -1, int64(0)
-	q, args := slotTryStmt(claimed, st.cfg.fencing)
+	q, args := slotTryStmt(claimed, st.cfg.fencing && !pl.s.pinned)
 	// A fenced try may have taken its slot before the token's transaction id
 	// found no room in the lock table: let go of any the statement took.
 	uq, uargs := keysStmt(stmtMuxUnlock, claimed, false)
@@ -204,6 +204,13 @@ func (st slotTaker) trySlotsOnce(ctx context.Context, claimed []Key) (slotGot, e
 	if got < 0 || got >= len(claimed) {
 		pl.end()
 		return slotGot{i: -1}, nil
+	}
+	if st.cfg.fencing && pl.s.pinned {
+		if token, err = st.pool.open.token(ctx); err != nil {
+			st.batch.doMany(context.Background(), pl.s, unlockReqs(claimed[got:got+1], false))
+			pl.end()
+			return slotGot{}, err
+		}
 	}
 	return slotGot{i: got, t: grantSet{l: pl, tokens: []int64{token}}}, nil
 }

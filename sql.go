@@ -131,19 +131,58 @@ const connectionCheck = "1s"
 //
 // sqlRestoreSession sets them back to $1, $2, ... (NULL: the server does not
 // have it).
-var sqlInitSession, sqlRestoreSession = func() (initQ, restoreQ string) {
-	var reads, sets, restores []string
+//
+// sqlInitPinned is sqlInitSession for a session pinned by a transaction of
+// its own (behind a transaction pooler: see pinning below): its settings are
+// made for that transaction only (set_config(…, true)), and end with it.
+var sqlInitSession, sqlRestoreSession, sqlInitPinned = func() (initQ, restoreQ, pinnedQ string) {
+	var reads, sets, locals, restores []string
 	for i, name := range sessionSettings {
 		p := "$" + strconv.Itoa(i+1) + "::text"
 		reads = append(reads, "current_setting('"+name+"', true)")
-		sets = append(sets, "CASE WHEN "+p+" IS NOT NULL AND current_setting('"+name+"', true) IS NOT NULL THEN set_config('"+name+"', "+p+", false) END")
+		set := "CASE WHEN " + p + " IS NOT NULL AND current_setting('" + name + "', true) IS NOT NULL THEN set_config('" + name + "', " + p
+		sets = append(sets, set+", false) END")
+		locals = append(locals, set+", true) END")
 		restores = append(restores, "CASE WHEN "+p+" IS NOT NULL THEN set_config('"+name+"', "+p+", false) END")
 	}
-	initQ = "SELECT pg_backend_pid(), pg_is_in_recovery(), " + strings.Join(reads, ", ") +
-		", concat(" + strings.Join(sets, ", ") + ")"
+	head := "SELECT pg_backend_pid(), pg_is_in_recovery(), " + strings.Join(reads, ", ")
+	initQ = head + ", concat(" + strings.Join(sets, ", ") + ")"
+	pinnedQ = head + ", concat(" + strings.Join(locals, ", ") + ")"
 	restoreQ = "SELECT concat(" + strings.Join(restores, ", ") + ")"
-	return initQ, restoreQ
+	return initQ, restoreQ, pinnedQ
 }()
+
+// Behind a transaction pooler (PgBouncer's pool_mode=transaction), a server
+// session belongs to a client only while the client is in a transaction.
+// The Locker then pins each session it uses with a transaction of its own,
+// from readying it to giving it back:
+//
+//	BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; sqlInitPinned
+//	... the Locker's statements, those that may fail between
+//	    SAVEPOINT pglocks_stmt and RELEASE (or ROLLBACK TO) SAVEPOINT pglocks_stmt,
+//	    a wait after SAVEPOINT pglocks_pin_wait ...
+//	SELECT pg_advisory_unlock_all(); COMMIT
+//
+// READ COMMITTED keeps no snapshot between statements, so an idle pinned
+// session shows no backend_xmin; nothing in it writes, so it never gets a
+// transaction id (backend_xid): fencing tokens are read on another
+// connection (sqlToken, in a transaction of its own). A failed statement
+// would abort the transaction, and ending that would hand the server
+// session, with its locks, to the pooler's next client: so what may fail
+// runs inside a savepoint, and a session whose transaction cannot be
+// recovered is closed, which the pooler answers by closing its server
+// session (PgBouncer: "client disconnect while server was not ready").
+const (
+	sqlProbe       = "SELECT pg_backend_pid(), pg_is_in_recovery()"
+	sqlPin         = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY"
+	sqlUnpin       = "COMMIT"
+	sqlStmtSave    = "SAVEPOINT pglocks_stmt"
+	sqlStmtRelease = "RELEASE SAVEPOINT pglocks_stmt"
+	sqlStmtUndo    = "ROLLBACK TO SAVEPOINT pglocks_stmt"
+	sqlWaitSave    = "SAVEPOINT pglocks_pin_wait"
+	sqlWaitRelease = "RELEASE SAVEPOINT pglocks_pin_wait"
+	sqlWaitUndo    = "ROLLBACK TO SAVEPOINT pglocks_pin_wait"
+)
 
 // notifyChannel is where Lockers tell each other of keys wanted and freed
 // (see mux.go). Notifications are per database, as locks are.
@@ -164,9 +203,10 @@ const (
 	sqlCancel     = "SELECT pg_cancel_backend($1)"
 
 	// sqlMarkLeader ends the session's application_name with the server's
-	// time, for Lead: $1 is the name and the " since=" mark.
+	// time, for Lead: $1 is the name and the " since=" mark; $2 is true on a
+	// pinned session, where the name lasts as long as its transaction.
 	sqlMarkLeader = `SELECT set_config('application_name',
-	$1::text || to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), false)`
+	$1::text || to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), $2::bool)`
 
 	// sqlHolders lists the sessions that hold a key in the current
 	// database, as JSON: $1 objsubid, $2 classid, $3 objid. It returns one
@@ -292,8 +332,13 @@ func stmt(kind stmtKind, key Key, shared, fenced bool) (string, []any) {
 }
 
 // sessionWait returns the wait statement of a session lock, for waitSpec.
-func sessionWait(key Key, shared, fenced bool) func(ms string) (string, []any) {
+// On a pinned session, whose set_config(…, true) lasts until the transaction
+// ends, a wait without a deadline sets lock_timeout to 0 itself.
+func sessionWait(key Key, shared, fenced, pinned bool) func(ms string) (string, []any) {
 	return func(ms string) (string, []any) {
+		if ms == "" && pinned {
+			ms = "0"
+		}
 		if ms == "" {
 			return stmt(stmtWait, key, shared, fenced)
 		}

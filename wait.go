@@ -326,12 +326,24 @@ func waitOn(ctx context.Context, w lease, keys []Key, shared bool, cfg *config, 
 	tokens := make([]int64, len(keys))
 	var stuck <-chan error
 	at := 0 // the key being waited for
-	var err error
+	pinned := w.s.pinned
 	w.s.enter()
+	err := w.s.broken
+	// The savepoint's statements are short; they run to the end (and at
+	// most stmtTime) whatever ctx says.
+	saveCtx, cancelSave := context.WithTimeout(context.WithoutCancel(ctx), cfg.stmtTime)
+	defer cancelSave()
+	if err == nil && pinned {
+		// A failed wait aborts the transaction: discard rolls back to here.
+		err = w.s.runStmt(saveCtx, func(ctx context.Context) error { return w.s.c.exec(ctx, sqlWaitSave) })
+	}
 	for i, key := range keys {
+		if err != nil {
+			break
+		}
 		at = i
 		err = waitLock(ctx, waitSpec{
-			stmt: sessionWait(key, shared, cfg.fencing),
+			stmt: sessionWait(key, shared, cfg.fencing && !pinned, pinned),
 			run: func(ctx context.Context, q string, args []any) error {
 				var s1, s2 string
 				return w.s.c.query(ctx, q, args, &s1, &s2, &tokens[i])
@@ -340,11 +352,14 @@ func waitOn(ctx context.Context, w lease, keys []Key, shared bool, cfg *config, 
 			abandon: func(done <-chan error) { stuck = done },
 			cut:     cutter(w.s.c),
 		})
-		if err != nil {
-			break
-		}
+	}
+	if err == nil && pinned {
+		err = w.s.runStmt(saveCtx, func(ctx context.Context) error { return w.s.c.exec(ctx, sqlWaitRelease) })
 	}
 	w.s.leave()
+	if err == nil && pinned && cfg.fencing {
+		err = w.p.open.tokens(ctx, tokens)
+	}
 	if err != nil {
 		// If the driver is still in the statement (stuck), the connection is
 		// discarded when it comes back.

@@ -48,7 +48,7 @@ type watchers struct {
 // idle arms s's idle timer after a batch: if s holds locks or listens and
 // stays idle for idleWatchAfter, a watcher reads its socket.
 func (ws *watchers) idle(s *session) {
-	if !s.c.watchable() || (s.held.Load() == 0 && !s.listening.Load()) || s.dead.Load() || ws.g.isClosed() {
+	if !s.c.watchable() || (s.held.Load() == 0 && !s.watch.listening.Load()) || s.dead.Load() || ws.g.isClosed() {
 		return
 	}
 	s.watch.mu.Lock()
@@ -114,7 +114,7 @@ func (ws *watchers) loop(s *session, w *watcher) {
 		// message is handled by pgx.
 		var n *pgconn.Notification
 		n, err = s.c.waitIdle(context.Background())
-		if n != nil && s.listening.Load() && n.PID != uint32(s.pid) {
+		if n != nil && s.watch.listening.Load() && n.PID != uint32(s.pid) {
 			ws.heard(n) // not our own
 		}
 		if err != nil && !pgconn.Timeout(err) {
@@ -146,7 +146,7 @@ var drained = func() context.Context {
 // drain hands on the notifications that arrived on s, the listening
 // session, while it ran statements. The caller holds sem.
 func (ws *watchers) drain(s *session) {
-	if !s.listening.Load() || s.broken != nil {
+	if !s.watch.listening.Load() || s.broken != nil {
 		return
 	}
 	for {

@@ -21,8 +21,11 @@ type PgBouncer struct {
 	// pgx's simple protocol (prepared statements do not survive
 	// transaction pooling in PgBouncer 1.18).
 	URL string
-	dir string
-	cmd *exec.Cmd
+	// AdminURL reaches PgBouncer's admin console (database "pgbouncer").
+	AdminURL string
+	dir      string
+	cmd      *exec.Cmd
+	start    func() error
 }
 
 // StartPgBouncer starts PgBouncer with pool_mode mode ("session",
@@ -52,6 +55,7 @@ listen_addr = 127.0.0.1
 listen_port = %d
 unix_socket_dir =
 auth_type = any
+admin_users = postgres
 pool_mode = %s
 max_client_conn = 500
 default_pool_size = 20
@@ -64,32 +68,44 @@ pidfile = %s
 		b.Stop()
 		return nil, err
 	}
-	b.cmd = exec.Command(bin, conf)
-	if s.cred != nil { // PgBouncer refuses to run as root
-		if err := os.Chown(dir, int(s.cred.Uid), int(s.cred.Gid)); err != nil {
-			b.Stop()
-			return nil, err
-		}
-		b.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
-	}
-	if err := b.cmd.Start(); err != nil {
-		b.Stop()
-		return nil, fmt.Errorf("pgtest: start pgbouncer: %w", err)
-	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	for end := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			break
+	b.start = func() error {
+		b.cmd = exec.Command(bin, conf)
+		if s.cred != nil { // PgBouncer refuses to run as root
+			if err := os.Chown(dir, int(s.cred.Uid), int(s.cred.Gid)); err != nil {
+				return err
+			}
+			b.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
 		}
-		if time.Now().After(end) {
-			log, _ := os.ReadFile(filepath.Join(dir, "pgbouncer.log"))
-			b.Stop()
-			return nil, fmt.Errorf("pgtest: pgbouncer did not listen on %s:\n%s", addr, log)
+		if err := b.cmd.Start(); err != nil {
+			return fmt.Errorf("pgtest: start pgbouncer: %w", err)
 		}
+		for end := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if c, err := net.Dial("tcp", addr); err == nil {
+				c.Close()
+				return nil
+			}
+			if time.Now().After(end) {
+				log, _ := os.ReadFile(filepath.Join(dir, "pgbouncer.log"))
+				return fmt.Errorf("pgtest: pgbouncer did not listen on %s:\n%s", addr, log)
+			}
+		}
+	}
+	if err := b.start(); err != nil {
+		b.Stop()
+		return nil, err
 	}
 	b.URL = fmt.Sprintf("postgres://postgres@%s/postgres?sslmode=disable&default_query_exec_mode=simple_protocol", addr)
+	b.AdminURL = fmt.Sprintf("postgres://postgres@%s/pgbouncer?sslmode=disable&default_query_exec_mode=simple_protocol", addr)
 	return b, nil
+}
+
+// Restart kills PgBouncer (SIGKILL: every client and server connection
+// ends) and starts it again on the same port.
+func (b *PgBouncer) Restart() error {
+	_ = b.cmd.Process.Kill()
+	_ = b.cmd.Wait()
+	return b.start()
 }
 
 // Stop stops PgBouncer and removes its files.
