@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -46,8 +48,21 @@ func (s *spans) add(x span) {
 // Every critical section is written through a fence (the classic use of
 // fencing tokens). At the end: no two accepted sections of a key overlap, and
 // nothing is left behind.
+//
+// It runs twice: straight to the server, and through PgBouncer in
+// transaction pooling (where the Locker pins its sessions), with the
+// partitions cut between PgBouncer and the server.
 func TestChaos(t *testing.T) {
 	t.Parallel()
+	for _, via := range []string{"direct", "pgbouncer"} {
+		t.Run(via, func(t *testing.T) {
+			t.Parallel()
+			chaos(t, via == "pgbouncer")
+		})
+	}
+}
+
+func chaos(t *testing.T, bouncer bool) {
 	const (
 		run     = 30 * time.Second
 		workers = 8
@@ -67,6 +82,18 @@ func TestChaos(t *testing.T) {
 		t.Fatal(err)
 	}
 	dsn := withHostPort(fs.URL, proxy.Addr()) + "&application_name=chaos"
+	stopBouncer := func() {}
+	if bouncer {
+		_, port, _ := strings.Cut(proxy.Addr(), ":")
+		p, _ := strconv.Atoi(port)
+		b, err := fs.StartPgBouncerVia("transaction", p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer b.Stop()
+		stopBouncer = b.Stop // its idle server connections keep the last client's application_name
+		dsn = b.URL + "&application_name=chaos"
+	}
 
 	ctx, stop := context.WithTimeout(context.Background(), run)
 	defer stop()
@@ -242,6 +269,7 @@ func TestChaos(t *testing.T) {
 		for _, b := range seen.s[i+1:] {
 			if a.key == b.key && a.start.Before(b.end) && b.start.Before(a.end) && !nearFault(a) && !nearFault(b) {
 				unexplained++
+				t.Logf("key %d: sections %v–%v and %v–%v overlap", a.key, a.start.Format("15:04:05.000"), a.end.Format("15:04:05.000"), b.start.Format("15:04:05.000"), b.end.Format("15:04:05.000"))
 			}
 		}
 	}
@@ -258,6 +286,7 @@ func TestChaos(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("faults: %v", faults)
+
 	t.Logf("sections: %d session-lock, %d transaction-lock, %d two-key LockAll, %d leader and %d crowd sections done (up to %d waits multiplexed at once), %d accepted by the fence; %d refused as stale, %d ended by a lost lock, %d failed (faults)",
 		sessionOK.Load(), txOK.Load(), setOK.Load(), leaderOK.Load(), crowdOK.Load(), muxSeen.Load(), accepted, stale.Load(), lost.Load(), failed.Load())
 	if overlaps != 0 {
@@ -266,6 +295,12 @@ func TestChaos(t *testing.T) {
 	if sessionOK.Load() == 0 || txOK.Load() == 0 || setOK.Load() == 0 || leaderOK.Load() == 0 || crowdOK.Load() == 0 || muxSeen.Load() == 0 {
 		t.Error("a kind of critical section never completed: the test did not exercise it")
 	}
+	if len(serverLocks(t, fs)) != 0 {
+		// Nothing is held once the workers have closed their Lockers,
+		// PgBouncer's server connections included.
+		waitFor(t, 10*time.Second, "no locks on the server", func() bool { return len(serverLocks(t, fs)) == 0 })
+	}
+	stopBouncer()
 	waitFor(t, 30*time.Second, "no locks and no worker sessions on the server", func() bool {
 		var n int
 		_ = fs.Admin.QueryRow(context.Background(), "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'chaos%'").Scan(&n)

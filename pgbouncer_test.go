@@ -177,6 +177,24 @@ func TestPgBouncer(t *testing.T) {
 		}
 	})
 
+	t.Run("statement pooling", func(t *testing.T) {
+		b, err := fs.StartPgBouncer("statement")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer b.Stop()
+		for _, d := range drivers {
+			t.Run(d.name, func(t *testing.T) {
+				l := lockerOn(t, d, bouncerURL(b, d))
+				_, err := l.Lock(t.Context(), pglocks.ID(4))
+				wantErr(t, err, pglocks.ErrTransactionPooling)
+				if locks := serverLocks(t, fs); len(locks) != 0 {
+					t.Fatalf("locks left on the server: %v", locks)
+				}
+			})
+		}
+	})
+
 	t.Run("session pooling", func(t *testing.T) {
 		b, err := fs.StartPgBouncer("session")
 		if err != nil {

@@ -6,9 +6,11 @@ package pglocks
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -294,6 +296,9 @@ const (
 	modeUnknown = iota
 	modeOwn     // a session is the client's own (no proxy, or session pooling)
 	modePinned  // transaction pooling: a session is pinned by a transaction
+	// statement pooling: no transaction can pin a session
+	// (ErrTransactionPooling)
+	modeStatement
 )
 
 // staleConn is a pooled connection that failed its first statement without
@@ -327,13 +332,21 @@ func (o *opener) open1(ctx context.Context) (*session, error) {
 	s := &session{c: c, sem: make(chan struct{}, 1)}
 	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), o.cfg.stmtTime)
 	defer scancel()
+	probed := o.mode.Load() == modeUnknown
 	if s.pinned, err = o.pinning(sctx, c); err == nil && s.pinned {
 		c.simple()
-		if err = c.exec(sctx, sqlPin); err != nil && sqlState(err) != "" {
-			// A statement pooler refuses transactions: nothing can pin a
-			// session there.
-			c.release()
+		// lib/pq hides a FATAL behind driver.ErrBadConn: on a connection that
+		// answered the probe a moment ago, that is the refusal too.
+		if err = c.exec(sctx, sqlPin); err != nil && (strings.Contains(err.Error(), "statement pooling") ||
+			probed && errors.Is(err, driver.ErrBadConn)) {
+			// A statement pooler refuses transactions (PgBouncer: "transaction
+			// blocks not allowed in statement pooling mode"): nothing can pin
+			// a session there.
+			o.mode.Store(modeStatement)
+			c.destroy()
 			return nil, fmt.Errorf("%w: %w", ErrTransactionPooling, err)
+		} else if err != nil {
+			err = fmt.Errorf("begin: %w", err)
 		}
 	}
 	var recovery bool
@@ -351,7 +364,7 @@ func (o *opener) open1(ctx context.Context) (*session, error) {
 	}
 	if err != nil {
 		c.destroy()
-		if errors.Is(err, ErrStandby) {
+		if errors.Is(err, ErrStandby) || errors.Is(err, ErrTransactionPooling) {
 			return nil, err
 		}
 		err = fmt.Errorf("ready connection: %w", err)
@@ -374,17 +387,21 @@ func (o *opener) open1(ctx context.Context) (*session, error) {
 }
 
 // pinning reports whether sessions of the pool must be pinned by a
-// transaction of their own, finding out on the first session: if its
-// BackendKeyData is not its backend's, a proxy is in between (or the driver
-// does not show it: lib/pq), and a second client that lands on its server
-// session proves transaction pooling (see checkPooling). It runs nothing on
-// c that a pooler's next client could see.
+// transaction of their own, finding out on the first session. With pgx
+// drivers, a BackendKeyData that is not the backend's says a proxy is in
+// between: its sessions are pinned, which is safe under any pooling mode (a
+// session pooler's included) and needed under transaction pooling. lib/pq
+// does not show the BackendKeyData: there a second client that lands on the
+// first's server session proves transaction pooling (see checkPooling). It
+// runs nothing on c that a pooler's next client could see.
 func (o *opener) pinning(ctx context.Context, c conn) (bool, error) {
 	switch o.mode.Load() {
 	case modeOwn:
 		return false, nil
 	case modePinned:
 		return true, nil
+	case modeStatement:
+		return false, fmt.Errorf("%w: the pooler refuses transactions (statement pooling)", ErrTransactionPooling)
 	}
 	var pid int32
 	var recovery bool
@@ -395,7 +412,7 @@ func (o *opener) pinning(ctx context.Context, c conn) (bool, error) {
 		return false, ErrStandby
 	}
 	mode := int32(modeOwn)
-	if bpid, ok := c.backendPID(); (!ok || bpid != uint32(pid)) && o.checkPooling(ctx, pid) {
+	if bpid, ok := c.backendPID(); ok && bpid != uint32(pid) || !ok && o.checkPooling(ctx, pid) {
 		mode = modePinned
 	}
 	o.mode.CompareAndSwap(modeUnknown, mode)
@@ -423,25 +440,32 @@ func (o *opener) acquire(ctx context.Context) (conn, error) {
 }
 
 // checkPooling tells session pooling from transaction pooling behind a
-// proxy. Under transaction pooling a client's server session goes back to
-// the proxy's pool after each transaction, and the proxy hands its most
-// recently used session (PgBouncer's default) to the next client: so a
-// second client that lands on pid, the server session the first client's
-// statement just ran on, proves transaction pooling. If no second
-// connection can be had, it cannot tell (false), and the heartbeat still
-// notices when a session's statements run on another server session (the
-// locks on it are then reported lost, with ErrTransactionPooling).
+// proxy, for a driver that does not show the BackendKeyData (lib/pq). Under
+// transaction pooling a client's server session goes back to the proxy's
+// pool after each transaction, and the proxy hands its most recently used
+// session (PgBouncer's default) to the next client: so a second client that
+// lands on pid, the server session the first client's statement just ran
+// on, proves transaction pooling. Other clients of the pooler may take that
+// session first, so it asks a few times; if none lands there, it cannot
+// tell (false), and the heartbeat still notices when a session's
+// statements reach another server session (the locks on it are then
+// reported lost, with ErrTransactionPooling).
 func (o *opener) checkPooling(ctx context.Context, pid int32) bool {
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
-	c2, err := o.src.acquire(ctx)
-	if err != nil {
-		return false
+	for range 3 {
+		c2, err := o.src.acquire(ctx)
+		if err != nil {
+			return false
+		}
+		var pid2 int32
+		err = c2.query(ctx, sqlBackendPID, nil, &pid2)
+		c2.release()
+		if err == nil && pid2 == pid {
+			return true
+		}
 	}
-	var pid2 int32
-	err = c2.query(ctx, sqlBackendPID, nil, &pid2)
-	c2.release()
-	return err == nil && pid2 == pid
+	return false
 }
 
 // token reads a fencing token on a connection of the pool other than the

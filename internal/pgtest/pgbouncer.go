@@ -31,6 +31,12 @@ type PgBouncer struct {
 // StartPgBouncer starts PgBouncer with pool_mode mode ("session",
 // "transaction") in front of s.
 func (s *Server) StartPgBouncer(mode string) (*PgBouncer, error) {
+	return s.StartPgBouncerVia(mode, s.port)
+}
+
+// StartPgBouncerVia is StartPgBouncer with PgBouncer reaching s through
+// 127.0.0.1:port (a Proxy in between, say).
+func (s *Server) StartPgBouncerVia(mode string, serverPort int) (*PgBouncer, error) {
 	bin, err := exec.LookPath("pgbouncer")
 	if err != nil {
 		if _, serr := os.Stat("/usr/sbin/pgbouncer"); serr != nil {
@@ -56,13 +62,14 @@ listen_port = %d
 unix_socket_dir =
 auth_type = any
 admin_users = postgres
+server_login_retry = 1
 pool_mode = %s
 max_client_conn = 500
 default_pool_size = 20
 ignore_startup_parameters = extra_float_digits,options
 logfile = %s
 pidfile = %s
-`, s.port, port, mode, filepath.Join(dir, "pgbouncer.log"), filepath.Join(dir, "pgbouncer.pid"))
+`, serverPort, port, mode, filepath.Join(dir, "pgbouncer.log"), filepath.Join(dir, "pgbouncer.pid"))
 	conf := filepath.Join(dir, "pgbouncer.ini")
 	if err := os.WriteFile(conf, []byte(ini), 0o644); err != nil {
 		b.Stop()
