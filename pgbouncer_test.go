@@ -599,3 +599,75 @@ func TestPgBouncerAPIs(t *testing.T) {
 		})
 	}
 }
+
+// The pool's size bounds what the Locker pins (WithMaxConns), and the
+// application's own queries through the same pool and pooler keep flowing
+// while hundreds of goroutines wait.
+func TestPgBouncerAppFlows(t *testing.T) {
+	t.Parallel()
+	fs := pgtest.Local(t, pgtest.Options{})
+	b, err := fs.StartPgBouncer("transaction")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Stop()
+	cfg, err := pgxpool.ParseConfig(b.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxConns = 4
+	pool, err := pgxpool.NewWithConfig(t.Context(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	l, err := pglocks.New(pool, pglocks.WithMaxConns(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	direct, err := pgx.Connect(t.Context(), fs.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close(context.Background())
+	const n = 200
+	if _, err := direct.Exec(t.Context(), "SELECT pg_advisory_lock(g) FROM generate_series(1, $1) g", n); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Go(func() {
+			lk, err := l.Lock(t.Context(), pglocks.ID(int64(i+1)))
+			if err == nil {
+				err = lk.Release(t.Context())
+			}
+			errs <- err
+		})
+	}
+	waitFor(t, 10*time.Second, "the waits", func() bool { s, m := pglocks.WaitsForTest(l); return s+m == n })
+	for i := range 50 {
+		began := time.Now()
+		var one int
+		if err := pool.QueryRow(t.Context(), "SELECT 1").Scan(&one); err != nil {
+			t.Fatal(err)
+		}
+		if d := time.Since(began); d > time.Second {
+			t.Fatalf("the application's query %d took %v while %d goroutines waited", i, d, n)
+		}
+	}
+	if got := l.Stat().Sessions(); got > 2 {
+		t.Fatalf("the Locker pins %d sessions, more than WithMaxConns", got)
+	}
+	if _, err := direct.Exec(t.Context(), "SELECT pg_advisory_unlock_all()"); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
