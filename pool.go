@@ -290,8 +290,9 @@ func (p *pool) waited(s *session) {
 }
 
 // dropWait ends the lease on a wait session whose wait failed and closes it
-// (see session.discard): now, or once stuck yields if the driver is still
-// in the wait's statement (it no longer counts against max meanwhile).
+// (see session.discard), and only then stops counting it against max; or,
+// if the driver is still in the wait's statement, once stuck yields (it no
+// longer counts meanwhile).
 func (p *pool) dropWait(l lease, stuck <-chan error) {
 	s := l.s
 	p.mu.Lock()
@@ -300,7 +301,11 @@ func (p *pool) dropWait(l lease, stuck <-chan error) {
 		p.st.waiting--
 	}
 	s.dead.Store(true)
-	p.st.uncount(s)
+	if stuck != nil {
+		// The driver may stay in the statement for long (lib/pq on a silent
+		// network): it stops counting now, and is closed when it returns.
+		p.st.uncount(s)
+	}
 	p.mu.Unlock()
 	if stuck != nil {
 		go func() {
@@ -309,6 +314,9 @@ func (p *pool) dropWait(l lease, stuck <-chan error) {
 		}()
 	} else {
 		s.discard(p.cfg.stmtTime)
+		p.mu.Lock()
+		p.st.uncount(s) // only now: it is closed
+		p.mu.Unlock()
 	}
 	p.ev.freed()
 }

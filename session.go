@@ -332,23 +332,7 @@ func (o *opener) open1(ctx context.Context) (*session, error) {
 	s := &session{c: c, sem: make(chan struct{}, 1)}
 	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), o.cfg.stmtTime)
 	defer scancel()
-	probed := o.mode.Load() == modeUnknown
-	if s.pinned, err = o.pinning(sctx, c); err == nil && s.pinned {
-		c.simple()
-		// lib/pq hides a FATAL behind driver.ErrBadConn: on a connection that
-		// answered the probe a moment ago, that is the refusal too.
-		if err = c.exec(sctx, sqlPin); err != nil && (strings.Contains(err.Error(), "statement pooling") ||
-			probed && errors.Is(err, driver.ErrBadConn)) {
-			// A statement pooler refuses transactions (PgBouncer: "transaction
-			// blocks not allowed in statement pooling mode"): nothing can pin
-			// a session there.
-			o.mode.Store(modeStatement)
-			c.destroy()
-			return nil, fmt.Errorf("%w: %w", ErrTransactionPooling, err)
-		} else if err != nil {
-			err = fmt.Errorf("begin: %w", err)
-		}
-	}
+	s.pinned, err = o.pin(sctx, c)
 	var recovery bool
 	if err == nil {
 		init := sqlInitSession
@@ -384,6 +368,31 @@ func (o *opener) open1(ctx context.Context) (*session, error) {
 		_ = setUserTimeout(tc, o.cfg.serverBound())
 	}
 	return s, nil
+}
+
+// pin pins c by a transaction of its own if the pool's sessions must be
+// (see pinning), and reports whether it did.
+func (o *opener) pin(ctx context.Context, c conn) (bool, error) {
+	probed := o.mode.Load() == modeUnknown
+	pinned, err := o.pinning(ctx, c)
+	if err != nil || !pinned {
+		return false, err
+	}
+	c.simple()
+	err = c.exec(ctx, sqlPin)
+	// lib/pq hides a FATAL behind driver.ErrBadConn: on a connection that
+	// answered the probe a moment ago, that is the refusal too.
+	if err != nil && (strings.Contains(err.Error(), "statement pooling") || probed && errors.Is(err, driver.ErrBadConn)) {
+		// A statement pooler refuses transactions (PgBouncer: "transaction
+		// blocks not allowed in statement pooling mode"): nothing can pin a
+		// session there.
+		o.mode.Store(modeStatement)
+		return false, fmt.Errorf("%w: %w", ErrTransactionPooling, err)
+	}
+	if err != nil {
+		return false, fmt.Errorf("begin: %w", err)
+	}
+	return true, nil
 }
 
 // pinning reports whether sessions of the pool must be pinned by a
