@@ -226,7 +226,10 @@ func (a *acquirer) serverTake(ctx context.Context, keys []Key, o lockConfig, wai
 		}
 	}
 	if !o.own {
-		t, err := retryBroken(ctx, func() (grantSet, error) { return a.tryAll(ctx, keys, o.shared) })
+		t, err := a.tryAll(ctx, keys, o.shared)
+		if broken(ctx, err) {
+			t, err = a.tryAll(ctx, keys, o.shared) // once more, on a fresh session
+		}
 		if err == nil || !errors.Is(err, ErrLocked) || !wait {
 			return t, err
 		}
@@ -274,15 +277,15 @@ type brokenSession struct{ error }
 
 func (b brokenSession) Unwrap() error { return b.error }
 
-// retryBroken runs try, which tries on the primary, once more (on a fresh
-// session) if it failed because the primary's session had ended.
-func retryBroken[T any](ctx context.Context, try func() (T, error)) (T, error) {
-	v, err := try()
-	var broke brokenSession
-	if errors.As(err, &broke) && ctx.Err() == nil {
-		return try()
+// broken reports whether err is a try's that failed because the primary's
+// session had ended (brokenSession), so that one more try, on a fresh
+// session, may do.
+func broken(ctx context.Context, err error) bool {
+	if err == nil {
+		return false // no brokenSession to move to the heap on the hot path
 	}
-	return v, err
+	var broke brokenSession
+	return errors.As(err, &broke) && ctx.Err() == nil
 }
 
 // tryAll tries every key on the primary, in one round trip where the driver
@@ -340,7 +343,7 @@ func tryReqs(keys []Key, shared, fenced bool, oks []bool, tokens []int64) []*req
 	rs := make([]*req, len(keys))
 	for i, k := range keys {
 		q, args := stmt(stmtTry, k, shared, fenced)
-		rs[i] = &req{row: row{q: q, args: args, dest: []any{&oks[i], &tokens[i]}}, onErr: onFullUnlock("", nil)}
+		rs[i] = &req{row: row{q: q, args: args, dest: []any{&oks[i], &tokens[i]}}, onErr: onFullKeep}
 		if fenced {
 			// With fencing the lock may have taken the last slot of the lock
 			// table and the token's transaction id found none: the session

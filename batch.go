@@ -75,13 +75,13 @@ func (b *batcher) enqueue(s *session, rs ...*req) {
 	s.pipe.leading = true
 	s.pipe.mu.Unlock()
 	if lead {
-		b.send(s)
+		b.flush(s)
 	}
 }
 
-// send runs s's queued statements until none is left, then arms the
+// flush runs s's queued statements until none is left, then arms the
 // session's idle watcher.
-func (b *batcher) send(s *session) {
+func (b *batcher) flush(s *session) {
 	for {
 		s.pipe.mu.Lock()
 		n := min(len(s.pipe.queue), maxBatch)
@@ -120,7 +120,10 @@ func (b *batcher) run(s *session, batch []*req) (redo []*req) {
 			r.err = s.broken
 		}
 		return nil
-	case len(batch) > 1 && s.c.pipelines() && (!b.cfg.fencing || s.pinned):
+	case s.c.pipelines() && s.pinned:
+		// Between a savepoint and its release, in one round trip.
+		return b.runPipelined(s, batch)
+	case len(batch) > 1 && s.c.pipelines() && !b.cfg.fencing:
 		return b.runPipelined(s, batch)
 	}
 	// One at a time: fencing tokens must each come from a transaction of
@@ -150,7 +153,7 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 	// also ends the portal of the last statement, which would otherwise
 	// keep its snapshot while the session idles (extended protocol).
 	saved := s.pinned
-	failed, err, cerr := send(s, batch, saved)
+	failed, err, cerr := sendRows(s, batch, saved)
 	var bad error // why the session must go
 	switch {
 	case failed < 0 && cerr != nil:
@@ -263,6 +266,9 @@ func notifyReq(p string) *req {
 		onErr: func(_ context.Context, _ conn, err error) error { return keepConn{err} }}
 }
 
+// onFullKeep is onFullUnlock for a try that holds nothing when it fails.
+var onFullKeep = onFullUnlock("", nil)
+
 // onFullUnlock is the onErr of a try when the server's lock table fills up
 // during it (ErrLockTableFull): what the statement took before it failed
 // stays held, since session locks outlive a failed statement, so q (with
@@ -282,10 +288,10 @@ func onFullUnlock(q string, args []any) func(ctx context.Context, c conn, err er
 	}
 }
 
-// send sends batch in one round trip (between a savepoint and its release
+// sendRows sends batch in one round trip (between a savepoint and its release
 // if saved), and returns the index in batch of the statement that failed,
 // or -1, and the errors as conn.batch does.
-func send(s *session, batch []*req, saved bool) (failed int, err, cerr error) {
+func sendRows(s *session, batch []*req, saved bool) (failed int, err, cerr error) {
 	rows := make([]row, 0, len(batch)+2)
 	if saved {
 		rows = append(rows, row{q: sqlStmtSave})

@@ -671,3 +671,31 @@ func TestPgBouncerAppFlows(t *testing.T) {
 		}
 	}
 }
+
+// A pooler that ends idle transactions (PgBouncer's
+// idle_transaction_timeout) never fires on a session that holds locks: the
+// heartbeat runs a statement on it every interval. A hold longer than the
+// timeout stays held, and excludes another client all along.
+func TestPgBouncerIdleTransactionTimeout(t *testing.T) {
+	t.Parallel()
+	fs := pgtest.Local(t, pgtest.Options{})
+	b, err := fs.StartPgBouncer("transaction", "idle_transaction_timeout = 2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Stop) // after the parallel subtests
+	for _, d := range drivers {
+		t.Run(d.name, func(t *testing.T) {
+			t.Parallel()
+			key := testKey(t, 0)
+			l := lockerOn(t, d, bouncerURL(b, d), pglocks.WithHeartbeat(500*time.Millisecond, time.Second))
+			lk := mustLock(t, l, key)
+			for end := time.Now().Add(4 * time.Second); time.Now().Before(end); time.Sleep(250 * time.Millisecond) {
+				if lk.Err() != nil || heldOn(t, fs, key) == 0 {
+					t.Fatalf("the hold ended under idle_transaction_timeout: %v", lk.Err())
+				}
+			}
+			mustRelease(t, lk)
+		})
+	}
+}

@@ -119,7 +119,10 @@ func (st slotTaker) trySlots(ctx context.Context, base Key, keys []Key, o lockCo
 	}
 	for attempt := 1; ; attempt++ {
 		claimed := entryKeys(es)
-		g, err := retryBroken(ctx, func() (slotGot, error) { return st.trySlotsOnce(ctx, claimed) })
+		g, err := st.trySlotsOnce(ctx, claimed)
+		if broken(ctx, err) {
+			g, err = st.trySlotsOnce(ctx, claimed) // once more, on a fresh session
+		}
 		switch {
 		case err != nil:
 			st.table.abandon(es...)

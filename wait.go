@@ -329,13 +329,9 @@ func waitOn(ctx context.Context, w lease, keys []Key, shared bool, cfg *config, 
 	pinned := w.s.pinned
 	w.s.enter()
 	err := w.s.broken
-	// The savepoint's statements are short; they run to the end (and at
-	// most stmtTime) whatever ctx says.
-	saveCtx, cancelSave := context.WithTimeout(context.WithoutCancel(ctx), cfg.stmtTime)
-	defer cancelSave()
 	if err == nil && pinned {
 		// A failed wait aborts the transaction: discard rolls back to here.
-		err = w.s.runStmt(saveCtx, func(ctx context.Context) error { return w.s.c.exec(ctx, sqlWaitSave) })
+		err = pinStmt(ctx, w.s, sqlWaitSave, cfg.stmtTime)
 	}
 	for i, key := range keys {
 		if err != nil {
@@ -354,7 +350,7 @@ func waitOn(ctx context.Context, w lease, keys []Key, shared bool, cfg *config, 
 		})
 	}
 	if err == nil && pinned {
-		err = w.s.runStmt(saveCtx, func(ctx context.Context) error { return w.s.c.exec(ctx, sqlWaitRelease) })
+		err = pinStmt(ctx, w.s, sqlWaitRelease, cfg.stmtTime)
 	}
 	w.s.leave()
 	if err == nil && pinned && cfg.fencing {
@@ -367,6 +363,15 @@ func waitOn(ctx context.Context, w lease, keys []Key, shared bool, cfg *config, 
 		return grantSet{}, at, classify(err)
 	}
 	return grantSet{l: w, tokens: tokens, own: true}, 0, nil
+}
+
+// pinStmt runs q, a savepoint's statement, on a pinned session s held by
+// the caller: short, it runs to the end (at most stmtTime) whatever ctx
+// says.
+func pinStmt(ctx context.Context, s *session, q string, stmtTime time.Duration) error {
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stmtTime)
+	defer cancel()
+	return s.runStmt(sctx, func(ctx context.Context) error { return s.c.exec(ctx, q) })
 }
 
 // cutter returns what cuts c's socket under a running statement, for

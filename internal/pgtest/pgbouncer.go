@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -29,14 +30,15 @@ type PgBouncer struct {
 }
 
 // StartPgBouncer starts PgBouncer with pool_mode mode ("session",
-// "transaction") in front of s.
-func (s *Server) StartPgBouncer(mode string) (*PgBouncer, error) {
-	return s.StartPgBouncerVia(mode, s.port)
+// "transaction") in front of s. Each of settings is a line of
+// pgbouncer.ini's [pgbouncer] section ("idle_transaction_timeout = 2").
+func (s *Server) StartPgBouncer(mode string, settings ...string) (*PgBouncer, error) {
+	return s.StartPgBouncerVia(mode, s.port, settings...)
 }
 
 // StartPgBouncerVia is StartPgBouncer with PgBouncer reaching s through
 // 127.0.0.1:port (a Proxy in between, say).
-func (s *Server) StartPgBouncerVia(mode string, serverPort int) (*PgBouncer, error) {
+func (s *Server) StartPgBouncerVia(mode string, serverPort int, settings ...string) (*PgBouncer, error) {
 	bin, err := exec.LookPath("pgbouncer")
 	if err != nil {
 		if _, serr := os.Stat("/usr/sbin/pgbouncer"); serr != nil {
@@ -69,7 +71,8 @@ default_pool_size = 20
 ignore_startup_parameters = extra_float_digits,options
 logfile = %s
 pidfile = %s
-`, serverPort, port, mode, filepath.Join(dir, "pgbouncer.log"), filepath.Join(dir, "pgbouncer.pid"))
+`, serverPort, port, mode, filepath.Join(dir, "pgbouncer.log"), filepath.Join(dir, "pgbouncer.pid")) +
+		strings.Join(settings, "\n") + "\n"
 	conf := filepath.Join(dir, "pgbouncer.ini")
 	if err := os.WriteFile(conf, []byte(ini), 0o644); err != nil {
 		b.Stop()
