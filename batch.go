@@ -115,9 +115,9 @@ func (b *batcher) flush(s *session) {
 // server skipped), to be sent again.
 func (b *batcher) run(s *session, batch []*req) (redo []*req) {
 	switch {
-	case s.broken != nil:
+	case s.guard.broken != nil:
 		for _, r := range batch {
-			r.err = s.broken
+			r.err = s.guard.broken
 		}
 		return nil
 	case s.c.pipelines() && s.pinned:
@@ -134,7 +134,7 @@ func (b *batcher) run(s *session, batch []*req) (redo []*req) {
 		if _, keep := r.err.(keepConn); r.err != nil && !keep {
 			b.pool.fail(s, r.err)
 			for _, rest := range batch[i+1:] {
-				rest.err = s.broken
+				rest.err = s.guard.broken
 			}
 			return nil
 		}
@@ -199,7 +199,7 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 	if failed >= 0 {
 		for _, r := range batch[failed:] {
 			if r.err == nil {
-				r.err = s.broken
+				r.err = s.guard.broken
 			}
 		}
 	}

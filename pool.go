@@ -225,7 +225,7 @@ func (p *pool) waitSession(ctx context.Context, block bool) (lease, error) {
 		s.use.waiting, s.use.users = true, 1
 		p.mu.Unlock()
 		s.enter() // a heartbeat may have left a watcher on it
-		broken := s.broken
+		broken := s.guard.broken
 		s.leave()
 		if broken == nil && !s.dead.Load() {
 			return lease{p, s}, nil
@@ -498,7 +498,7 @@ func (p *pool) mark(s *session) (lease, bool) {
 // holder must hear of the loss before the server can free the locks. The
 // caller holds s.sem.
 func (p *pool) fail(s *session, err error) {
-	s.broken = fmt.Errorf("connection closed after an error: %w", err)
+	s.guard.broken = fmt.Errorf("connection closed after an error: %w", err)
 	p.lose(s, err)
 	s.closeConn()
 }
@@ -539,8 +539,8 @@ func (p *pool) listen(s *session) error {
 	}
 	s.enter()
 	defer s.leave()
-	if s.watch.listening.Load() || s.broken != nil {
-		return s.broken
+	if s.watch.listening.Load() || s.guard.broken != nil {
+		return s.guard.broken
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.stmtTime)
 	defer cancel()
@@ -632,7 +632,7 @@ func (p *pool) probe(s *session) {
 		}
 		return
 	}
-	if s.broken != nil {
+	if s.guard.broken != nil {
 		s.leave()
 		return
 	}
@@ -665,7 +665,7 @@ func (p *pool) cancelBackend(ctx context.Context, pid int32) error {
 	sctx, cancel := context.WithTimeout(ctx, p.cfg.stmtTime)
 	defer cancel()
 	s.enter()
-	err = s.broken
+	err = s.guard.broken
 	if err == nil {
 		var ok bool
 		err = s.runStmt(sctx, func(ctx context.Context) error { return s.c.query(ctx, sqlCancel, []any{pid}, &ok) })

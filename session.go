@@ -21,7 +21,7 @@ import (
 // what:
 //
 //   - sem (a semaphore of one) is held by whoever uses the connection: a
-//     statement, a wait, a watcher. It guards broken and stuck.
+//     statement, a wait, a watcher. It guards guard.
 //   - pipe.mu guards the statements queued for a round trip (batch.go),
 //     watch.mu the idle timer (watch.go).
 //   - pool.mu guards use (how the pool counts the session: pool.go).
@@ -31,9 +31,8 @@ type session struct {
 	pid  int32                              // pg_backend_pid() when the session was readied
 	orig [numSessionSettings]sql.NullString // what sqlInitSession replaced, for sqlRestoreSession
 
-	sem    chan struct{}
-	broken error        // guarded by sem: why the session was closed
-	stuck  <-chan error // guarded by sem: a statement abandoned by runStmt that may still run
+	sem   chan struct{}
+	guard semState // guarded by sem
 
 	// pinned says the session is pinned by a transaction of its own (see
 	// sql.go): set when it is readied.
@@ -47,6 +46,16 @@ type session struct {
 	watch watchSlot // its watcher, if one runs (watch.go)
 	pipe  pipeline  // statements waiting for a round trip (batch.go)
 	use   useState  // guarded by pool.mu (pool.go)
+}
+
+// semState is what session.sem guards.
+type semState struct {
+	broken error        // why the session was closed
+	stuck  <-chan error // a statement abandoned by runStmt that may still run
+	// waitSaved says a pinned session's transaction has the savepoint of
+	// its last wait (sqlWaitSave), kept after the grant: the next wait
+	// releases it in the same round trip as it makes its own.
+	waitSaved bool
 }
 
 // watchSlot is the watcher of a session, if one runs, and how many
@@ -185,7 +194,7 @@ func (s *session) runStmt(ctx context.Context, f func(ctx context.Context) error
 	case err := <-res:
 		return err
 	case <-t.C:
-		s.stuck = res
+		s.guard.stuck = res
 		return fmt.Errorf("statement did not end at its deadline: %w", context.DeadlineExceeded)
 	}
 }
@@ -194,11 +203,11 @@ func (s *session) runStmt(ctx context.Context, f func(ctx context.Context) error
 // abandoned by runStmt still runs on it, when that statement ends. The
 // caller holds sem, or nothing else uses the session any more.
 func (s *session) closeConn() {
-	if s.stuck == nil {
+	if s.guard.stuck == nil {
 		s.c.destroy()
 		return
 	}
-	stuck := s.stuck
+	stuck := s.guard.stuck
 	go func() {
 		<-stuck
 		s.c.destroy()
@@ -212,7 +221,7 @@ func (s *session) discard(stmtTime time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), stmtTime)
 	defer cancel()
 	s.enter()
-	if s.broken == nil {
+	if s.guard.broken == nil {
 		_ = s.runStmt(ctx, func(ctx context.Context) error {
 			if s.pinned {
 				// The wait's failure aborted the transaction: back to before
@@ -237,7 +246,7 @@ func (s *session) giveBack(stmtTime time.Duration) {
 	}
 	s.enter()
 	defer s.leave()
-	if s.broken != nil {
+	if s.guard.broken != nil {
 		return // closed already, by a watcher that saw the session end
 	}
 	err := s.runStmt(ctx, func(ctx context.Context) error {
@@ -270,7 +279,7 @@ func (s *session) unlockAll(stmtTime time.Duration) (cleared bool, err error) {
 	defer cancel()
 	s.enter()
 	defer s.leave()
-	if s.broken != nil {
+	if s.guard.broken != nil {
 		return false, nil // closed already: the server freed its locks
 	}
 	if err := s.runStmt(ctx, func(ctx context.Context) error { return s.c.exec(ctx, sqlUnlockAll) }); err != nil {

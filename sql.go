@@ -160,7 +160,8 @@ var sqlInitSession, sqlRestoreSession, sqlInitPinned = func() (initQ, restoreQ, 
 //	BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; sqlInitPinned
 //	... the Locker's statements, those that may fail between
 //	    SAVEPOINT pglocks_stmt and RELEASE (or ROLLBACK TO) SAVEPOINT pglocks_stmt,
-//	    a wait after SAVEPOINT pglocks_pin_wait ...
+//	    a wait after SAVEPOINT pglocks_pin_wait (kept after the grant, and
+//	    released with the session's next wait) ...
 //	SELECT pg_advisory_unlock_all(); COMMIT
 //
 // READ COMMITTED keeps no snapshot between statements, so an idle pinned

@@ -328,10 +328,18 @@ func waitOn(ctx context.Context, w lease, keys []Key, shared bool, cfg *config, 
 	at := 0 // the key being waited for
 	pinned := w.s.pinned
 	w.s.enter()
-	err := w.s.broken
+	err := w.s.guard.broken
 	if err == nil && pinned {
 		// A failed wait aborts the transaction: discard rolls back to here.
-		err = pinStmt(ctx, w.s, sqlWaitSave, cfg.stmtTime)
+		// The savepoint of the session's last wait goes in the same round
+		// trip: it is kept after a grant, to save one.
+		q := sqlWaitSave
+		if w.s.guard.waitSaved {
+			q = sqlWaitRelease + "; " + sqlWaitSave
+		}
+		if err = pinStmt(ctx, w.s, q, cfg.stmtTime); err == nil {
+			w.s.guard.waitSaved = true
+		}
 	}
 	for i, key := range keys {
 		if err != nil {
@@ -348,9 +356,6 @@ func waitOn(ctx context.Context, w lease, keys []Key, shared bool, cfg *config, 
 			abandon: func(done <-chan error) { stuck = done },
 			cut:     cutter(w.s.c),
 		})
-	}
-	if err == nil && pinned {
-		err = pinStmt(ctx, w.s, sqlWaitRelease, cfg.stmtTime)
 	}
 	w.s.leave()
 	if err == nil && pinned && cfg.fencing {

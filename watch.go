@@ -82,7 +82,7 @@ func (ws *watchers) watchIdle(s *session) {
 // hand hands s, which the caller holds (sem), to a watcher, or gives it up
 // if it cannot be watched. The caller is counted in ws.g.
 func (ws *watchers) hand(s *session) {
-	if !s.c.watchable() || s.broken != nil || s.dead.Load() {
+	if !s.c.watchable() || s.guard.broken != nil || s.dead.Load() {
 		s.leave()
 		return
 	}
@@ -146,7 +146,7 @@ var drained = func() context.Context {
 // drain hands on the notifications that arrived on s, the listening
 // session, while it ran statements. The caller holds sem.
 func (ws *watchers) drain(s *session) {
-	if !s.watch.listening.Load() || s.broken != nil {
+	if !s.watch.listening.Load() || s.guard.broken != nil {
 		return
 	}
 	for {
