@@ -227,7 +227,7 @@ func (a *acquirer) serverTake(ctx context.Context, keys []Key, o lockConfig, wai
 	}
 	if !o.own {
 		t, err := a.tryAll(ctx, keys, o.shared)
-		if broken(ctx, err) {
+		if primaryEnded(ctx, err) {
 			t, err = a.tryAll(ctx, keys, o.shared) // once more, on a fresh session
 		}
 		if err == nil || !errors.Is(err, ErrLocked) || !wait {
@@ -277,10 +277,10 @@ type brokenSession struct{ error }
 
 func (b brokenSession) Unwrap() error { return b.error }
 
-// broken reports whether err is a try's that failed because the primary's
+// primaryEnded reports whether err is a try's that failed because the primary's
 // session had ended (brokenSession), so that one more try, on a fresh
 // session, may do.
-func broken(ctx context.Context, err error) bool {
+func primaryEnded(ctx context.Context, err error) bool {
 	if err == nil {
 		return false // no brokenSession to move to the heap on the hot path
 	}

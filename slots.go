@@ -120,7 +120,7 @@ func (st slotTaker) trySlots(ctx context.Context, base Key, keys []Key, o lockCo
 	for attempt := 1; ; attempt++ {
 		claimed := entryKeys(es)
 		g, err := st.trySlotsOnce(ctx, claimed)
-		if broken(ctx, err) {
+		if primaryEnded(ctx, err) {
 			g, err = st.trySlotsOnce(ctx, claimed) // once more, on a fresh session
 		}
 		switch {
