@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -209,5 +210,33 @@ func TestLockerLossTracedByJobName(t *testing.T) {
 	}
 	if err := lk.Drain(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Through PgBouncer in transaction pooling, where the Locker pins its
+// sessions, the replicas still run each tick once, and nothing is left held.
+func TestLockerThroughPgBouncer(t *testing.T) {
+	t.Parallel()
+	dsn := srv.DB(t)
+	b, err := srv.StartPgBouncer("transaction")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Stop)
+	db := dsn[strings.LastIndex(dsn, "/")+1 : strings.Index(dsn, "?")]
+	via := strings.Replace(b.URL, "/postgres?", "/"+db+"?", 1)
+	jobs := []string{"report", "cleanup"}
+	var log runLog
+	base := replicaConfig{DSN: via, MinHold: period / 2, Period: period, Jobs: jobs}
+	rs := startReplicas(t, base, spread(3, *skew), &log)
+	from := time.Now()
+	time.Sleep(time.Duration(*ticks+1) * period)
+	to := time.Now().Add(-period)
+	checkOncePerTick(t, log.all(), jobs, from, to, period)
+	for _, r := range rs {
+		r.stop()
+	}
+	if left := held(t, dsn); len(left) != 0 {
+		t.Fatalf("held after the replicas stopped: %v", left)
 	}
 }
