@@ -276,6 +276,9 @@ func TestLockAllDeadlock(t *testing.T) {
 		switch {
 		case err != nil:
 			wantErr(t, err, pglocks.ErrDeadlock)
+			if n := strings.Count(err.Error(), pglocks.ErrDeadlock.Error()); n != 1 {
+				t.Errorf("the cause is said %d times: %v", n, err)
+			}
 			if rawErr != nil {
 				t.Fatalf("both sides failed: %v / %v", err, rawErr)
 			}

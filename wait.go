@@ -365,7 +365,7 @@ func waitOn(ctx context.Context, w lease, keys []Key, shared bool, cfg *config, 
 		// If the driver is still in the statement (stuck), the connection is
 		// discarded when it comes back.
 		w.p.dropWait(w, stuck)
-		return grantSet{}, at, classify(err)
+		return grantSet{}, at, err // waitLock classified it already
 	}
 	return grantSet{l: w, tokens: tokens, own: true}, 0, nil
 }

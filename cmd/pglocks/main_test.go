@@ -546,3 +546,42 @@ func TestKeySlots(t *testing.T) {
 		}
 	}
 }
+
+// The README's cron line, run as written with its command replaced (and its
+// minimum hold shortened), prints nothing when it wins and when it loses:
+// cron mails whenever a job prints anything.
+func TestREADMECronLineIsQuiet(t *testing.T) {
+	t.Parallel()
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var line string
+	for _, l := range strings.Split(string(readme), "\n") {
+		if strings.HasPrefix(l, "*/5 ") && strings.Contains(l, "pglocks run") {
+			line = l
+		}
+	}
+	if line == "" {
+		t.Fatal("no cron line in the README")
+	}
+	args := strings.Fields(line[strings.Index(line, "pglocks run")+len("pglocks "):])
+	for i, a := range args {
+		switch {
+		case a == "/usr/local/bin/report":
+			args[i] = "true"
+		case i > 0 && args[i-1] == "--min-hold":
+			args[i] = "300ms"
+		}
+	}
+	dsn, _ := testDB(t)
+	for _, outcome := range []string{"wins", "loses"} {
+		if outcome == "loses" {
+			holdSQL(t, dsn, "nightly-report")
+		}
+		stdout, stderr, code := pglocksRun(t, dsn, args...)
+		if code != 0 || stdout != "" || stderr != "" {
+			t.Errorf("the cron line %s: exit %d, printed %q %q", outcome, code, stdout, stderr)
+		}
+	}
+}

@@ -59,7 +59,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	keyFlag(fs, &scheme, "how NAME becomes a key: ")
 	dsnFlag(fs, &dsn)
 	for _, n := range []string{"q", "quiet"} {
-		fs.BoolVar(&quiet, n, false, "do not say who holds the lock while waiting")
+		fs.BoolVar(&quiet, n, false, "say nothing but errors: not who holds the lock while waiting, nor that it was not acquired (-E's outcome), nor the minimum hold")
 	}
 	fs.DurationVar(&killAfter, "kill-after", 10*time.Second, "after the lock is lost, SIGKILL COMMAND this long after SIGTERM")
 	fs.IntVar(&slots, "slots", 0, "take any one of N slots of NAME: at most N holders at once (0: NAME itself)")
@@ -207,12 +207,17 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 				fmt.Fprintf(stderr, "pglocks run: %v while waiting for %s; gave up\n", sig, name)
 				return nil, 128 + int(sig.(syscall.Signal))
 			case errors.Is(r.err, pglocks.ErrLocked) || errors.Is(r.err, context.DeadlineExceeded):
-				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired\n", name, holders(locker, keys))
+				// The conflict is the outcome -E names, said only without -q.
+				if !quiet {
+					fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired\n", name, holders(locker, keys))
+				}
 				return nil, -1 // the caller's conflict code
 			case errors.Is(r.err, pglocks.ErrServerTimeout):
 				// Not had, as on a timeout of our own (-w), though the
 				// server ended the wait: say why.
-				fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired: %s\n", name, holders(locker, keys), oneLine(r.err))
+				if !quiet {
+					fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired: %s\n", name, holders(locker, keys), oneLine(r.err))
+				}
 				return nil, -1
 			}
 			fmt.Fprintf(stderr, "pglocks run: %s\n", oneLine(r.err))
