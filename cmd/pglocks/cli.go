@@ -148,11 +148,20 @@ func usageError(stderr io.Writer, cmd, format string, args ...any) int {
 }
 
 // nameAndCommand splits what follows the flags of run and elect, NAME --
-// COMMAND [ARG...]. The status is -1 to go on, or the usage error's.
-func nameAndCommand(cmd string, rest []string, stderr io.Writer) (name string, argv []string, status int) {
+// COMMAND [ARG...], in args, which fs has parsed. The status is -1 to go on,
+// or the usage error's.
+func nameAndCommand(cmd string, fs *flag.FlagSet, args []string, stderr io.Writer) (name string, argv []string, status int) {
+	rest := fs.Args()
 	switch {
 	case len(rest) == 0:
 		return "", nil, usageError(stderr, cmd, "missing NAME")
+	case len(args) > len(rest) && args[len(args)-len(rest)-1] == "--":
+		// The flag package took the -- as the end of the flags: no NAME
+		// before it.
+		return "", nil, usageError(stderr, cmd, "missing NAME before --")
+	case rest[0] == "":
+		// An unset variable ($JOB) would share one lock among every job.
+		return "", nil, usageError(stderr, cmd, "empty NAME")
 	case len(rest) > 1 && rest[1] != "--" && strings.HasPrefix(rest[1], "-"):
 		// Flags stop at the first argument that is not one, NAME.
 		return "", nil, usageError(stderr, cmd, "flag %s after NAME %q: flags go before NAME", rest[1], rest[0])

@@ -54,7 +54,7 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
-	name, argv, code := nameAndCommand("elect", fs.Args(), stderr)
+	name, argv, code := nameAndCommand("elect", fs, args, stderr)
 	if code >= 0 {
 		return code
 	}

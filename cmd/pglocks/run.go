@@ -67,7 +67,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
-	name, argv, code := nameAndCommand("run", fs.Args(), stderr)
+	name, argv, code := nameAndCommand("run", fs, args, stderr)
 	if code >= 0 {
 		return code
 	}
