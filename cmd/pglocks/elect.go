@@ -263,8 +263,9 @@ func leaderCommand(args []string, stdout, stderr io.Writer) int {
 		if !h.Since.IsZero() {
 			o.Since = &h.Since
 		}
-		b, _ := json.Marshal(o)
-		fmt.Fprintln(stdout, string(b))
+		enc := json.NewEncoder(stdout)
+		enc.SetEscapeHTML(false)
+		_ = enc.Encode(o)
 		return 0
 	}
 	fmt.Fprintf(stdout, "%s is led by %s\n", name, describeHolder(h))

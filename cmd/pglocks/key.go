@@ -97,6 +97,7 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 	if asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
+		enc.SetEscapeHTML(false) // for people and jq: "<<", not "\u003c\u003c"
 		if scheme == "all" {
 			_ = enc.Encode(infos)
 		} else {

@@ -167,6 +167,7 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 		if asJSON {
 			enc := json.NewEncoder(stdout)
 			enc.SetIndent("", "  ")
+			enc.SetEscapeHTML(false) // for people and jq: "<<", not "\u003c\u003c"
 			_ = enc.Encode(out)
 		} else {
 			switch out := out.(type) {

@@ -589,3 +589,13 @@ func TestREADMECronLineIsQuiet(t *testing.T) {
 		}
 	}
 }
+
+// JSON output keeps characters as they are ("a<b>&c", not "\u003c"), for
+// people and jq alike.
+func TestJSONNotHTMLEscaped(t *testing.T) {
+	t.Parallel()
+	stdout, stderr, code := pglocksRun(t, "", "key", "--json", "a<b>&c")
+	if code != 0 || !strings.Contains(stdout, `"a<b>&c"`) || strings.Contains(stdout, `\u00`) {
+		t.Fatalf("key --json: exit %d: %s %s", code, stdout, stderr)
+	}
+}
