@@ -6,6 +6,7 @@ package pglocks
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"time"
 )
@@ -83,6 +84,25 @@ func (s Stat) Losses() int64 { return s.losses }
 // WaitTime is the time all acquisitions took, from the call to its end,
 // together.
 func (s Stat) WaitTime() time.Duration { return s.waitTime }
+
+// String describes s on one line, as %v and %+v print it:
+//
+//	held 1 exclusive, 0 shared; waiting 0 in the server's queue, 2 multiplexed, 0 in process;
+//	sessions 2 (0 waiting, 1 spare, a primary); acquired 10, locked 1, timeouts 0, cancelled 0,
+//	failed 0, lost 0; wait time 12.5ms
+//
+// (on one line).
+func (s Stat) String() string {
+	primary := "no primary"
+	if s.primary {
+		primary = "a primary"
+	}
+	return fmt.Sprintf("held %d exclusive, %d shared; waiting %d in the server's queue, %d multiplexed, %d in process; "+
+		"sessions %d (%d waiting, %d spare, %s); acquired %d, locked %d, timeouts %d, cancelled %d, failed %d, lost %d; wait time %v",
+		s.heldExclusive, s.heldShared, s.waitingServer, s.waitingMultiplexed, s.queued,
+		s.sessions, s.sessionsWaiting, s.sessionsSpare, primary,
+		s.acquisitions, s.locked, s.timeouts, s.cancelled, s.failed, s.losses, s.waitTime)
+}
 
 // Stat returns a snapshot of l: see [Stat].
 func (l *Locker) Stat() Stat {

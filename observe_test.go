@@ -3,6 +3,8 @@ package pglocks_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -271,4 +273,27 @@ func equal[T comparable](a, b []T) bool {
 		}
 	}
 	return true
+}
+
+// Stat prints as one line that says what it counts (not raw nanoseconds
+// under %+v), and an option's range says 24.8 days as the docs do.
+func TestStatStringAndLimits(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4)
+		lk := mustLock(t, l, testKey(t, 0))
+		s := fmt.Sprintf("%+v", l.Stat())
+		for _, want := range []string{"held 1 exclusive, 0 shared", "acquired 1,", "a primary", "wait time "} {
+			if !strings.Contains(s, want) {
+				t.Errorf("Stat prints %q, without %q", s, want)
+			}
+		}
+		if strings.Contains(s, "\n") {
+			t.Errorf("Stat prints more than one line: %q", s)
+		}
+		mustRelease(t, lk)
+		_, err := l.Lock(t.Context(), testKey(t, 1), pglocks.MinHold(30*24*time.Hour))
+		if err == nil || !strings.Contains(err.Error(), "24.8 days") {
+			t.Errorf("MinHold(30 days): %v", err)
+		}
+	})
 }

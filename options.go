@@ -53,6 +53,8 @@ const (
 	// maxTimeout is the longest timeout the server accepts (its timeouts
 	// are int milliseconds), and the longest the options take.
 	maxTimeout = math.MaxInt32 * time.Millisecond
+	// maxTimeoutText is maxTimeout as the docs say it, for errors.
+	maxTimeoutText = "24.8 days (2147483647 ms)"
 	// minStatementTimeout and minHeartbeat are floors below which a
 	// statement, even on a local server, would fail often enough to make
 	// the Locker useless: every session checked away as lost.
@@ -130,7 +132,7 @@ func WithApplicationName(name string) Option {
 func WithStatementTimeout(d time.Duration) Option {
 	return func(c *config) {
 		if d < minStatementTimeout || d > maxTimeout {
-			c.fail(fmt.Errorf("pglocks: WithStatementTimeout: %v is not within %v and %v", d, minStatementTimeout, maxTimeout))
+			c.fail(fmt.Errorf("pglocks: WithStatementTimeout: %v is not within %v and %s", d, minStatementTimeout, maxTimeoutText))
 			return
 		}
 		c.stmtTime = d
@@ -152,8 +154,8 @@ func WithStatementTimeout(d time.Duration) Option {
 func WithHeartbeat(interval, timeout time.Duration) Option {
 	return func(c *config) {
 		if interval < minHeartbeatEvery || timeout < minHeartbeat || interval > maxTimeout || timeout > maxTimeout {
-			c.fail(fmt.Errorf("pglocks: WithHeartbeat: interval %v and timeout %v must be within %v and %v, and %v and %v",
-				interval, timeout, minHeartbeatEvery, maxTimeout, minHeartbeat, maxTimeout))
+			c.fail(fmt.Errorf("pglocks: WithHeartbeat: interval %v and timeout %v must be within %v and %s, and %v and %s",
+				interval, timeout, minHeartbeatEvery, maxTimeoutText, minHeartbeat, maxTimeoutText))
 			return
 		}
 		c.hbInterval, c.hbTimeout = interval, timeout
@@ -182,8 +184,8 @@ func WithServerKeepalive(idle, interval time.Duration, count int) Option {
 		case count < 1 || count > maxKeepaliveCount:
 			c.fail(fmt.Errorf("pglocks: WithServerKeepalive: count %d is not within 1 and %d", count, maxKeepaliveCount))
 		case idle+time.Duration(count)*interval > maxTimeout:
-			c.fail(fmt.Errorf("pglocks: WithServerKeepalive: the bound idle+interval×count (%v) is longer than the server's tcp_user_timeout allows (%v)",
-				idle+time.Duration(count)*interval, maxTimeout))
+			c.fail(fmt.Errorf("pglocks: WithServerKeepalive: the bound idle+interval×count (%v) is longer than the server's tcp_user_timeout allows (%s)",
+				idle+time.Duration(count)*interval, maxTimeoutText))
 		default:
 			c.kaIdle, c.kaInterval, c.kaCount = idle, interval, count
 		}
@@ -308,7 +310,7 @@ func Slots(n int) LockOption {
 func MinHold(d time.Duration) LockOption {
 	return func(c *lockConfig) {
 		if d <= 0 || d > maxTimeout {
-			c.setErr(fmt.Errorf("MinHold(%v): d must be positive and at most %v", d, maxTimeout))
+			c.setErr(fmt.Errorf("MinHold(%v): d must be positive and at most %s", d, maxTimeoutText))
 			return
 		}
 		c.minHold = d
