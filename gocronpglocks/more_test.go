@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -223,8 +222,7 @@ func TestLockerThroughPgBouncer(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(b.Stop)
-	db := dsn[strings.LastIndex(dsn, "/")+1 : strings.Index(dsn, "?")]
-	via := strings.Replace(b.URL, "/postgres?", "/"+db+"?", 1)
+	via := b.DB(dsn)
 	jobs := []string{"report", "cleanup"}
 	var log runLog
 	base := replicaConfig{DSN: via, MinHold: period / 2, Period: period, Jobs: jobs}

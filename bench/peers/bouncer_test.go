@@ -2,7 +2,6 @@ package peers
 
 import (
 	"context"
-	"strings"
 	"testing"
 	"time"
 
@@ -27,8 +26,7 @@ func bouncerDSN(b *testing.B) string {
 		b.Fatal(err)
 	}
 	b.Cleanup(pb.Stop)
-	db := dsn[strings.LastIndex(dsn, "/")+1 : strings.Index(dsn, "?")]
-	return strings.Replace(pb.URL, "/postgres?", "/"+db+"?", 1)
+	return pb.DB(dsn)
 }
 
 // rawPinned is hand-written pgx through a transaction pooler: one

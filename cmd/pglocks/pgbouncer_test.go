@@ -19,7 +19,7 @@ func TestThroughPgBouncer(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(b.Stop)
-	via := strings.Replace(b.URL, "/postgres?", "/"+db+"?", 1)
+	via := b.DB(dsn)
 
 	first := start(t, via, "run", "job", "--", "sh", "-c", "echo ready; exec sleep 30")
 	waitFor(t, "the first to hold the lock", func() bool { return holderPID(t, db, pglocks.Name("job")) != 0 })

@@ -110,6 +110,14 @@ pidfile = %s
 	return b, nil
 }
 
+// DB returns b's URL for the database of dsn, a URL of the server behind it
+// (one of Server.DB's, say).
+func (b *PgBouncer) DB(dsn string) string {
+	db := dsn[strings.LastIndex(dsn, "/")+1:]
+	db, _, _ = strings.Cut(db, "?")
+	return strings.Replace(b.URL, "/postgres?", "/"+db+"?", 1)
+}
+
 // Restart kills PgBouncer (SIGKILL: every client and server connection
 // ends) and starts it again on the same port.
 func (b *PgBouncer) Restart() error {
