@@ -43,10 +43,13 @@ const leadRetry = time.Second
 //     Other campaign failures (the server down) are logged and retried
 //     every second.
 //
-// While it leads, the session's application_name ends in " since=" and the
-// server's time of the election, so that [Locker.Leader] (and anyone reading
-// pg_stat_activity) can tell since when; the name it had is put back when the
-// session returns to the pool.
+// While it leads, the session's application_name ends in " @" and the
+// server's time of the election in UTC (" @20261203T141757.123Z", 22 bytes,
+// cutting the name before it to the 41 bytes that leaves of the server's 63),
+// so that [Locker.Leader] (and anyone reading pg_stat_activity) can tell since
+// when; the name it had is put back when the session returns to the pool.
+// Leader also reads the longer " since=2026-12-03T14:17:57.123Z" that
+// earlier versions of pglocks wrote.
 //
 // A leader that is cut off from the server is told within the heartbeat
 // bound, before the server frees the lock (see [WithServerKeepalive]). When
@@ -149,8 +152,20 @@ func (l *Locker) term(ctx context.Context, lk *Lock, fn func(ctx context.Context
 	return max(0, leadRetry-time.Since(began)), nil
 }
 
-// sinceMark ends the application_name of a leader's session.
-const sinceMark = " since="
+// sinceMark and sinceLayout end the application_name of a leader's session:
+// short, so that the name before them keeps as much of the server's 63 bytes
+// as it can (maxLeaderAppName).
+const (
+	sinceMark   = " @"
+	sinceLayout = "20060102T150405.000Z"
+	// oldSinceMark is what Lead wrote before, with an RFC 3339 time;
+	// Holders still reads it, from older pglocks in the fleet.
+	oldSinceMark = " since="
+)
+
+// maxLeaderAppName is how much of the application_name a leader keeps
+// before its election time.
+const maxLeaderAppName = maxAppName - len(sinceMark) - len(sinceLayout)
 
 // markLeader sets the application_name of lk's session to say since when it
 // leads, by the server's clock. A failure here is a failure of the session,
@@ -173,8 +188,7 @@ func (l *Locker) markLeader(lk *Lock) {
 	if base == "" {
 		base = s.orig[setAppName].String
 	}
-	const stamp = len("2006-01-02T15:04:05.000Z")
-	for len(base) > maxAppName-len(sinceMark)-stamp {
+	for len(base) > maxLeaderAppName {
 		_, n := utf8.DecodeLastRuneInString(base)
 		base = base[:len(base)-n]
 	}

@@ -2631,10 +2631,10 @@ func (e *fakeEval) call(name string, args []any) (any, error) {
 	case "to_char":
 		t, ok := args[0].(time.Time)
 		f, _ := str(1)
-		if !ok || f != `YYYY-MM-DD"T"HH24:MI:SS.MS"Z"` {
+		if !ok || f != `YYYYMMDD"T"HH24MISS.MS"Z"` {
 			return nil, fmt.Errorf("fake: to_char(%T, %q)", args[0], f)
 		}
-		return t.Format("2006-01-02T15:04:05.000Z"), nil
+		return t.UTC().Format("20060102T150405.000Z"), nil
 	}
 	srv.violatef("a function the fake does not know: %s", name)
 	return nil, fakePgError("42883", "ERROR", "fake: function "+name+" does not exist")

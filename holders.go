@@ -16,7 +16,7 @@ import (
 // known.
 type Holder struct {
 	PID             int32     // the server process of the session
-	ApplicationName string    // without the " since=…" that Lead adds
+	ApplicationName string    // without the " @…" that Lead adds
 	ClientAddr      string    // host:port; "" for a Unix socket or when not visible
 	BackendStart    time.Time // when the session connected
 	// Since is when the session was elected, for a session that leads
@@ -72,11 +72,7 @@ func (l *Locker) Holders(ctx context.Context, key Key) ([]Holder, error) {
 		if r.Addr != "" {
 			h.ClientAddr = net.JoinHostPort(r.Addr, strconv.Itoa(r.Port))
 		}
-		if i := strings.LastIndex(h.ApplicationName, sinceMark); i >= 0 {
-			if t, err := time.Parse(time.RFC3339Nano, h.ApplicationName[i+len(sinceMark):]); err == nil {
-				h.ApplicationName, h.Since = h.ApplicationName[:i], t
-			}
-		}
+		h.ApplicationName, h.Since = leaderSince(h.ApplicationName)
 		hs[i] = h
 	}
 	return hs, nil
@@ -99,4 +95,21 @@ func (l *Locker) Leader(ctx context.Context, key Key) (Holder, error) {
 		}
 	}
 	return Holder{}, lockError(key, ErrNoLeader)
+}
+
+// leaderSince splits the application_name of a leader's session into the
+// name it had and the time of its election, as Lead marks it (or as older
+// pglocks did); an unmarked app is returned whole, with a zero time.
+func leaderSince(app string) (string, time.Time) {
+	if i := strings.LastIndex(app, sinceMark); i >= 0 {
+		if t, err := time.Parse(sinceLayout, app[i+len(sinceMark):]); err == nil {
+			return app[:i], t
+		}
+	}
+	if i := strings.LastIndex(app, oldSinceMark); i >= 0 {
+		if t, err := time.Parse(time.RFC3339Nano, app[i+len(oldSinceMark):]); err == nil {
+			return app[:i], t
+		}
+	}
+	return app, time.Time{}
 }

@@ -148,7 +148,7 @@ func TestPgBouncer(t *testing.T) {
 						"current_setting('idle_in_transaction_session_timeout'), current_setting('application_name')").Scan(&lt2, &st2, &idle2, &app); err != nil {
 						t.Fatal(err)
 					}
-					if lt2 != lt || st2 != st || idle2 != idle || strings.Contains(app, "since=") {
+					if lt2 != lt || st2 != st || idle2 != idle || strings.Contains(app, " @") {
 						t.Fatalf("a setting of the Locker's reached another client: %s %s %s %q (was %s %s %s)", lt2, st2, idle2, app, lt, st, idle)
 					}
 				}
@@ -572,7 +572,7 @@ func TestPgBouncerAPIs(t *testing.T) {
 			}
 
 			// Elections: one of two leads, and Observe and Leader see it
-			// (with the since= mark of a pinned session's application_name).
+			// (with the election-time mark of a pinned session's application_name).
 			ke := testKey(t, 4)
 			ctx, cancel := context.WithCancel(t.Context())
 			defer cancel()

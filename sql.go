@@ -204,10 +204,10 @@ const (
 	sqlCancel     = "SELECT pg_cancel_backend($1)"
 
 	// sqlMarkLeader ends the session's application_name with the server's
-	// time, for Lead: $1 is the name and the " since=" mark; $2 is true on a
+	// time, for Lead: $1 is the name and the " @" mark; $2 is true on a
 	// pinned session, where the name lasts as long as its transaction.
 	sqlMarkLeader = `SELECT set_config('application_name',
-	$1::text || to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), $2::bool)`
+	$1::text || to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYYMMDD"T"HH24MISS.MS"Z"'), $2::bool)`
 
 	// sqlHolders lists the sessions that hold a key in the current
 	// database, as JSON: $1 objsubid, $2 classid, $3 objid. It returns one

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"os/exec"
 	"runtime/debug"
@@ -330,6 +331,56 @@ func cut(s string, n int) string {
 		s = s[:len(s)-size]
 	}
 	return s
+}
+
+// Room for the application_name of run's and elect's sessions: the server
+// keeps 63 bytes, and a leader's session ends in the 22-byte time of its
+// election (" @20261203T141757.123Z"), which Lead adds after 41.
+const (
+	maxAppName       = 63
+	maxLeaderAppName = 41
+)
+
+// appName is what "pglocks run" and "pglocks elect" call their sessions in
+// pg_stat_activity, "pglocks CMD NAME on HOST[PID]", in at most max bytes.
+// NAME is what matters most: to keep it whole the host is shortened first
+// (its domain, then its middle, as "billing-7~x2x9z"), then left out, then
+// the "pglocks " before CMD, then the pid; only then is NAME cut, keeping
+// its start.
+func appName(cmd, name, host string, pid, max int) string {
+	tail := fmt.Sprintf("[%d]", pid)
+	full := func(host string) string {
+		return "pglocks " + cmd + " " + name + " on " + host + tail
+	}
+	if s := full(host); len(s) <= max {
+		return s
+	}
+	if i := strings.IndexByte(host, '.'); i > 0 && net.ParseIP(host) == nil {
+		host = host[:i]
+		if s := full(host); len(s) <= max {
+			return s
+		}
+	}
+	// At least two bytes each side of the ~, or no host at all.
+	if room := max - len(full("")); room >= 5 && utf8.ValidString(host) {
+		head := cut(host, (room-1)/2)
+		rest := host[len(head):]
+		for len(rest) > room-1-len(head) {
+			_, size := utf8.DecodeRuneInString(rest)
+			rest = rest[size:]
+		}
+		return full(head + "~" + rest)
+	}
+	for _, s := range []string{
+		"pglocks " + cmd + " " + name + tail,
+		cmd + " " + name + tail,
+		cmd + " " + name,
+	} {
+		if len(s) <= max {
+			return s
+		}
+	}
+	return cut(cmd+" "+name, max)
 }
 
 // connect opens a pool and checks that the server answers.

@@ -81,8 +81,8 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	defer cancel()
 
 	host, _ := os.Hostname()
-	// Short: Lead adds the time of election, within the server's 63 bytes.
-	app := cut(fmt.Sprintf("%s[%d] %s", host, os.Getpid(), name), 32)
+	// Lead adds the time of the election after it.
+	app := appName("elect", name, host, os.Getpid(), maxLeaderAppName)
 	level := slog.LevelWarn
 	if quiet {
 		level = slog.LevelError

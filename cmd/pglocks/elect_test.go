@@ -27,7 +27,8 @@ func TestElect(t *testing.T) {
 	first := start(t, dsn, "elect", "relay", "--", "sh", "-c", script(1))
 	waitFor(t, "the first to lead", func() bool { return strings.Contains(first.stdout.String(), "ready") })
 	second := start(t, dsn, "elect", "relay", "--", "sh", "-c", script(2))
-	want := fmt.Sprintf("[%d] relay", first.cmd.Process.Pid)
+	host, _ := os.Hostname()
+	want := appName("elect", "relay", host, first.cmd.Process.Pid, maxLeaderAppName)
 	waitFor(t, "the second to name the leader", func() bool {
 		s := second.stderr.String()
 		return strings.Contains(s, "relay is led by pid") && strings.Contains(s, want) && strings.Contains(s, "leading since")
@@ -53,7 +54,7 @@ func TestElect(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &h); err != nil || code != 0 {
 		t.Fatalf("leader --json: exit %d, %v: %q", code, err, out)
 	}
-	if h.PID != holderPID(t, db, pglocks.Name("relay")) || !strings.HasSuffix(h.App, want) || h.Since == nil ||
+	if h.PID != holderPID(t, db, pglocks.Name("relay")) || h.App != want || h.Since == nil ||
 		time.Since(*h.Since) > time.Minute {
 		t.Errorf("leader --json: %+v", h)
 	}

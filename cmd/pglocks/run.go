@@ -105,7 +105,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	defer cancel(nil)
 
 	host, _ := os.Hostname()
-	app := cut(fmt.Sprintf("pglocks run %s on %s[%d]", name, host, os.Getpid()), 63)
+	app := appName("run", name, host, os.Getpid(), maxAppName)
 	_, locker, closeAll, code := openLocker(ctx, "run", cfg, 4, stderr, pglocks.WithApplicationName(app))
 	if code >= 0 {
 		return code
