@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"regexp"
 	"runtime/debug"
 	"slices"
 	"sort"
@@ -39,11 +40,18 @@ const usage = `Usage:
   pglocks elect [flags] NAME -- COMMAND [ARG...] run COMMAND while this process leads NAME
   pglocks leader [flags] NAME                    tell who leads NAME
   pglocks ls [flags]                             list the advisory locks in the database
-  pglocks key [-k SCHEME] NAME                   print NAME's key and the SQL that takes it
+  pglocks key [-k SCHEME] [--slots N] [--json] NAME
+                                                 print NAME's key and the SQL that takes it
   pglocks version                                print the version
 
 Run 'pglocks COMMAND --help' for a command's flags. The database is -d/--dsn,
 else DATABASE_URL, else the usual PGHOST, PGPORT, PGUSER, PGDATABASE, ...
+`
+
+const versionHead = `Usage: pglocks version
+
+Prints pglocks' version: the module version it was built from, or (devel)
+for a build from a source tree.
 `
 
 // cli runs pglocks with args and returns its exit status.
@@ -64,6 +72,13 @@ func cli(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	case "key":
 		return keyCommand(args[1:], stdout, stderr)
 	case "version", "--version":
+		switch {
+		case len(args) > 1 && (args[1] == "-h" || args[1] == "--help" || args[1] == "-help"):
+			fmt.Fprint(stdout, versionHead)
+			return 0
+		case len(args) > 1:
+			return usageError(stderr, "version", "takes no arguments, got %q", args[1])
+		}
 		v := "(devel)"
 		if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
 			v = bi.Main.Version
@@ -124,11 +139,12 @@ func printFlags(fs *flag.FlagSet) {
 
 // parseFlags parses args; it returns -1 to go on, or the exit status. A bad
 // flag gets one line on stderr; -h or --help the whole usage on stdout.
+// Single-letter flags may be grouped, as -nq for -n -q.
 func parseFlags(fs *flag.FlagSet, args []string, stdout io.Writer) int {
 	usage, out := fs.Usage, fs.Output()
 	fs.Usage = func() {}
 	fs.SetOutput(io.Discard)
-	err := fs.Parse(args)
+	err := fs.Parse(groupedFlags(fs, args))
 	fs.Usage = usage
 	switch {
 	case errors.Is(err, flag.ErrHelp):
@@ -136,10 +152,123 @@ func parseFlags(fs *flag.FlagSet, args []string, stdout io.Writer) int {
 		fs.Usage()
 		return 0
 	case err != nil:
-		return usageError(out, fs.Name(), "%v", err)
+		return usageError(out, fs.Name(), "%s", flagError(fs, args, err))
 	}
 	fs.SetOutput(out)
 	return -1
+}
+
+// groupedFlags splits grouped single-letter flags (-nq) among the flags
+// at the start of args into one each (-n -q); the last of a group may be
+// one that takes a value (-nk crc32, -nw30s). Other arguments, and
+// everything from the first that is not a flag, are left as they are.
+func groupedFlags(fs *flag.FlagSet, args []string) []string {
+	var out []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" || len(a) < 2 || a[0] != '-' {
+			return append(out, args[i:]...) // NAME, or the end of the flags
+		}
+		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if f := fs.Lookup(name); f != nil || a[1] == '-' || len(name) < 2 {
+			out = append(out, a)
+			if f != nil && !hasValue && !isBool(f) && i+1 < len(args) {
+				i++
+				out = append(out, args[i]) // its value
+			}
+			continue
+		}
+		group := a[1:]
+		split := make([]string, 0, len(group))
+		for j := 0; j < len(group); j++ {
+			f := fs.Lookup(group[j : j+1])
+			if f == nil {
+				split = nil // not a group: let the flag package name it
+				break
+			}
+			if !isBool(f) {
+				split = append(split, "-"+group[j:j+1])
+				if rest := group[j+1:]; rest != "" {
+					split = append(split, strings.TrimPrefix(rest, "="))
+				} else if i+1 < len(args) {
+					i++
+					split = append(split, args[i])
+				}
+				break
+			}
+			split = append(split, "-"+group[j:j+1])
+		}
+		if split == nil {
+			out = append(out, a)
+			continue
+		}
+		out = append(out, split...)
+	}
+	return out
+}
+
+// isBool tells whether f is a flag that takes no value.
+func isBool(f *flag.Flag) bool {
+	b, ok := f.Value.(interface{ IsBoolFlag() bool })
+	return ok && b.IsBoolFlag()
+}
+
+// flagErr matches the flag package's errors, to say them as the rest of
+// the tool does.
+var (
+	flagUndefined = regexp.MustCompile(`^flag provided but not defined: -+(.*)$`)
+	flagNoValue   = regexp.MustCompile(`^flag needs an argument: -+(.*)$`)
+	flagBadValue  = regexp.MustCompile(`^invalid (?:boolean )?value "(.*)" for (?:flag )?-+([^:]*): (.*)$`)
+)
+
+// flagError says err, from parsing args with fs, with the flag named as a
+// user writes it and what its value should look like.
+func flagError(fs *flag.FlagSet, args []string, err error) string {
+	msg := err.Error()
+	if m := flagUndefined.FindStringSubmatch(msg); m != nil {
+		for _, a := range args {
+			// As typed: -x, --frob (without its =value).
+			if typed, _, _ := strings.Cut(a, "="); strings.HasPrefix(a, "-") && strings.TrimLeft(typed, "-") == m[1] {
+				return "unknown flag " + typed
+			}
+		}
+		return "unknown flag " + dashed(m[1])
+	}
+	if m := flagNoValue.FindStringSubmatch(msg); m != nil {
+		return fmt.Sprintf("%s needs a value: %s", dashed(m[1]), valueHint(fs.Lookup(m[1])))
+	}
+	if m := flagBadValue.FindStringSubmatch(msg); m != nil {
+		f := fs.Lookup(m[2])
+		if f == nil || strings.HasSuffix(m[3], "parse error") || strings.HasSuffix(m[3], "value out of range") {
+			return fmt.Sprintf("%s %q: want %s", dashed(m[2]), m[1], valueHint(f))
+		}
+		return fmt.Sprintf("%s %q: %s", dashed(m[2]), m[1], m[3]) // a Value's own error
+	}
+	return msg
+}
+
+// dashed is a flag's name as written: -n, or --timeout.
+func dashed(name string) string {
+	if len(name) == 1 {
+		return "-" + name
+	}
+	return "--" + name
+}
+
+// valueHint says what a flag's value looks like.
+func valueHint(f *flag.Flag) string {
+	if f == nil {
+		return "a value"
+	}
+	switch typ, _ := flag.UnquoteUsage(f); typ {
+	case "duration":
+		return "a duration with its unit, as 500ms, 30s, 5m or 1h30m"
+	case "int":
+		return "a whole number"
+	case "":
+		return "true or false"
+	}
+	return "a value"
 }
 
 // usageError prints one line and returns the usage exit status.
@@ -183,7 +312,13 @@ func lookCommand(cmd, name string, stderr io.Writer) (path string, status int) {
 	case err == nil:
 		return path, -1
 	case errors.Is(err, exec.ErrNotFound), errors.Is(err, fs.ErrNotExist):
-		fmt.Fprintf(stderr, "pglocks %s: %s: command not found\n", cmd, name)
+		// As a shell says it: a path names a file, a bare name is looked
+		// for in $PATH.
+		why := "command not found"
+		if strings.Contains(name, "/") {
+			why = "no such file or directory"
+		}
+		fmt.Fprintf(stderr, "pglocks %s: %s: %s\n", cmd, name, why)
 		return "", exitNotFound
 	}
 	why := "cannot be run: " + err.Error()
@@ -200,7 +335,10 @@ func lookCommand(cmd, name string, stderr io.Writer) (path string, status int) {
 const schemes = "name (hashtextextended, the default), crc32 (django-pglocks 1.0.x; alias django-pglocks), " +
 	"django-pglock (the maintained django-pglock: SHA-256), dotnet (.NET DistributedLock), " +
 	"rails (Ruby's with_advisory_lock; prefix from WITH_ADVISORY_LOCK_PREFIX), node (npm advisory-lock), " +
-	"id (NAME is an int64), pair (NAME is A,B), all (ls and key only: every scheme's key of NAME)"
+	"id (NAME is an int64), pair (NAME is A,B)"
+
+// schemeAll is the scheme that only ls and key take.
+const schemeAll = ", all (every scheme's key of NAME)"
 
 // nameSchemes are the schemes -k all tries, in the order it prints them;
 // id and pair count only when NAME parses as one.
@@ -289,10 +427,19 @@ func poolConfig(dsn string) (*pgxpool.Config, error) {
 	return cfg, nil
 }
 
-// keyFlag defines -k/--key, how names become keys; usage starts its help.
+// keyFlag defines -k/--key, how names become keys, for ls and key, which
+// also take -k all; usage starts its help.
 func keyFlag(fs *flag.FlagSet, scheme *string, usage string) {
 	for _, n := range []string{"k", "key"} {
-		fs.StringVar(scheme, n, "name", usage+schemes)
+		fs.StringVar(scheme, n, "name", usage+schemes+schemeAll)
+	}
+}
+
+// oneKeyFlag defines -k/--key for the commands that take one key: run,
+// elect and leader.
+func oneKeyFlag(fs *flag.FlagSet, scheme *string) {
+	for _, n := range []string{"k", "key"} {
+		fs.StringVar(scheme, n, "name", "how NAME becomes a key: "+schemes)
 	}
 }
 

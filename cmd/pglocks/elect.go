@@ -40,15 +40,18 @@ found.
 func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	fs := flagSet("elect", electHead, stderr)
 	var (
-		restart, quiet bool
-		killAfter      time.Duration
-		scheme, dsn    string
+		restart, quiet, verbose bool
+		killAfter               time.Duration
+		scheme, dsn             string
 	)
 	fs.BoolVar(&restart, "restart", false, "campaign again after COMMAND exits or leadership is lost")
-	keyFlag(fs, &scheme, "how NAME becomes a key: ")
+	oneKeyFlag(fs, &scheme)
 	dsnFlag(fs, &dsn)
 	for _, n := range []string{"q", "quiet"} {
-		fs.BoolVar(&quiet, n, false, "do not say who leads, or when this process is elected")
+		fs.BoolVar(&quiet, n, false, "say nothing but errors and losses: not who leads, nor when this process is elected or campaigns again")
+	}
+	for _, n := range []string{"v", "verbose"} {
+		fs.BoolVar(&verbose, n, false, "also log what the library does (elections, retries, lost sessions), as key=value lines")
 	}
 	fs.DurationVar(&killAfter, "kill-after", 10*time.Second, "after leadership is lost, SIGKILL COMMAND this long after SIGTERM")
 	if code := parseFlags(fs, args, stdout); code >= 0 {
@@ -83,12 +86,13 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	host, _ := os.Hostname()
 	// Lead adds the time of the election after it.
 	app := appName("elect", name, host, os.Getpid(), maxLeaderAppName)
-	level := slog.LevelWarn
-	if quiet {
-		level = slog.LevelError
+	opts := []pglocks.Option{pglocks.WithApplicationName(app)}
+	if verbose {
+		// The tool says what matters in lines of its own; the library's
+		// log is for finding out why.
+		opts = append(opts, pglocks.WithLogger(slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))))
 	}
-	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	_, locker, closeAll, code := openLocker(ctx, "elect", cfg, 4, stderr, pglocks.WithApplicationName(app), pglocks.WithLogger(logger))
+	_, locker, closeAll, code := openLocker(ctx, "elect", cfg, 4, stderr, opts...)
 	if code >= 0 {
 		return code
 	}
@@ -144,21 +148,34 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		if !quiet {
 			fmt.Fprintf(stderr, "pglocks elect: elected for %s; running %s\n", name, argv[0])
 		}
-		code, signalled := runChild(path, argv, stdin, stdout, stderr, child{
-			prog: "elect", lost: lctx.Done(), why: func() error { return context.Cause(lctx) }, what: "leadership",
+		e := runChild(path, argv, stdin, stdout, stderr, child{
+			prog: "elect", lost: lctx.Done(), why: func() error { return context.Cause(lctx) }, what: "leadership of " + name,
 			sigs: ch, killAfter: killAfter,
 		})
 		mu.Lock()
 		toChild = nil
-		signalled = signalled || stopping != nil
+		signalled := e.signalled || stopping != nil
 		mu.Unlock()
-		if signalled || !restart {
-			result = code
+		switch {
+		case signalled || !restart:
+			result = e.code
 			cancel()
 			return nil
+		case e.lost:
+			// Said when it happened; Lead campaigns again at once.
+			if !quiet {
+				fmt.Fprintf(stderr, "pglocks elect: %s %s; campaigning again\n", argv[0], e.how)
+			}
+			return nil
+		case e.code != 0:
+			// Lead resigns and campaigns again a second later.
+			if !quiet {
+				fmt.Fprintf(stderr, "pglocks elect: %s %s; resigned, campaigning again in 1s\n", argv[0], e.how)
+			}
+			return fmt.Errorf("%s %s", argv[0], e.how)
 		}
-		if code != 0 {
-			return fmt.Errorf("%s exited with status %d", argv[0], code)
+		if !quiet {
+			fmt.Fprintf(stderr, "pglocks elect: %s exited; resigned, campaigning again\n", argv[0])
 		}
 		return nil
 	})
@@ -198,7 +215,11 @@ const leaderHead = `Usage: pglocks leader [flags] NAME
 
 Tells which session leads NAME (holds its lock exclusively): its server
 pid, application_name, client address and, for a 'pglocks elect' or a Go
-program's Lead, since when. Exits 1 when nobody leads.
+program's Lead, since when.
+
+Exit status: 0 when a session leads; 1 when none does; 2 usage; 3 database
+unreachable, failing or a standby (whose pg_locks does not show the
+primary's locks).
 `
 
 // leaderCommand is "pglocks leader".
@@ -208,7 +229,7 @@ func leaderCommand(args []string, stdout, stderr io.Writer) int {
 		asJSON      bool
 		scheme, dsn string
 	)
-	keyFlag(fs, &scheme, "how NAME becomes a key: ")
+	oneKeyFlag(fs, &scheme)
 	dsnFlag(fs, &dsn)
 	fs.BoolVar(&asJSON, "json", false, "print JSON")
 	if code := parseFlags(fs, args, stdout); code >= 0 {

@@ -66,7 +66,7 @@ func TestElect(t *testing.T) {
 	if code := first.wait(t); code != 4 {
 		t.Errorf("first: exit %d, want 4\n%s", code, first.stderr.String())
 	}
-	if !strings.Contains(first.stderr.String(), "leadership lost while sh ran") {
+	if !strings.Contains(first.stderr.String(), "leadership of relay lost while sh ran: ") {
 		t.Errorf("first: stderr does not say so: %q", first.stderr.String())
 	}
 	waitFor(t, "the second to lead", func() bool { return strings.Contains(second.stdout.String(), "ready") })

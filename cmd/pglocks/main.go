@@ -5,7 +5,7 @@
 //	pglocks elect [flags] NAME -- COMMAND [ARG...] run COMMAND while this process leads NAME
 //	pglocks leader [flags] NAME                    who leads NAME
 //	pglocks ls [flags]                             the advisory locks in the database
-//	pglocks key [-k SCHEME] NAME                   NAME's key, and the SQL that takes it
+//	pglocks key [-k SCHEME] [--slots N] [--json] NAME  NAME's key, and the SQL that takes it
 //	pglocks version
 //
 // Exit status of run: COMMAND's own (128+N if it was killed by signal N);

@@ -269,7 +269,7 @@ func TestRunLockLost(t *testing.T) {
 		if code := p.wait(t); code != 4 {
 			t.Errorf("%s: exit %d, want 4\n%s", name, code, p.stderr.String())
 		}
-		if !strings.Contains(p.stderr.String(), "lock lost while sh ran") {
+		if !strings.Contains(p.stderr.String(), "lock of job lost while sh ran: ") || strings.Count(p.stderr.String(), "lost") != 1 {
 			t.Errorf("%s: stderr does not say so: %q", name, p.stderr.String())
 		}
 		if strings.Contains(script, "''") && !strings.Contains(p.stderr.String(), "sending SIGKILL") {
@@ -411,7 +411,14 @@ func TestBadInput(t *testing.T) {
 		msg  string
 	}{
 		{"unknown command", []string{"frob"}, 2, "unknown command"},
-		{"unknown flag", []string{"run", "--frob", "job", "--", "true"}, 2, "flag provided but not defined"},
+		{"unknown flag", []string{"run", "--frob", "job", "--", "true"}, 2, "unknown flag --frob"},
+		{"unknown short flag", []string{"run", "-x", "job", "--", "true"}, 2, "unknown flag -x"},
+		{"not a group", []string{"run", "-nx", "job", "--", "true"}, 2, "unknown flag -nx"},
+		{"duration without unit", []string{"run", "--timeout", "1", "job", "--", "true"}, 2, `--timeout "1": want a duration with its unit, as 500ms, 30s`},
+		{"duration missing", []string{"run", "-w"}, 2, "-w needs a value: a duration"},
+		{"number that is not", []string{"run", "--slots", "two", "job", "--", "true"}, 2, `--slots "two": want a whole number`},
+		{"bool with a value", []string{"run", "-n=maybe", "job", "--", "true"}, 2, `-n "maybe": want true or false`},
+		{"version with an argument", []string{"version", "x"}, 2, "takes no arguments"},
 		{"missing --", []string{"run", "job", "true"}, 2, "missing --"},
 		{"missing COMMAND", []string{"run", "job", "--"}, 2, "missing COMMAND"},
 		{"missing NAME", []string{"run"}, 2, "missing NAME"},
@@ -428,7 +435,7 @@ func TestBadInput(t *testing.T) {
 		{"DSN that does not parse", []string{"run", "-d", "postgres://a b@:x", "job", "--", "true"}, 2, "bad connection string"},
 		{"server down", []string{"run", "-d", "postgres://postgres@127.0.0.1:1/postgres?connect_timeout=2", "job", "--", "true"}, 3, "cannot connect"},
 		{"command not found", []string{"run", "job", "--", "pglocks-no-such-command"}, 127, "command not found"},
-		{"path not found", []string{"run", "job", "--", "/no/such/command"}, 127, "command not found"},
+		{"path not found", []string{"run", "job", "--", "/no/such/command"}, 127, "/no/such/command: no such file or directory"},
 		{"command not executable", []string{"run", "job", "--", "/etc/passwd"}, 126, "permission denied"},
 		{"command a directory", []string{"run", "job", "--", "/tmp"}, 126, "is a directory"},
 		{"elect command not executable", []string{"elect", "job", "--", "/etc/passwd"}, 126, "permission denied"},

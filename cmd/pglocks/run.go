@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/pglocks/pglocks"
 )
 
@@ -56,7 +58,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	for _, n := range []string{"E", "conflict-exit-code"} {
 		fs.IntVar(&conflictCode, n, exitConflict, "exit status when the lock is not had")
 	}
-	keyFlag(fs, &scheme, "how NAME becomes a key: ")
+	oneKeyFlag(fs, &scheme)
 	dsnFlag(fs, &dsn)
 	for _, n := range []string{"q", "quiet"} {
 		fs.BoolVar(&quiet, n, false, "say nothing but errors: not who holds the lock while waiting, nor that it was not acquired (-E's outcome), nor the minimum hold")
@@ -137,13 +139,13 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	}
 	taken := time.Now()
 	defer lk.Release(context.Background())
-	code, signalled := runChild(path, argv, stdin, stdout, stderr, child{
-		prog: "run", lost: lk.Done(), why: lk.Err, what: "lock", sigs: sigs, killAfter: killAfter,
+	e := runChild(path, argv, stdin, stdout, stderr, child{
+		prog: "run", lost: lk.Done(), why: lk.Err, what: "lock of " + name, sigs: sigs, killAfter: killAfter,
 	})
-	if code != exitLost && !signalled && minHold > 0 {
+	if !e.lost && !e.signalled && minHold > 0 {
 		holdOn(lk, name, taken.Add(minHold), sigs, quiet, stderr)
 	}
-	return code
+	return e.code
 }
 
 // holdOn keeps lk until until (--min-hold), unless it is lost or a signal
@@ -161,7 +163,7 @@ func holdOn(lk *pglocks.Lock, name string, until time.Time, sigs <-chan os.Signa
 	select {
 	case <-t.C:
 	case <-lk.Done():
-		fmt.Fprintf(stderr, "pglocks run: %s lost during --min-hold: %v\n", name, lk.Err())
+		fmt.Fprintf(stderr, "pglocks run: lock of %s lost during --min-hold: %s\n", name, lossReason(lk.Err()))
 	case s := <-sigs:
 		fmt.Fprintf(stderr, "pglocks run: %v during --min-hold; letting %s go\n", s, name)
 	}
@@ -192,7 +194,7 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 		}
 		res <- r
 	}()
-	status := &holderStatus{w: stderr, tty: isTerminal(os.Stderr) && stderr == io.Writer(os.Stderr), name: name}
+	status := &holderStatus{w: stderr, tty: isTerminal(os.Stderr) && stderr == io.Writer(os.Stderr), name: name, began: time.Now()}
 	tick := time.NewTimer(300 * time.Millisecond) // a quick grant needs no word
 	defer tick.Stop()
 	var sig os.Signal
@@ -235,7 +237,8 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 }
 
 // holders describes who holds keys (the key, or its slots), as ", by pid
-// 123 (app) from 10.0.0.1, connected 5s ago", or "" if that cannot be told.
+// 123 (app) from 10.0.0.1, connected at 14:03:05", or "" if that cannot be
+// told. It changes only when the holders do.
 func holders(locker *pglocks.Locker, keys []pglocks.Key) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -252,26 +255,43 @@ func holders(locker *pglocks.Locker, keys []pglocks.Key) string {
 	}
 	var parts []string
 	for _, h := range hs {
-		app, client := h.ApplicationName, "local socket"
+		app, client := h.ApplicationName, "a local socket"
 		if app == "" {
 			app = "no application_name"
 		}
 		if host, _, err := net.SplitHostPort(h.ClientAddr); err == nil {
 			client = host
 		}
-		parts = append(parts, fmt.Sprintf("pid %d (%s) from %s, connected %v ago", h.PID, app, client,
-			time.Since(h.BackendStart).Round(time.Second)))
+		parts = append(parts, fmt.Sprintf("pid %d (%s) from %s, connected at %s", h.PID, app, client, clock(h.BackendStart)))
 	}
 	return " by " + strings.Join(parts, "; ")
 }
 
-// holderStatus keeps one line on stderr current while waiting: rewritten in
-// place on a terminal, printed again only when it changes otherwise.
+// clock is t as a waiting line shows it: the time of day, with the date
+// when it is not today.
+func clock(t time.Time) string {
+	t = t.Local()
+	if y, m, d := t.Date(); time.Now().Year() == y && time.Now().Month() == m && time.Now().Day() == d {
+		return t.Format(time.TimeOnly)
+	}
+	return t.Format(time.DateTime)
+}
+
+// quietFor is how long a waiting line stays the last one printed, when
+// stderr is not a terminal, before a change of holders is printed.
+const quietFor = 10 * time.Second
+
+// holderStatus keeps one line on stderr current while waiting. On a
+// terminal it is rewritten in place, with the time waited; otherwise it is
+// printed again only when who holds the lock changes, and at most once per
+// quietFor, so that a long wait is a few lines in a log.
 type holderStatus struct {
-	w     io.Writer
-	tty   bool
-	name  string
-	shown string
+	w       io.Writer
+	tty     bool
+	name    string
+	began   time.Time
+	shown   string    // the last line printed
+	printed time.Time // when
 }
 
 func (s *holderStatus) show(by string) {
@@ -281,11 +301,11 @@ func (s *holderStatus) show(by string) {
 	}
 	switch {
 	case s.tty:
-		fmt.Fprintf(s.w, "\r\033[K%s", line)
+		fmt.Fprintf(s.w, "\r\033[K%s (%v)", line, time.Since(s.began).Round(time.Second))
 		s.shown = line
-	case line != s.shown:
+	case line != s.shown && (s.shown == "" || time.Since(s.printed) >= quietFor):
 		fmt.Fprintln(s.w, line)
-		s.shown = line
+		s.shown, s.printed = line, time.Now()
 	}
 }
 
@@ -300,15 +320,22 @@ type child struct {
 	prog      string          // "run" or "elect", for messages
 	lost      <-chan struct{} // closed if the lock (or leadership) is lost
 	why       func() error    // why it was lost
-	what      string          // "lock" or "leadership"
+	what      string          // "lock of NAME" or "leadership of NAME"
 	sigs      <-chan os.Signal
 	killAfter time.Duration
 }
 
+// exited is how COMMAND ended.
+type exited struct {
+	code      int    // the exit status to give: COMMAND's, 128+N for signal N, or exitLost
+	signalled bool   // a signal of ours was forwarded to COMMAND
+	lost      bool   // the lock (or leadership) was lost while it ran
+	how       string // "exited with status 3", "was killed by signal 15 (terminated)"
+}
+
 // runChild runs COMMAND while a lock is held, forwards signals to it, and
-// stops it if the lock is lost. It returns the exit status, and whether a
-// signal was forwarded.
-func runChild(path string, argv []string, stdin *os.File, stdout, stderr io.Writer, c child) (code int, signalled bool) {
+// stops it if the lock is lost, saying so in one line.
+func runChild(path string, argv []string, stdin *os.File, stdout, stderr io.Writer, c child) exited {
 	cmd := exec.Command(path, argv[1:]...)
 	cmd.Args[0] = argv[0]
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, stdout, stderr
@@ -320,47 +347,78 @@ func runChild(path string, argv []string, stdin *os.File, stdout, stderr io.Writ
 	defer runtime.UnlockOSThread()
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintf(stderr, "pglocks %s: %s: %v\n", c.prog, argv[0], err)
-		return exitCannotRun, false
+		return exited{code: exitCannotRun, how: "could not start"}
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	lost := false
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	var e exited
 	lostCh := c.lost
 	var kill <-chan time.Time
 	for {
 		select {
 		case s := <-c.sigs:
-			signalled = true
+			e.signalled = true
 			if interactive && s == syscall.SIGINT {
 				continue // the terminal sent it to COMMAND too
 			}
 			_ = cmd.Process.Signal(s)
 		case <-lostCh:
 			lostCh = nil
-			lost = true
-			fmt.Fprintf(stderr, "pglocks %s: %s lost while %s ran (%v); sending SIGTERM, SIGKILL in %v\n",
-				c.prog, c.what, argv[0], c.why(), c.killAfter)
+			e.lost = true
+			fmt.Fprintf(stderr, "pglocks %s: %s lost while %s ran: %s; sending SIGTERM, SIGKILL in %v\n",
+				c.prog, c.what, argv[0], lossReason(c.why()), c.killAfter)
 			_ = cmd.Process.Signal(syscall.SIGTERM)
 			kill = time.After(c.killAfter)
 		case <-kill:
 			fmt.Fprintf(stderr, "pglocks %s: %s did not stop; sending SIGKILL\n", c.prog, argv[0])
 			_ = cmd.Process.Kill()
-		case err := <-exited:
-			if lost {
-				return exitLost, signalled
-			}
+		case err := <-done:
 			var ee *exec.ExitError
-			if errors.As(err, &ee) {
+			switch {
+			case errors.As(err, &ee):
+				e.code, e.how = ee.ExitCode(), fmt.Sprintf("exited with status %d", ee.ExitCode())
 				if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-					return 128 + int(ws.Signal()), signalled
+					e.code = 128 + int(ws.Signal())
+					e.how = fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
 				}
-				return ee.ExitCode(), signalled
-			}
-			if err != nil {
+			case err != nil:
 				fmt.Fprintf(stderr, "pglocks %s: %v\n", c.prog, err)
-				return exitCannotRun, signalled
+				e.code, e.how = exitCannotRun, err.Error()
+			default:
+				e.how = "exited with status 0"
 			}
-			return 0, signalled
+			if e.lost {
+				e.code = exitLost
+			}
+			return e
 		}
 	}
+}
+
+// lossReason is why a lock was lost, in a few words for a line of the
+// tool's own, which names the lock already: "its server session ended
+// (FATAL: terminating connection due to administrator command)".
+func lossReason(err error) string {
+	if err == nil {
+		return "lost"
+	}
+	s := oneLine(err)
+	lost := pglocks.ErrLockLost.Error()
+	i := strings.Index(s, lost)
+	if i < 0 {
+		if j := strings.Index(s, "pglocks: lock "); j >= 0 {
+			s = s[j:]
+		}
+		return s
+	}
+	why := "its server session ended"
+	detail := strings.TrimPrefix(s[i+len(lost):], ": ")
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		detail = pe.Severity + ": " + pe.Message
+	}
+	if detail != "" {
+		why += " (" + detail + ")"
+	}
+	return why
 }
