@@ -64,7 +64,7 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 	var slots int
 	keyFlag(fs, &scheme, "how NAME becomes a key: ")
 	fs.BoolVar(&asJSON, "json", false, "print JSON")
-	fs.IntVar(&slots, "slots", 0, "also print the keys of NAME's N slots")
+	fs.IntVar(&slots, "slots", 0, fmt.Sprintf("also print the keys of NAME's N slots (1..%d)", pglocks.MaxSlots))
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
@@ -72,6 +72,10 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, "key", "want exactly one NAME, got %d", fs.NArg())
 	}
 	name := fs.Arg(0)
+	if name == "" {
+		// An unset variable ($JOB): run refuses it too.
+		return usageError(stderr, "key", "empty NAME")
+	}
 	if slots < 0 || slots > pglocks.MaxSlots {
 		return usageError(stderr, "key", "--slots must be 1..%d", pglocks.MaxSlots)
 	}

@@ -306,7 +306,7 @@ func TestLs(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("ls: exit %d: %s", code, stderr)
 	}
-	for _, want := range []string{"KEY", "job", "held", "waiting", "holder-app", "(1,2)", fmt.Sprint(holderPid)} {
+	for _, want := range []string{"KEY", "job", "held", "waiting", "holder-app", "1,2  ", fmt.Sprint(holderPid)} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("ls output lacks %q:\n%s", want, stdout)
 		}

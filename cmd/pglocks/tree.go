@@ -1,15 +1,13 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // waitTree is "pglocks ls --tree": the sessions holding or waiting for
@@ -21,37 +19,55 @@ type waitTree struct {
 
 // treeSession is one session of the tree.
 type treeSession struct {
-	PID         int       `json:"pid"`
-	Application string    `json:"application"`
-	Client      string    `json:"client"`
-	Holds       []string  `json:"holds"`               // keys, as ls prints them
-	WaitsFor    string    `json:"waits_for,omitempty"` // the key it waits for
-	Mode        string    `json:"mode,omitempty"`      // of the wait
+	PID         int        `json:"pid"` // a prepared transaction's is negative: it has none
+	Application string     `json:"application"`
+	Client      string     `json:"client"`
+	Holds       []lockRef  `json:"holds"`
+	Waits       []treeWait `json:"waits"` // one in the server's queue, or any number multiplexed
+}
+
+// lockRef is a lock in the tree's JSON: its key, as ls --json gives it, and
+// its label. A wait for any of a NAME's slots has a label and no key.
+type lockRef struct {
+	Key    string    `json:"key,omitempty"`
+	Bigint *int64    `json:"bigint,omitempty"`
+	Pair   *[2]int32 `json:"pair,omitempty"`
+	Label  string    `json:"label,omitempty"`
+}
+
+// treeWait is a wait of a session.
+type treeWait struct {
+	lockRef
+	Mode        string    `json:"mode,omitempty"` // not told for a multiplexed wait for a key
+	Multiplexed bool      `json:"multiplexed,omitempty"`
 	WaitStart   time.Time `json:"wait_start,omitzero"`
-	WaitSeconds float64   `json:"wait_seconds,omitempty"`
+	WaitSeconds *float64  `json:"wait_seconds,omitempty"` // to the millisecond; unknown for a multiplexed wait
 }
 
-// treeEdge says that waiter waits for key, which holder holds or waits for
-// ahead of it.
+// treeEdge says that waiter waits for the lock (a key, or any of a NAME's
+// slots) that holder holds, or waits for ahead of it: Key is the key
+// holder has.
 type treeEdge struct {
-	Waiter int    `json:"waiter"`
-	Holder int    `json:"holder"`
-	Key    string `json:"key"`
+	Waiter int `json:"waiter"`
+	Holder int `json:"holder"`
+	lockRef
 }
 
-// keyLabel is a lock's key as ls prints it, with its --name label.
-func keyLabel(l lockInfo) string {
-	key := l.Key
-	if l.Pair != nil {
-		key = "(" + key + ")"
-	}
+// ref is l's lock in the tree.
+func ref(l lockInfo) lockRef {
+	return lockRef{Key: l.Key, Bigint: l.Bigint, Pair: l.Pair, Label: l.Label}
+}
+
+// String is r as the tree prints it: KEY, KEY (LABEL), or LABEL alone for
+// a wait for any of a NAME's slots.
+func (r lockRef) String() string {
 	switch {
-	case l.Slot != nil:
-		key += " [" + l.Name + " slot " + fmt.Sprint(*l.Slot) + "]"
-	case l.Name != "":
-		key += " [" + l.Name + "]"
+	case r.Label == "":
+		return r.Key
+	case r.Key == "":
+		return r.Label
 	}
-	return key
+	return r.Key + " (" + r.Label + ")"
 }
 
 // preparedNodes gives each prepared transaction among locks a pid of its
@@ -83,7 +99,9 @@ func preparedNodes(locks []lockInfo) []lockInfo {
 		var by []int
 		for _, p := range l.BlockedBy {
 			if p == 0 {
-				by = append(by, holders[l.Key]...)
+				for _, k := range l.waitKeys {
+					by = append(by, holders[k]...)
+				}
 			} else {
 				by = append(by, p)
 			}
@@ -99,24 +117,48 @@ func buildTree(locks []lockInfo, now time.Time) waitTree {
 	session := func(l lockInfo) *treeSession {
 		s := byPID[l.PID]
 		if s == nil {
-			s = &treeSession{PID: l.PID, Application: l.Application, Client: l.Client, Holds: []string{}}
+			s = &treeSession{PID: l.PID, Application: l.Application, Client: l.Client, Holds: []lockRef{}, Waits: []treeWait{}}
 			byPID[l.PID] = s
 		}
+		if s.Application == "" && s.Client == "" {
+			s.Application, s.Client = l.Application, l.Client
+		}
 		return s
+	}
+	held := map[int]map[string]lockRef{} // pid -> key -> the lock it holds
+	for _, l := range locks {
+		if l.Granted {
+			if held[l.PID] == nil {
+				held[l.PID] = map[string]lockRef{}
+			}
+			held[l.PID][l.Key] = ref(l)
+		}
 	}
 	var t waitTree
 	for _, l := range locks {
 		s := session(l)
 		if l.Granted {
-			s.Holds = append(s.Holds, keyLabel(l))
+			s.Holds = append(s.Holds, ref(l))
 			continue
 		}
-		s.WaitsFor, s.Mode, s.WaitStart = keyLabel(l), l.Mode, l.Since
+		w := treeWait{lockRef: ref(l), Mode: l.Mode, Multiplexed: l.Multiplexed, WaitStart: l.Since}
 		if !l.Since.IsZero() {
-			s.WaitSeconds = now.Sub(l.Since).Seconds()
+			sec := math.Round(now.Sub(l.Since).Seconds()*1000) / 1000
+			w.WaitSeconds = &sec
 		}
+		s.Waits = append(s.Waits, w)
 		for _, p := range l.BlockedBy {
-			t.Edges = append(t.Edges, treeEdge{Waiter: l.PID, Holder: p, Key: keyLabel(l)})
+			e := treeEdge{Waiter: l.PID, Holder: p, lockRef: ref(l)}
+			if l.Key == "" {
+				// A wait for any of NAME's slots: the slot p holds.
+				for _, k := range l.waitKeys {
+					if r, ok := held[p][k]; ok {
+						e.lockRef = r
+						break
+					}
+				}
+			}
+			t.Edges = append(t.Edges, e)
 		}
 	}
 	t.Sessions = make([]treeSession, 0, len(byPID))
@@ -145,7 +187,9 @@ func printTree(w io.Writer, t waitTree) {
 		if _, ok := byPID[e.Holder]; !ok {
 			continue
 		}
-		children[e.Holder] = append(children[e.Holder], e.Waiter)
+		if !slices.Contains(children[e.Holder], e.Waiter) {
+			children[e.Holder] = append(children[e.Holder], e.Waiter)
+		}
 		blocked[e.Waiter] = true
 	}
 	var roots []int
@@ -164,11 +208,29 @@ func printTree(w io.Writer, t waitTree) {
 			indent = strings.Repeat("    ", depth-1) + " \\_ "
 		}
 		var parts []string
-		if s.WaitsFor != "" {
-			parts = append(parts, fmt.Sprintf("waits %s for %s (%s)", age(s.WaitSeconds), s.WaitsFor, s.Mode))
+		for _, wt := range s.Waits {
+			p := "waits"
+			if wt.WaitSeconds != nil {
+				p += " " + age(*wt.WaitSeconds)
+			}
+			var how []string
+			if wt.Mode != "" {
+				how = append(how, wt.Mode)
+			}
+			if wt.Multiplexed {
+				how = append(how, "multiplexed")
+			}
+			if len(how) > 0 {
+				p += " (" + strings.Join(how, ", ") + ")"
+			}
+			parts = append(parts, p+" for "+wt.String())
 		}
 		if len(s.Holds) > 0 {
-			parts = append(parts, "holds "+strings.Join(s.Holds, ", "))
+			var hs []string
+			for _, h := range s.Holds {
+				hs = append(hs, h.String())
+			}
+			parts = append(parts, "holds "+strings.Join(hs, ", "))
 		}
 		cycle := ""
 		if path[pid] {
@@ -210,75 +272,4 @@ func age(sec float64) string {
 		return d.Round(time.Millisecond).String()
 	}
 	return d.Round(100 * time.Millisecond).String()
-}
-
-// lockStats is "pglocks ls --stats".
-type lockStats struct {
-	Databases []dbStats `json:"databases"`
-	LockTable tableFill `json:"lock_table"`
-}
-
-// dbStats counts one database's advisory locks.
-type dbStats struct {
-	Database string `json:"database"`
-	Held     int    `json:"held"`
-	Waiting  int    `json:"waiting"`
-}
-
-// tableFill is how full the server's shared lock table is: Used of
-// Capacity = max_locks_per_transaction × (max_connections +
-// max_prepared_transactions). Fast-path locks (a session's first few weak
-// relation locks) are not in it, and are counted apart.
-type tableFill struct {
-	Used     int     `json:"used"`
-	FastPath int     `json:"fast_path"`
-	Capacity int     `json:"capacity"`
-	Percent  float64 `json:"percent"`
-}
-
-func readStats(ctx context.Context, pool *pgxpool.Pool) (lockStats, error) {
-	var s lockStats
-	rows, err := pool.Query(ctx, `
-		SELECT coalesce(d.datname, l.database::text), count(*) FILTER (WHERE l.granted), count(*) FILTER (WHERE NOT l.granted)
-		FROM pg_locks l LEFT JOIN pg_database d ON d.oid = l.database
-		WHERE l.locktype = 'advisory' GROUP BY 1 ORDER BY 1`)
-	if err != nil {
-		return s, err
-	}
-	for rows.Next() {
-		var d dbStats
-		if err := rows.Scan(&d.Database, &d.Held, &d.Waiting); err != nil {
-			return s, err
-		}
-		s.Databases = append(s.Databases, d)
-	}
-	if err := rows.Err(); err != nil {
-		return s, err
-	}
-	if s.Databases == nil {
-		s.Databases = []dbStats{}
-	}
-	f := &s.LockTable
-	err = pool.QueryRow(ctx, `
-		SELECT (SELECT count(*) FILTER (WHERE NOT fastpath) FROM pg_locks),
-		       (SELECT count(*) FILTER (WHERE fastpath) FROM pg_locks),
-		       current_setting('max_locks_per_transaction')::int *
-		       (current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int)`).
-		Scan(&f.Used, &f.FastPath, &f.Capacity)
-	if f.Capacity > 0 {
-		f.Percent = float64(f.Used) * 100 / float64(f.Capacity)
-	}
-	return s, err
-}
-
-func printStats(w io.Writer, s lockStats) {
-	for _, d := range s.Databases {
-		fmt.Fprintf(w, "%s: %d held, %d waiting\n", d.Database, d.Held, d.Waiting)
-	}
-	if len(s.Databases) == 0 {
-		fmt.Fprintln(w, "(no advisory locks)")
-	}
-	f := s.LockTable
-	fmt.Fprintf(w, "lock table: %d of %d (%.3g%%), max_locks_per_transaction × (max_connections + max_prepared_transactions); %d fast-path locks apart\n",
-		f.Used, f.Capacity, f.Percent, f.FastPath)
 }

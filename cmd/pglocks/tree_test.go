@@ -5,12 +5,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pglocks/pglocks"
 )
 
 // session opens a plain session named app.
@@ -43,7 +46,9 @@ func waitsIn(t *testing.T, db string) int {
 // NAME tree-job's key); B holds 102 and waits for 101; C waits for 102; D
 // waits for 101 too, behind B. B and D are under A, C under B, and D only
 // under A: pg_blocking_pids names B as D's blocker too (B is ahead of it in
-// the queue), but B does not hold 101. --json has exactly those edges.
+// the queue), but B does not hold 101. --json has exactly those edges, and
+// gives each key as numbers with its label apart, and each wait's age to
+// the millisecond.
 func TestTree(t *testing.T) {
 	t.Parallel()
 	dsn, db := testDB(t)
@@ -113,28 +118,39 @@ func TestTree(t *testing.T) {
 	for _, want := range []struct {
 		line, text string
 	}{
-		{line[pa], "tree-a"}, {line[pa], "101, 103"}, {line[pa], "holds "}, {line[pa], " [tree-job]"},
-		{line[pb], "tree-b"}, {line[pb], "for 101 (exclusive)"}, {line[pb], "holds 102"},
-		{line[pc], "tree-c"}, {line[pc], "for 102 (exclusive)"},
-		{line[pd], "tree-d"}, {line[pd], "for 101 (exclusive)"},
+		{line[pa], "tree-a"}, {line[pa], "101, 103"}, {line[pa], "holds "},
+		{line[pa], fmt.Sprintf(" %s (tree-job)", pglocks.Name("tree-job"))},
+		{line[pb], "tree-b"}, {line[pb], " (exclusive) for 101;"}, {line[pb], "holds 102"},
+		{line[pc], "tree-c"}, {line[pc], " (exclusive) for 102"},
+		{line[pd], "tree-d"}, {line[pd], " (exclusive) for 101"},
 	} {
 		if !strings.Contains(want.line, want.text) {
 			t.Errorf("%q lacks %q", want.line, want.text)
 		}
 	}
 	for _, pid := range []int{pb, pc, pd} {
-		// "waits 35ms for", "waits 1.2s for"
+		// "waits 35ms (exclusive) for", "waits 1.2s (exclusive) for"
 		var age string
-		if _, err := fmt.Sscanf(line[pid][strings.Index(line[pid], "waits "):], "waits %s for", &age); err != nil {
+		if _, err := fmt.Sscanf(line[pid][strings.Index(line[pid], "waits "):], "waits %s (exclusive) for", &age); err != nil {
 			t.Errorf("%q: no wait age: %v", line[pid], err)
 		} else if d, err := time.ParseDuration(age); err != nil || d <= 0 || d > time.Minute {
 			t.Errorf("%q: wait age %q", line[pid], age)
 		}
 	}
 
-	stdout, _, code = pglocksRun(t, dsn, "ls", "--tree", "--json")
+	stdout, _, code = pglocksRun(t, dsn, "ls", "--tree", "--json", "--name", "tree-job")
 	if code != 0 {
 		t.Fatal(code)
+	}
+	t.Logf("ls --tree --json:\n%s", stdout)
+	// Ages to the millisecond: 1.234, not 1.2345678901.
+	for _, m := range regexp.MustCompile(`"wait_seconds": ([0-9.e-]+)`).FindAllStringSubmatch(stdout, -1) {
+		if !regexp.MustCompile(`^[0-9]+(\.[0-9]{1,3})?$`).MatchString(m[1]) {
+			t.Errorf("wait_seconds %s: not to the millisecond", m[1])
+		}
+	}
+	if strings.Contains(stdout, "[tree-job]") || strings.Contains(stdout, "(tree-job)") {
+		t.Errorf("a key and its label in one string:\n%s", stdout)
 	}
 	var tree waitTree
 	if err := json.Unmarshal([]byte(stdout), &tree); err != nil {
@@ -150,19 +166,28 @@ func TestTree(t *testing.T) {
 	if !slices.Equal(edges, wantEdges) {
 		t.Errorf("edges %v, want %v", edges, wantEdges)
 	}
+	jobID, _ := pglocks.Name("tree-job").Int64()
+	// waitsFor reports whether s waits for one bigint key, for a while.
+	waitsFor := func(s treeSession, id int64) bool {
+		return len(s.Waits) == 1 && s.Waits[0].Bigint != nil && *s.Waits[0].Bigint == id && s.Waits[0].Pair == nil &&
+			s.Waits[0].Key == fmt.Sprint(id) && s.Waits[0].Mode == "exclusive" && s.Waits[0].WaitSeconds != nil && *s.Waits[0].WaitSeconds > 0
+	}
 	seen := map[int]bool{}
 	for _, s := range tree.Sessions {
 		seen[s.PID] = true
 		var ok bool
 		switch s.PID {
 		case pa:
-			ok = s.Application == "tree-a" && s.WaitsFor == "" && len(s.Holds) == 3
+			ok = s.Application == "tree-a" && len(s.Waits) == 0 && len(s.Holds) == 3 &&
+				slices.ContainsFunc(s.Holds, func(h lockRef) bool {
+					return h.Bigint != nil && *h.Bigint == jobID && h.Key == fmt.Sprint(jobID) && h.Label == "tree-job"
+				})
 		case pb:
-			ok = s.Application == "tree-b" && s.WaitsFor == "101" && s.WaitSeconds > 0 && slices.Equal(s.Holds, []string{"102"})
+			ok = s.Application == "tree-b" && waitsFor(s, 101) && len(s.Holds) == 1 && *s.Holds[0].Bigint == 102 && s.Holds[0].Label == ""
 		case pc:
-			ok = s.Application == "tree-c" && s.WaitsFor == "102" && s.WaitSeconds > 0 && len(s.Holds) == 0
+			ok = s.Application == "tree-c" && waitsFor(s, 102) && len(s.Holds) == 0
 		case pd:
-			ok = s.Application == "tree-d" && s.WaitsFor == "101" && s.WaitSeconds > 0 && len(s.Holds) == 0
+			ok = s.Application == "tree-d" && waitsFor(s, 101) && len(s.Holds) == 0
 		}
 		if !ok {
 			t.Errorf("session in --json: %+v", s)
@@ -199,11 +224,12 @@ func TestTreeCycle(t *testing.T) {
 	t.Parallel()
 	tree := waitTree{
 		Sessions: []treeSession{
-			{PID: 1, Holds: []string{"1"}, WaitsFor: "2", Mode: "exclusive"},
-			{PID: 2, Holds: []string{"2"}, WaitsFor: "1", Mode: "exclusive"},
-			{PID: 3, WaitsFor: "1", Mode: "exclusive"},
+			{PID: 1, Holds: []lockRef{{Key: "1"}}, Waits: []treeWait{{lockRef: lockRef{Key: "2"}, Mode: "exclusive"}}},
+			{PID: 2, Holds: []lockRef{{Key: "2"}}, Waits: []treeWait{{lockRef: lockRef{Key: "1"}, Mode: "exclusive"}}},
+			{PID: 3, Waits: []treeWait{{lockRef: lockRef{Key: "1"}, Mode: "exclusive"}}},
 		},
-		Edges: []treeEdge{{Waiter: 1, Holder: 2, Key: "2"}, {Waiter: 2, Holder: 1, Key: "1"}, {Waiter: 3, Holder: 1, Key: "1"}},
+		Edges: []treeEdge{{Waiter: 1, Holder: 2, lockRef: lockRef{Key: "2"}}, {Waiter: 2, Holder: 1, lockRef: lockRef{Key: "1"}},
+			{Waiter: 3, Holder: 1, lockRef: lockRef{Key: "1"}}},
 	}
 	out := make(chan string, 1)
 	go func() {
@@ -230,7 +256,7 @@ func TestTreeCycle(t *testing.T) {
 	}
 
 	// Beside an ordinary root, the cycle is still printed.
-	tree.Sessions = append(tree.Sessions, treeSession{PID: 4, Holds: []string{"9"}})
+	tree.Sessions = append(tree.Sessions, treeSession{PID: 4, Holds: []lockRef{{Key: "9"}}})
 	var b strings.Builder
 	printTree(&b, tree)
 	for _, pid := range []string{"1 ", "2 ", "3 ", "4 "} {
@@ -277,7 +303,7 @@ func TestStats(t *testing.T) {
 		t.Errorf("lock table: %+v, capacity %d", f, capacity)
 	}
 	stdout, _, code = pglocksRun(t, dsn, "ls", "--stats")
-	if code != 0 || !strings.Contains(stdout, db+": 3 held, 1 waiting") || !strings.Contains(stdout, fmt.Sprintf("of %d (", capacity)) {
+	if code != 0 || !strings.Contains(stdout, db+": 3 held, 1 waiting") || !strings.Contains(stdout, fmt.Sprintf("of %d entries used (", capacity)) {
 		t.Errorf("ls --stats: exit %d:\n%s", code, stdout)
 	}
 	t.Logf("ls --stats:\n%s", stdout)
