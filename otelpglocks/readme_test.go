@@ -1,0 +1,56 @@
+package otelpglocks_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync/atomic"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// The Examples that run README.md's code (checked against it by the root
+// module's TestREADMESnippets) are given a pool here, as the root module's
+// are given a database.
+
+var exampleSeq atomic.Int64
+
+// examplePool returns a pool on a database of its own on the test server,
+// for README code that is handed one. done prints the advisory locks left
+// in the database (failing the Example), closes the pool and drops the
+// database.
+func examplePool() (pool *pgxpool.Pool, done func()) {
+	ctx := context.Background()
+	name := fmt.Sprintf("example_%d_%d", os.Getpid(), exampleSeq.Add(1))
+	if _, err := srv.Admin.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+		panic(err)
+	}
+	cfg, err := pgx.ParseConfig(srv.URL)
+	if err != nil {
+		panic(err)
+	}
+	pool, err = pgxpool.New(ctx, fmt.Sprintf("postgres://%s@%s:%d/%s?sslmode=disable", cfg.User, cfg.Host, cfg.Port, name))
+	if err != nil {
+		panic(err)
+	}
+	return pool, func() {
+		left, err := srv.AdvisoryLocks(ctx, name)
+		if err != nil {
+			panic(err)
+		}
+		for _, l := range left {
+			fmt.Println("left behind:", l)
+		}
+		pool.Close()
+		if _, err := srv.Admin.Exec(ctx, "DROP DATABASE "+pgx.Identifier{name}.Sanitize()+" WITH (FORCE)"); err != nil {
+			panic(err)
+		}
+	}
+}
+
+// runReport stands for the README's reader's own code.
+func runReport(ctx context.Context) error {
+	fmt.Println("report")
+	return nil
+}
