@@ -12,7 +12,9 @@
 // replica 1 stops, and replica 2 runs the jobs from the next tick on.
 //
 // It uses the server that DATABASE_URL names, or starts a throwaway one from
-// the local PostgreSQL installation (as the tests do) and removes it after.
+// the local PostgreSQL installation (as the tests do) and removes it after,
+// also when it is interrupted, terminated, hung up on, or its stdout is
+// closed.
 package main
 
 import (
@@ -21,7 +23,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
 	"sort"
 	"sync"
 	"time"
@@ -43,7 +44,11 @@ func main() {
 	ticks := flag.Int("ticks", 5, "how many ticks to run")
 	elect := flag.Bool("elect", false, "elect a leader that runs every job (gocron.WithDistributedElector)")
 	flag.Parse()
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	// SIGINT, SIGTERM, SIGHUP and a closed stdout (go run . | head) stop
+	// the replicas early, and run's deferred Stop removes the throwaway
+	// server. A program of yours would call
+	// signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM).
+	ctx, stop := pgtest.NotifyContext(context.Background())
 	code := run(ctx, os.Stdout, os.Stderr, *ticks, *elect)
 	stop()
 	os.Exit(code)

@@ -4,7 +4,9 @@
 //	go run ./examples/quickstart
 //
 // It uses the server that DATABASE_URL names, or starts a throwaway one from
-// the local PostgreSQL installation (as the tests do) and removes it after.
+// the local PostgreSQL installation (as the tests do) and removes it after,
+// also when it is interrupted, terminated, hung up on, or its stdout is
+// closed (go run ./examples/quickstart | head -3).
 package main
 
 import (
@@ -13,7 +15,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
 	"sync"
 	"time"
 
@@ -24,7 +25,11 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	// SIGINT, SIGTERM, SIGHUP and a closed stdout (go run . | head -3)
+	// cancel ctx, so that run returns and its deferred Stop removes the
+	// throwaway server. A program of yours would call
+	// signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM).
+	ctx, stop := pgtest.NotifyContext(context.Background())
 	code := run(ctx, os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)

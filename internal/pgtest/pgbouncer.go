@@ -7,8 +7,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
-	"syscall"
+	"sync"
 	"time"
 )
 
@@ -25,8 +26,12 @@ type PgBouncer struct {
 	// AdminURL reaches PgBouncer's admin console (database "pgbouncer").
 	AdminURL string
 	dir      string
-	cmd      *exec.Cmd
 	start    func() error
+	remove   func() // stops PgBouncer and removes dir
+
+	mu     sync.Mutex
+	cmd    *exec.Cmd     // the running PgBouncer; guarded by mu
+	exited chan struct{} // closed when cmd has exited; guarded by mu
 }
 
 // StartPgBouncer starts PgBouncer with pool_mode mode ("session",
@@ -46,11 +51,17 @@ func (s *Server) StartPgBouncerVia(mode string, serverPort int, settings ...stri
 		}
 		bin = "/usr/sbin/pgbouncer"
 	}
-	dir, err := os.MkdirTemp("", "pglocks-pgbouncer-")
+	dir, err := newDir(pgbouncerPrefix, s.cred) // PgBouncer refuses to run as root
 	if err != nil {
 		return nil, err
 	}
 	b := &PgBouncer{dir: dir}
+	b.remove = sync.OnceFunc(func() {
+		untrack(b)
+		b.kill()
+		_ = os.RemoveAll(b.dir)
+	})
+	track(b, b.remove)
 	port, err := freePort()
 	if err != nil {
 		b.Stop()
@@ -80,15 +91,32 @@ pidfile = %s
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	b.start = func() error {
-		b.cmd = exec.Command(bin, conf)
-		if s.cred != nil { // PgBouncer refuses to run as root
-			if err := os.Chown(dir, int(s.cred.Uid), int(s.cred.Gid)); err != nil {
-				return err
+		cmd := exec.Command(bin, conf)
+		cmd.Dir = dir // so that a later run can tell it is ours (removeStale)
+		cmd.SysProcAttr = childAttr(s.cred)
+		started := make(chan error, 1)
+		exited := make(chan struct{})
+		b.mu.Lock() // kill waits until b.cmd is set
+		go func() {
+			defer close(exited)
+			// On Linux PgBouncer gets SIGKILL when the thread that started
+			// it ends (Pdeathsig): hold on to that thread until it exits.
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			if err := cmd.Start(); err != nil {
+				started <- fmt.Errorf("pgtest: start pgbouncer: %w", err)
+				return
 			}
-			b.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
+			started <- nil
+			_ = cmd.Wait()
+		}()
+		err := <-started
+		if err == nil {
+			b.cmd, b.exited = cmd, exited
 		}
-		if err := b.cmd.Start(); err != nil {
-			return fmt.Errorf("pgtest: start pgbouncer: %w", err)
+		b.mu.Unlock()
+		if err != nil {
+			return err
 		}
 		for end := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 			if c, err := net.Dial("tcp", addr); err == nil {
@@ -121,16 +149,21 @@ func (b *PgBouncer) DB(dsn string) string {
 // Restart kills PgBouncer (SIGKILL: every client and server connection
 // ends) and starts it again on the same port.
 func (b *PgBouncer) Restart() error {
-	_ = b.cmd.Process.Kill()
-	_ = b.cmd.Wait()
+	b.kill()
 	return b.start()
 }
 
-// Stop stops PgBouncer and removes its files.
-func (b *PgBouncer) Stop() {
-	if b.cmd != nil && b.cmd.Process != nil {
+// kill kills PgBouncer, if it runs, and waits until it has exited.
+func (b *PgBouncer) kill() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.cmd != nil {
 		_ = b.cmd.Process.Kill()
-		_ = b.cmd.Wait()
+		<-b.exited
+		b.cmd = nil
 	}
-	_ = os.RemoveAll(b.dir)
 }
+
+// Stop stops PgBouncer and removes its files. It is safe to call more than
+// once, and from more than one goroutine.
+func (b *PgBouncer) Stop() { b.remove() }

@@ -21,6 +21,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -46,12 +47,13 @@ type Server struct {
 	// pg_locks.
 	Admin *pgxpool.Pool
 
-	dir   string // holds the data directory and socket; "" for an existing server
-	bin   string
-	cred  *syscall.Credential
-	port  int
-	opts  Options
-	dbSeq atomic.Int64
+	dir    string // holds the data directory and socket; "" for an existing server
+	remove func() // stops the server and removes dir; nil for an existing server
+	bin    string
+	cred   *syscall.Credential
+	port   int
+	opts   Options
+	dbSeq  atomic.Int64
 }
 
 // Start starts a throwaway server, or connects to the one that
@@ -142,29 +144,41 @@ func (s *Server) initdb() error {
 		return err
 	}
 	s.bin = bin
-	dir, err := os.MkdirTemp("", "pglocks-pg-")
-	if err != nil {
-		return fmt.Errorf("pgtest: %w", err)
-	}
-	s.dir = dir
 	if os.Geteuid() == 0 {
 		u, err := user.Lookup("postgres")
 		if err != nil {
-			s.Stop()
 			return fmt.Errorf("pgtest: running as root, and initdb refuses to: need the user \"postgres\" (created by the postgresql package) to run the server as: %w\n%s", err, Install)
 		}
 		uid, _ := strconv.Atoi(u.Uid)
 		gid, _ := strconv.Atoi(u.Gid)
 		s.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-		if err := os.Chown(dir, uid, gid); err != nil {
-			s.Stop()
-			return fmt.Errorf("pgtest: %w", err)
-		}
+	}
+	if err := s.makeDir(serverPrefix); err != nil {
+		return err
 	}
 	if out, err := s.run("initdb", "-D", s.data(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"); err != nil {
 		s.Stop()
 		return fmt.Errorf("pgtest: initdb: %w\n%s", err, out)
 	}
+	return nil
+}
+
+// makeDir makes the server's directory, and sets up and tracks its
+// removal: from then on Stop (or a signal, see StopOnSignal) removes it.
+func (s *Server) makeDir(prefix string) error {
+	dir, err := newDir(prefix, s.cred)
+	if err != nil {
+		return err
+	}
+	s.dir = dir
+	s.remove = sync.OnceFunc(func() {
+		untrack(s)
+		if _, err := os.Stat(filepath.Join(s.data(), "postmaster.pid")); err == nil {
+			_, _ = s.run("pg_ctl", "-D", s.data(), "-m", "immediate", "-w", "stop")
+		}
+		_ = os.RemoveAll(s.dir)
+	})
+	track(s, s.remove)
 	return nil
 }
 
@@ -259,25 +273,19 @@ func (s *Server) Kill() error {
 // (pg_basebackup -R), on a port of its own.
 func (s *Server) StartStandby() (*Server, error) {
 	st := &Server{bin: s.bin, cred: s.cred}
-	dir, err := os.MkdirTemp("", "pglocks-standby-")
-	if err != nil {
-		return nil, fmt.Errorf("pgtest: %w", err)
-	}
-	st.dir = dir
-	if s.cred != nil {
-		if err := os.Chown(dir, int(s.cred.Uid), int(s.cred.Gid)); err != nil {
-			st.Stop()
-			return nil, fmt.Errorf("pgtest: %w", err)
-		}
+	if err := st.makeDir(standbyPrefix); err != nil {
+		return nil, err
 	}
 	if out, err := st.run("pg_basebackup", "-D", st.data(), "-R", "-X", "stream", "-h", s.dir, "-p", strconv.Itoa(s.port), "-U", "postgres"); err != nil {
 		st.Stop()
 		return nil, fmt.Errorf("pgtest: pg_basebackup: %w\n%s", err, out)
 	}
-	if st.port, err = freePort(); err != nil {
+	port, err := freePort()
+	if err != nil {
 		st.Stop()
 		return nil, err
 	}
+	st.port = port
 	if err := st.Start(); err != nil {
 		st.Stop()
 		return nil, err
@@ -309,18 +317,15 @@ func (s *Server) run(prog string, args ...string) ([]byte, error) {
 	return cmd.CombinedOutput()
 }
 
-// Stop stops a throwaway server and removes its files.
+// Stop stops a throwaway server and removes its files. It is safe to call
+// more than once, and from more than one goroutine.
 func (s *Server) Stop() {
 	if s.Admin != nil {
 		s.Admin.Close()
 	}
-	if s.dir == "" {
-		return
+	if s.remove != nil {
+		s.remove()
 	}
-	if s.URL != "" {
-		_, _ = s.run("pg_ctl", "-D", s.data(), "-m", "immediate", "-w", "stop")
-	}
-	_ = os.RemoveAll(s.dir)
 }
 
 // findBin returns the directory that holds initdb and pg_ctl.
@@ -434,25 +439,31 @@ func (s *Server) AdvisoryLocks(ctx context.Context, name string) ([]string, erro
 // run if goroutines are left behind (check is called with the exit code and
 // returns the new one; nil skips it).
 //
+// On SIGINT, SIGTERM, SIGHUP, or a write to a broken standard output (go
+// test -v | head), it stops every throwaway server and PgBouncer the tests
+// started and removes their files before the signal ends the run (see
+// StopOnSignal). What a run killed outright (SIGKILL, a test's panic, go
+// test's -timeout) leaves behind, the next run's first server removes.
+//
 // With PGLOCKS_TEST_SERVER=none it starts no server: for the tests that need
 // none (the fake-server tests: go test -run Fake .), on a machine without
 // PostgreSQL. A test that needs the server then panics on the nil server.
 func Main(m *testing.M, srv **Server, check func(code int) int) {
+	unwatch := StopOnSignal()
+	var code int
 	if os.Getenv("PGLOCKS_TEST_SERVER") == "none" {
-		code := m.Run()
-		if check != nil {
-			code = check(code)
+		code = m.Run()
+	} else {
+		s, err := Start()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
 		}
-		os.Exit(code)
+		*srv = s
+		code = m.Run()
+		s.Stop()
 	}
-	s, err := Start()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	*srv = s
-	code := m.Run()
-	s.Stop()
+	unwatch()
 	if check != nil {
 		code = check(code)
 	}

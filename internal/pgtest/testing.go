@@ -3,7 +3,11 @@ package pgtest
 import (
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 )
@@ -43,4 +47,69 @@ func CheckLeaks(code int) int {
 		return 1
 	}
 	return code
+}
+
+// TempDir makes a directory for t to run a program in that starts throwaway
+// servers (with TMPDIR set to it), so that t sees what that program leaves
+// behind (Leftovers), and nothing of other runs'. When t ends, it kills the
+// processes still working in it and removes it.
+func TempDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "pglocks-t-")
+	if err == nil {
+		// The server's user ("postgres" when the tests run as root) must
+		// reach its own directory inside.
+		err = os.Chmod(dir, 0o755)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+			ps := processesIn(dir)
+			if len(ps) == 0 {
+				break
+			}
+			for _, p := range ps {
+				_ = syscall.Kill(p.pid, syscall.SIGKILL)
+			}
+		}
+		_ = os.RemoveAll(dir)
+	})
+	return dir
+}
+
+// Leftovers lists, one line each, what throwaway servers and PgBouncers left
+// in dir (a TempDir): their directories, and the processes still working in
+// dir (postmasters, backends, PgBouncers; Linux only).
+func Leftovers(dir string) []string {
+	var left []string
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if hasDirPrefix(e.Name()) {
+			left = append(left, "directory "+filepath.Join(dir, e.Name()))
+		}
+	}
+	for _, p := range processesIn(dir) {
+		left = append(left, p.String())
+	}
+	return left
+}
+
+// WaitNoLeftovers waits until nothing is left in dir (a TempDir), and fails t
+// with what is if that takes more than 30 s.
+func WaitNoLeftovers(t testing.TB, dir string) {
+	t.Helper()
+	end := time.Now().Add(30 * time.Second)
+	for {
+		left := Leftovers(dir)
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(end) {
+			t.Errorf("left behind:\n%s", strings.Join(left, "\n"))
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
