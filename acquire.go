@@ -313,7 +313,7 @@ func (a *acquirer) tryAll(ctx context.Context, keys []Key, shared bool) (grantSe
 			got = append(got, keys[i])
 		case first != nil:
 		case r.err != nil:
-			first = lockError(keys[i], r.err)
+			first = lockError(keys[i], sessionEnded(classify(r.err)))
 		default:
 			first = lockError(keys[i], ErrLocked)
 		}

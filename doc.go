@@ -68,6 +68,23 @@
 // metrics and spans. [WithLogger] logs losses at Warn, retries at Info or
 // Debug, and nothing per acquisition.
 //
+// # Errors
+//
+// An error about a key reads "pglocks: lock KEY: why", KEY written as
+// [Key.String] writes it, after the name (quoted) for a key that [Name] or
+// another Name function made, such as
+//
+//	pglocks: lock "tick" (-546921001532167208): held by another session
+//
+// and says each cause once. It matches (errors.Is) the sentinel of its
+// cause: [ErrLocked], [ErrDeadlock], [ErrServerTimeout] or
+// context.DeadlineExceeded for a wait, [ErrSessionEnded] for one whose
+// server session ended, [ErrTooManyLocks], [ErrLockTableFull],
+// [ErrStandby], [ErrTransactionPooling], [ErrClosed], [ErrInvalidKey]; and
+// the driver's error stays reachable with errors.As. [Lock.Err] reports a
+// loss with an error matching [ErrLockLost], and ErrSessionEnded as well
+// when the server ended the session.
+//
 // # Transaction locks
 //
 // [LockTx] and [TryLockTx] (or [LockSQLTx] and [TryLockSQLTx] for
@@ -101,7 +118,8 @@
 //     locks turn statement_timeout and lock_timeout off for their wait only,
 //     and restore them for the caller's own statements. A wait the server
 //     ends anyway (a cancel from another session) fails with
-//     [ErrServerTimeout], never a bare SQLSTATE.
+//     [ErrServerTimeout], and one whose session it ends (pg_terminate_backend,
+//     a restart) with [ErrSessionEnded]: never a bare SQLSTATE.
 //   - A context deadline on Lock is enforced by the server (lock_timeout for
 //     that one statement) and the error matches context.DeadlineExceeded. When
 //     Lock or TryLock returns an error, nothing of it is held or queued on the

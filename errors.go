@@ -2,8 +2,10 @@ package pglocks
 
 import (
 	"context"
+	"database/sql/driver"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 )
 
@@ -27,8 +29,22 @@ var ErrInvalidKey = errors.New("invalid key (the zero Key)")
 
 // ErrLockLost is reported by [Lock.Err] (and so by [Locker.Do]) when the
 // server session that held the lock ended or could not be used any more: the
-// server freed the lock, and another session may hold it now.
+// server freed the lock, and another session may hold it now. The error
+// wraps the cause; when the server ended the session, it matches
+// [ErrSessionEnded] too.
 var ErrLockLost = errors.New("lock lost: its server session ended")
+
+// ErrSessionEnded is returned when the server session that a wait for a
+// lock (or a try) ran on ended before the server answered: the backend was
+// terminated (pg_terminate_backend), the server shut down, restarted or
+// crashed (the server says FATAL, SQLSTATE 57P01 to 57P05), or the
+// connection closed. Nothing was taken, and the error wraps the driver's.
+// (lib/pq reports the server's FATAL as driver.ErrBadConn, as it does for a
+// session that had ended before the wait began: with it, such a wait is
+// tried once more, on another session.) A held lock lost that way is
+// reported by [Lock.Err] with an error that matches both [ErrLockLost] and
+// ErrSessionEnded.
+var ErrSessionEnded = errors.New("the server session ended")
 
 // ErrStandby is returned when the server is a standby (in recovery): a hot
 // standby grants advisory locks that the primary never sees, so they would
@@ -44,9 +60,10 @@ var ErrDeadlock = errors.New("deadlock detected by the server")
 // locks, or raise max_locks_per_transaction on the server.
 var ErrLockTableFull = errors.New("the server's lock table is full")
 
-// ErrTooManyLocks is returned when the Locker already holds as many locks as
-// [WithMaxLocks] allows.
-var ErrTooManyLocks = errors.New("the Locker holds as many locks as WithMaxLocks allows")
+// ErrTooManyLocks is returned when the keys the Locker holds, together with
+// those it is taking or waiting for, are already as many as [WithMaxLocks]
+// allows. The error says how many of them are held.
+var ErrTooManyLocks = errors.New("the Locker holds or waits for as many locks as WithMaxLocks allows")
 
 // ErrTransactionPooling is returned when a proxy shares every server session
 // between statements (PgBouncer's pool_mode=statement), where no transaction
@@ -77,10 +94,49 @@ var (
 // errNotHeld is the cause when the server says a lock we hold was not held.
 var errNotHeld = errors.New("the server says the lock was not held")
 
-// lockError wraps err in the one form used for errors about a key.
+// lockError wraps err in the one form used for errors about a key:
+// "pglocks: lock KEY: err", where KEY is the key as [Key.String] writes
+// it, after its name when the key was made from one lately (see names.go).
 func lockError(key Key, err error) error {
-	return fmt.Errorf("pglocks: lock %v: %w", key, err)
+	return &keyError{key: key, name: nameOf(key), err: err}
 }
+
+// keyError is lockError's error. The name is looked up when it is made,
+// the text written only if asked for.
+type keyError struct {
+	key  Key
+	name *keyName // or nil
+	err  error
+}
+
+func (e *keyError) Error() string {
+	return "pglocks: lock " + describe(e.key, e.name) + ": " + e.err.Error()
+}
+
+func (e *keyError) Unwrap() error { return e.err }
+
+// endedError is the error of a statement whose server session ended
+// (ErrSessionEnded), wrapping the driver's error.
+type endedError struct{ err error }
+
+func (e endedError) Error() string   { return ErrSessionEnded.Error() + ": " + e.err.Error() }
+func (e endedError) Unwrap() []error { return []error{ErrSessionEnded, e.err} }
+
+// lostError is why a held lock was lost (ErrLockLost), wrapping the cause.
+type lostError struct{ cause error }
+
+func (e lostError) Error() string {
+	cause := e.cause
+	if ended, ok := cause.(endedError); ok {
+		cause = ended.err // ErrLockLost says that the session ended
+	}
+	return ErrLockLost.Error() + ": " + cause.Error()
+}
+
+func (e lostError) Unwrap() []error { return []error{ErrLockLost, e.cause} }
+
+// lossError is the error of a hold of key lost for cause.
+func lossError(key Key, cause error) error { return lockError(key, lostError{cause}) }
 
 // sqlState returns the SQLSTATE of a server error from pgx or lib/pq, or "".
 func sqlState(err error) string {
@@ -97,6 +153,11 @@ const (
 	stateDeadlock         = "40P01"
 	stateOutOfMemory      = "53200" // out of shared memory: the lock table is full
 	stateQueryCanceled    = "57014" // statement_timeout, or a cancel request
+	// The server ended the session (FATAL): 57P01 admin_shutdown (a
+	// terminated backend, a fast shutdown), 57P02 crash_shutdown, 57P03
+	// cannot_connect_now, 57P04 database_dropped, 57P05
+	// idle_session_timeout.
+	stateClassSessionEnded = "57P"
 )
 
 // serverEnded wraps the error of a wait that the server ended although
@@ -120,13 +181,34 @@ func serverEnded(err error) error {
 	return classify(err)
 }
 
-// classify wraps a server error that has a sentinel of its own.
+// classify wraps a server error that has a sentinel of its own, once: an
+// error classified already is returned as it is.
 func classify(err error) error {
-	switch sqlState(err) {
-	case stateDeadlock:
+	st := sqlState(err)
+	if st == "" || errors.Is(err, ErrDeadlock) || errors.Is(err, ErrLockTableFull) || errors.Is(err, ErrSessionEnded) {
+		return err // not the server's word, or classified already
+	}
+	switch {
+	case st == stateDeadlock:
 		return fmt.Errorf("%w: %w", ErrDeadlock, err)
-	case stateOutOfMemory:
+	case st == stateOutOfMemory:
 		return fmt.Errorf("%w: %w", ErrLockTableFull, err)
+	case strings.HasPrefix(st, stateClassSessionEnded):
+		return endedError{err}
+	}
+	return err
+}
+
+// sessionEnded wraps err, why a session failed, in endedError if the server
+// ended the session (its FATAL, or the connection closed: lib/pq reports
+// both as driver.ErrBadConn), unless it says so already.
+func sessionEnded(err error) error {
+	if err == nil || errors.Is(err, ErrSessionEnded) {
+		return err
+	}
+	if strings.HasPrefix(sqlState(err), stateClassSessionEnded) ||
+		errors.Is(err, driver.ErrBadConn) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return endedError{err}
 	}
 	return err
 }

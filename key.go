@@ -25,6 +25,16 @@ const (
 // Keys are comparable and may be used as map keys; two Keys are equal exactly
 // when they name the same lock. The zero Key is invalid: every function that
 // takes one returns [ErrInvalidKey] for it.
+//
+// A Key holds no name (its String is the number), but an error about a key
+// that [Name], [NameCRC32], [NameNode], [NameRails], [NameDjangoPglock] or
+// [NameDotNet] made shows the name before the number:
+//
+//	pglocks: lock "tick" (-546921001532167208): held by another session
+//
+// The process remembers the names of the keys made last (about a thousand),
+// so a key made long ago, among many others since, may be shown by its
+// number alone.
 type Key struct {
 	kind keyKind
 	v    int64 // the bigint, or a<<32 | uint32(b) for a pair
@@ -46,13 +56,13 @@ func Pair(a, b int32) Key { return Key{kind: kindPair, v: int64(a)<<32 | int64(u
 // equals the server's for databases whose encoding is UTF-8 and whose default
 // collation is deterministic (the default). In a database with another
 // encoding, names that are not plain ASCII hash differently on the server.
-func Name(name string) Key { return ID(int64(hashBytesExtended(name))) }
+func Name(name string) Key { return named(ID(int64(hashBytesExtended(name))), name) }
 
 // NameCRC32 returns the key that django-pglocks (1.0.x) uses for a string
 // lock id: the CRC-32 (IEEE) of the name's UTF-8 bytes, read as a signed int32,
 // used as the bigint key. Use it to share a lock with a Django application.
 func NameCRC32(name string) Key {
-	return ID(int64(int32(crc32.ChecksumIEEE([]byte(name)))))
+	return named(ID(int64(int32(crc32.ChecksumIEEE([]byte(name))))), name)
 }
 
 // Int64 returns the bigint of a key in the bigint space ([ID], [Name],
@@ -72,7 +82,7 @@ func (k Key) Int32s() (a, b int32, ok bool) {
 // (pg_advisory_lock(a, b)). Use it to share a lock with a Node.js process.
 func NameNode(name string) Key {
 	sum := sha256.Sum256([]byte(name))
-	return Pair(int32(binary.LittleEndian.Uint32(sum[0:4])), int32(binary.LittleEndian.Uint32(sum[4:8])))
+	return named(Pair(int32(binary.LittleEndian.Uint32(sum[0:4])), int32(binary.LittleEndian.Uint32(sum[4:8]))), name)
 }
 
 // NameRails returns the key that Ruby's with_advisory_lock gem (4.x to 7.x)
@@ -81,7 +91,7 @@ func NameNode(name string) Key {
 // the WITH_ADVISORY_LOCK_PREFIX environment variable read as an integer (0
 // when unset). NameRails("foo", 0) is Pair(208889121, 0).
 func NameRails(name string, prefix int64) Key {
-	return IDRails(int64(crc32.ChecksumIEEE([]byte(name))), prefix)
+	return named(IDRails(int64(crc32.ChecksumIEEE([]byte(name))), prefix), name)
 }
 
 // IDRails returns the key that with_advisory_lock uses for an Integer lock
@@ -103,7 +113,7 @@ func IDRails(id, prefix int64) Key {
 // counterpart.
 func NameDjangoPglock(name string) Key {
 	sum := sha256.Sum256([]byte(name))
-	return ID(int64(binary.LittleEndian.Uint64(sum[:8])))
+	return named(ID(int64(binary.LittleEndian.Uint64(sum[:8]))), name)
 }
 
 // NameDotNet returns the key that the .NET library DistributedLock
@@ -127,7 +137,10 @@ func NameDjangoPglock(name string) Key {
 // same way with it, so NameDotNet always allows hashing and never fails.
 // .NET strings are UTF-16: a Go string that is not valid UTF-8 has no .NET
 // counterpart (it is hashed as its bytes).
-func NameDotNet(name string) Key {
+func NameDotNet(name string) Key { return named(dotNetKey(name), name) }
+
+// dotNetKey is NameDotNet's key.
+func dotNetKey(name string) Key {
 	if len(name) <= 9 && isASCII(name) {
 		var v int64
 		for i := 0; i < len(name); i++ {

@@ -120,6 +120,8 @@ func runHeld(ctx, fnCtx, held context.Context, why func() error, release func(co
 		lost := why() // nil, or why the hold went before fn was done
 		rerr := release(context.WithoutCancel(ctx))
 		switch {
+		case lost != nil && errors.Is(err, lost):
+			// fn returned its ctx's cause, or wrapped it: said once.
 		case lost != nil:
 			err = errors.Join(err, lost)
 		case rerr != nil:

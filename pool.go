@@ -494,12 +494,19 @@ func (p *pool) mark(s *session) (lease, bool) {
 	return lease{p, s}, true
 }
 
+// brokenError is why a session was closed after an error (guard.broken),
+// which every later statement on it gets.
+type brokenError struct{ err error }
+
+func (e brokenError) Error() string { return "connection closed after an error: " + e.err.Error() }
+func (e brokenError) Unwrap() error { return e.err }
+
 // fail closes s's session after err, reporting its locks lost first: the
 // holder must hear of the loss before the server can free the locks. The
 // caller holds s.sem.
 func (p *pool) fail(s *session, err error) {
-	s.guard.broken = fmt.Errorf("connection closed after an error: %w", err)
-	p.lose(s, err)
+	s.guard.broken = brokenError{err}
+	p.lose(s, sessionEnded(err))
 	s.closeConn()
 }
 

@@ -126,7 +126,13 @@ func (r *releaser) unlocked(us []*pendingUnlock, rs []*req, leases ...lease) []e
 			late = append(late, u.e.key)
 		}
 		if err := rs[i].err; err != nil {
-			errs[i] = lockError(u.e.key, fmt.Errorf("unlock failed; its connection was closed: %w", err))
+			if _, said := err.(brokenError); said {
+				// It says that the connection was closed.
+				err = fmt.Errorf("unlock failed: %w", err)
+			} else {
+				err = fmt.Errorf("unlock failed; its connection was closed: %w", err)
+			}
+			errs[i] = lockError(u.e.key, err)
 		}
 	}
 	for _, l := range leases {

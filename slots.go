@@ -76,8 +76,8 @@ func (st slotTaker) lockOnlySlot(ctx context.Context, base Key, o lockConfig, wa
 	holds, err := st.acquire(ctx, []Key{slot}, o, wait)
 	if err != nil {
 		// Name the key asked for, not its slot's.
-		if inner := errors.Unwrap(err); inner != nil && err.Error() == lockError(slot, inner).Error() {
-			err = lockError(base, inner)
+		if ke, ok := err.(*keyError); ok && ke.key == slot {
+			err = lockError(base, ke.err)
 		}
 		return nil, err
 	}
@@ -126,7 +126,7 @@ func (st slotTaker) trySlots(ctx context.Context, base Key, keys []Key, o lockCo
 		switch {
 		case err != nil:
 			st.table.abandon(es...)
-			return nil, lockError(base, err)
+			return nil, lockError(base, sessionEnded(classify(err)))
 		case g.i < 0:
 			st.table.abandon(es...) // held on the server: nobody here could have them
 			return nil, lockError(base, ErrLocked)

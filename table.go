@@ -145,7 +145,7 @@ type waiter struct {
 
 // errSessionGone says that the session a grant came on was closed before
 // the grant was recorded: the server freed the locks with it.
-var errSessionGone = fmt.Errorf("%w: its session was closed as it was granted", ErrLockLost)
+var errSessionGone = fmt.Errorf("%w as it was granted", ErrLockLost)
 
 // claim arbitrates key between the goroutines of this Locker. It returns a
 // hold if the caller joined a shared hold, or the key's entry in
@@ -205,7 +205,8 @@ func (t *table) reserve(es []*entry) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.n.held+len(es) > t.max {
-		return fmt.Errorf("%w (%d)", ErrTooManyLocks, t.max)
+		held := t.n.byMode[0] + t.n.byMode[1]
+		return fmt.Errorf("%w (%d): %d held, %d being taken or waited for", ErrTooManyLocks, t.max, held, t.n.held-held)
 	}
 	t.n.held += len(es)
 	for _, e := range es {
@@ -461,7 +462,7 @@ func (t *table) lost(s *session, cause error) (told []*hold, lingering int) {
 		for _, h := range e.holds {
 			h.done = true
 			t.ev.losses.Add(1) // before Done closes, so that Stat already shows it
-			h.cancel(fmt.Errorf("pglocks: lock %v: %w: %w", h.key(), ErrLockLost, cause))
+			h.cancel(lossError(h.key(), cause))
 			told = append(told, h)
 		}
 		e.holds = nil

@@ -202,7 +202,7 @@ func lockTx(ctx context.Context, tx txConn, key Key, o lockConfig, wait bool) er
 		if rerr := tx.exec(rctx, sqlRollbackSavepoint); rerr == nil {
 			_ = tx.exec(rctx, sqlReleaseSavepoint)
 		}
-		return lockError(key, classify(err))
+		return lockError(key, err) // classified by waitLock
 	}
 	if err := tx.exec(rctx, sqlReleaseSavepoint); err != nil {
 		return lockError(key, err)

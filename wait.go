@@ -303,6 +303,10 @@ func waitResult(ctx context.Context, stop, err error, timedOut bool) error {
 		return fmt.Errorf("%w: %w", ctxError(ctx), err)
 	case timedOut:
 		return fmt.Errorf("%w: %w", context.DeadlineExceeded, err)
+	case sqlState(err) == "":
+		// Nobody stopped it, and the server said nothing: the connection
+		// closed under it.
+		return endedError{err}
 	}
 	return serverEnded(err)
 }

@@ -5,7 +5,6 @@ package pglocks
 
 import (
 	"context"
-	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -124,7 +123,7 @@ func (ws *watchers) loop(s *session, w *watcher) {
 	}
 	stop()
 	if err != nil {
-		ws.fail(s, fmt.Errorf("the server ended the session: %w", err))
+		ws.fail(s, endedError{err}) // a FATAL, or the socket closed
 	}
 	if w.stopped.Load() {
 		<-w.kicked
