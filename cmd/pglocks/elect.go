@@ -189,7 +189,7 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "pglocks elect: %v while campaigning; stopped\n", sig)
 		return 128 + int(sig.(syscall.Signal))
 	}
-	fmt.Fprintf(stderr, "pglocks elect: %s\n", oneLine(leadErr))
+	fmt.Fprintf(stderr, "pglocks elect: %s\n", libError(leadErr))
 	return exitDatabase
 }
 
@@ -266,7 +266,7 @@ func leaderCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "pglocks leader: this server is a standby: its pg_locks does not show the primary's locks; ask the primary\n")
 		return exitDatabase
 	case err != nil:
-		fmt.Fprintf(stderr, "pglocks leader: %s\n", oneLine(err))
+		fmt.Fprintf(stderr, "pglocks leader: %s\n", libError(err))
 		return exitDatabase
 	}
 	if asJSON {

@@ -218,11 +218,11 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 				// Not had, as on a timeout of our own (-w), though the
 				// server ended the wait: say why.
 				if !quiet {
-					fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired: %s\n", name, holders(locker, keys), oneLine(r.err))
+					fmt.Fprintf(stderr, "pglocks run: %s is held%s; not acquired: %s\n", name, holders(locker, keys), from(r.err, pglocks.ErrServerTimeout))
 				}
 				return nil, -1
 			}
-			fmt.Fprintf(stderr, "pglocks run: %s\n", oneLine(r.err))
+			fmt.Fprintf(stderr, "pglocks run: %s\n", libError(r.err))
 			return nil, exitDatabase
 		case s := <-sigs:
 			sig = s
@@ -393,6 +393,22 @@ func runChild(path string, argv []string, stdin *os.File, stdout, stderr io.Writ
 			return e
 		}
 	}
+}
+
+// from is err's text on one line from sentinel's on, for a line that names
+// the lock already: "the server ended the wait: lock_timeout expired: …".
+func from(err, sentinel error) string {
+	s := oneLine(err)
+	if i := strings.Index(s, sentinel.Error()); i >= 0 {
+		return s[i:]
+	}
+	return libError(err)
+}
+
+// libError is the library's err on one line of the tool's, without the
+// "pglocks: " that the line starts with already.
+func libError(err error) string {
+	return strings.TrimPrefix(oneLine(err), "pglocks: ")
 }
 
 // lossReason is why a lock was lost, in a few words for a line of the

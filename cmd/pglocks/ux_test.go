@@ -170,3 +170,37 @@ func TestElectSaysEachThingOnce(t *testing.T) {
 		t.Errorf("elect -v: exit %d, %q", code, v.stderr.String())
 	}
 }
+
+// A wait that the server ends (a pg_cancel_backend from another session)
+// is "not acquired", says why in one line, and names the lock once.
+func TestRunServerEndedWait(t *testing.T) {
+	t.Parallel()
+	dsn, db := testDB(t)
+	holdSQL(t, dsn, "job")
+	p := start(t, dsn, "run", "job", "--", "true")
+	var pid int
+	waitFor(t, "the wait", func() bool {
+		for _, r := range locks(t, db) {
+			if !r.granted {
+				pid = r.pid
+				return true
+			}
+		}
+		return false
+	})
+	if _, err := srv.Admin.Exec(t.Context(), "SELECT pg_cancel_backend($1)", pid); err != nil {
+		t.Fatal(err)
+	}
+	if code := p.wait(t); code != exitConflict {
+		t.Fatalf("exit %d, want %d: %s", code, exitConflict, p.stderr.String())
+	}
+	out := p.stderr.String()
+	var line string // the last: a waiting line may come before it
+	if lines := strings.Split(strings.TrimSpace(out), "\n"); len(lines) > 0 {
+		line = lines[len(lines)-1]
+	}
+	if !strings.Contains(line, "; not acquired: the server ended the wait: another session cancelled it") ||
+		strings.Count(line, "job") != 1 {
+		t.Errorf("stderr: %q", out)
+	}
+}
