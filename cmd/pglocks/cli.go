@@ -128,12 +128,15 @@ func printFlags(fs *flag.FlagSet) {
 			}
 		}
 		f := fs.Lookup(ns[0])
-		typ, _ := flag.UnquoteUsage(f)
+		typ, text := flag.UnquoteUsage(f)
+		if typ != "" {
+			typ = " " + typ
+		}
 		def := ""
 		if f.DefValue != "" && f.DefValue != "false" && f.DefValue != "0" && f.DefValue != "0s" {
 			def = " (default " + f.DefValue + ")"
 		}
-		fmt.Fprintf(fs.Output(), "  %s %s\n    \t%s%s\n", strings.Join(parts, ", "), typ, u, def)
+		fmt.Fprintf(fs.Output(), "  %s%s\n    \t%s%s\n", strings.Join(parts, ", "), typ, text, def)
 	}
 }
 
@@ -260,12 +263,16 @@ func valueHint(f *flag.Flag) string {
 	if f == nil {
 		return "a value"
 	}
-	switch typ, _ := flag.UnquoteUsage(f); typ {
-	case "duration":
+	g, ok := f.Value.(flag.Getter)
+	if !ok {
+		return "a value"
+	}
+	switch g.Get().(type) {
+	case time.Duration:
 		return "a duration with its unit, as 500ms, 30s, 5m or 1h30m"
-	case "int":
+	case int, int64, uint, uint64:
 		return "a whole number"
-	case "":
+	case bool:
 		return "true or false"
 	}
 	return "a value"
@@ -439,14 +446,14 @@ func keyFlag(fs *flag.FlagSet, scheme *string, usage string) {
 // elect and leader.
 func oneKeyFlag(fs *flag.FlagSet, scheme *string) {
 	for _, n := range []string{"k", "key"} {
-		fs.StringVar(scheme, n, "name", "how NAME becomes a key: "+schemes)
+		fs.StringVar(scheme, n, "name", "how NAME becomes a key, `SCHEME`: "+schemes)
 	}
 }
 
 // dsnFlag defines -d/--dsn.
 func dsnFlag(fs *flag.FlagSet, dsn *string) {
 	for _, n := range []string{"d", "dsn"} {
-		fs.StringVar(dsn, n, "", "connection string (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
+		fs.StringVar(dsn, n, "", "connection string, a `DSN` (default: DATABASE_URL, else PGHOST, PGUSER, ...)")
 	}
 }
 

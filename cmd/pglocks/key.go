@@ -62,9 +62,9 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 	var scheme string
 	var asJSON bool
 	var slots int
-	keyFlag(fs, &scheme, "how NAME becomes a key: ")
+	keyFlag(fs, &scheme, "how NAME becomes a key, `SCHEME`: ")
 	fs.BoolVar(&asJSON, "json", false, "print JSON")
-	fs.IntVar(&slots, "slots", 0, fmt.Sprintf("also print the keys of NAME's N slots (1..%d)", pglocks.MaxSlots))
+	fs.IntVar(&slots, "slots", 0, fmt.Sprintf("also print the keys of NAME's `N` slots (1..%d)", pglocks.MaxSlots))
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}

@@ -129,7 +129,7 @@ func lsCommand(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&stats, "stats", false, "count held and waiting locks per database (and per --name), and the lock table's fill")
 	fs.DurationVar(&watch, "watch", 0, "print again every DURATION, with the time, until interrupted")
 	fs.Var(&names, "name", "label the key of NAME and its slots, and ask who waits multiplexed for them (repeatable)")
-	keyFlag(fs, &scheme, "how --name values become keys: ")
+	keyFlag(fs, &scheme, "how --name values become keys, `SCHEME`: ")
 	dsnFlag(fs, &dsn)
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code

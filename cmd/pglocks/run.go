@@ -56,7 +56,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		fs.DurationVar(&timeout, n, 0, "give up waiting after this long (e.g. 30s; 0 waits for ever)")
 	}
 	for _, n := range []string{"E", "conflict-exit-code"} {
-		fs.IntVar(&conflictCode, n, exitConflict, "exit status when the lock is not had")
+		fs.IntVar(&conflictCode, n, exitConflict, "exit status `N` when the lock is not had")
 	}
 	oneKeyFlag(fs, &scheme)
 	dsnFlag(fs, &dsn)
@@ -64,7 +64,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		fs.BoolVar(&quiet, n, false, "say nothing but errors: not who holds the lock while waiting, nor that it was not acquired (-E's outcome), nor the minimum hold")
 	}
 	fs.DurationVar(&killAfter, "kill-after", 10*time.Second, "after the lock is lost, SIGKILL COMMAND this long after SIGTERM")
-	fs.IntVar(&slots, "slots", 0, "take any one of N slots of NAME: at most N holders at once (0: NAME itself)")
+	fs.IntVar(&slots, "slots", 0, "take any one of `N` slots of NAME: at most N holders at once (0: NAME itself)")
 	fs.DurationVar(&minHold, "min-hold", 0, "keep the lock until this long after it was taken, even when COMMAND exits sooner")
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code

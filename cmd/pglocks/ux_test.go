@@ -101,6 +101,10 @@ func TestHelpSaysWhatEachTakes(t *testing.T) {
 			t.Errorf("%s --help: -k should list the schemes without all:\n%s", cmd, h)
 		}
 	}
+	if h := help("run", "--help"); !strings.Contains(h, "  --slots N\n") || !strings.Contains(h, "  -k, --key SCHEME\n") ||
+		!strings.Contains(h, "  -n, --no-wait\n") {
+		t.Errorf("run --help: flags without their placeholders, or with trailing spaces:\n%s", h)
+	}
 	for _, cmd := range []string{"ls", "key"} {
 		if h := help(cmd, "--help"); !strings.Contains(h, "all (") {
 			t.Errorf("%s --help: -k should list all:\n%s", cmd, h)
