@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -497,6 +498,62 @@ func BenchmarkName(b *testing.B) {
 			for b.Loop() {
 				_ = pglocks.Name(name)
 			}
+		})
+	}
+}
+
+// processCPU is the CPU time this process has used (user and system).
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// An idle Locker costs (almost) nothing: the CPU this process uses per
+// second of doing nothing, beside a pool alone, with the Locker holding a
+// lock, lingering after a release (its sessions kept ready for a while),
+// and with nothing at all. Reported as cpu-ms/s; each op is one second.
+func BenchmarkIdleCPU(b *testing.B) {
+	idle := func(b *testing.B) {
+		runtime.GC()
+		b.ResetTimer()
+		began, t0 := time.Now(), processCPU(b)
+		for range b.N {
+			time.Sleep(time.Second)
+		}
+		cpu := processCPU(b) - t0
+		b.StopTimer()
+		b.ReportMetric(float64(cpu.Microseconds())/1000/time.Since(began).Seconds(), "cpu-ms/s")
+	}
+	b.Run("pool", func(b *testing.B) {
+		p := benchPool(b, srv.DB(b), 4)
+		if err := p.Ping(b.Context()); err != nil {
+			b.Fatal(err)
+		}
+		idle(b)
+	})
+	for _, state := range []string{"nothing", "holding", "lingering"} {
+		b.Run("pglocks-"+state, func(b *testing.B) {
+			l := benchLocker(b, benchPool(b, srv.DB(b), 4))
+			switch state {
+			case "holding":
+				lk, err := l.Lock(b.Context(), pglocks.ID(1))
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer lk.Release(context.Background())
+			case "lingering":
+				lk, err := l.Lock(b.Context(), pglocks.ID(1))
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := lk.Release(b.Context()); err != nil {
+					b.Fatal(err)
+				}
+			}
+			idle(b)
 		})
 	}
 }

@@ -26,6 +26,10 @@ type source interface {
 	// have to wait for one to be given back: every session it may open is
 	// open and in use.
 	exhausted() bool
+	// activity changes when the application uses the pool (a count of
+	// acquires where the driver keeps one): the Locker checks for pressure
+	// often while it changes, and backs off while it does not.
+	activity() uint64
 }
 
 // conn is one server session, used by one goroutine at a time. What the
@@ -118,6 +122,8 @@ func (s pgxSource) exhausted() bool {
 	st := s.p.Stat()
 	return st.IdleConns() == 0 && st.TotalConns() >= st.MaxConns()
 }
+
+func (s pgxSource) activity() uint64 { return uint64(s.p.Stat().AcquireCount()) }
 
 // pgxSession is what pgx's connection can do, for pgxpool and for pgx's
 // stdlib driver alike.
@@ -221,6 +227,13 @@ func (s sqlSource) maxConns() int { return s.db.Stats().MaxOpenConnections }
 func (s sqlSource) exhausted() bool {
 	st := s.db.Stats()
 	return st.MaxOpenConnections > 0 && st.Idle == 0 && st.OpenConnections >= st.MaxOpenConnections
+}
+
+// activity is what database/sql counts that moves as the application uses
+// it: no count of acquires, so the connections in use and the waits.
+func (s sqlSource) activity() uint64 {
+	st := s.db.Stats()
+	return uint64(st.InUse)<<48 ^ uint64(st.OpenConnections)<<32 ^ uint64(st.WaitCount)
 }
 
 // sqlConn is a session taken from a *sql.DB, with any PostgreSQL driver.

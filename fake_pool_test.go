@@ -651,3 +651,50 @@ func TestFakeCloseLeavesNothing(t *testing.T) {
 		}
 	}
 }
+
+// An idle Locker does not poll its pool for pressure every few
+// milliseconds: while the application leaves the pool alone the checks
+// back off to the heartbeat's interval; once it uses the pool they come
+// every pressureEvery again, and a pool that runs short gets the idle
+// sessions back.
+func TestFakePressureChecksBackOff(t *testing.T) {
+	t.Parallel()
+	srv := newFakeServer(t)
+	src := srv.source(2)
+	l := newFakeLocker(t, src, WithMaxConns(2), WithHeartbeat(time.Second, time.Second))
+	ctx := context.Background()
+	lk, err := l.TryLock(ctx, ID(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lk.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	calls := func() int {
+		srv.mu.Lock()
+		defer srv.mu.Unlock()
+		return src.pressureChecks
+	}
+	start := calls()
+	time.Sleep(1500 * time.Millisecond)
+	// 10, 20, 40, ..., 640 ms, then once a second: 8 checks; every 10 ms
+	// would be 150.
+	if n := calls() - start; n > 12 {
+		t.Fatalf("%d pressure checks in 1.5 s of an idle pool", n)
+	}
+	if !l.Stat().HasPrimary() {
+		t.Fatal("setup: the idle primary is gone already")
+	}
+	// The application takes the pool's last session: given back within
+	// the heartbeat's interval at most.
+	app, err := src.acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	began := time.Now()
+	fakeWaitFor(t, "the idle primary given back", func() bool { return src.stat().inUse == 1 })
+	if took := time.Since(began); took > 1500*time.Millisecond {
+		t.Fatalf("given back %v after the pool ran short; the bound is the heartbeat's 1 s", took)
+	}
+	app.release()
+}

@@ -512,6 +512,7 @@ type fakeSource struct {
 	open, inUse, peak                    int
 	acquired, released, destroyed, waits int
 	acquireErr                           error // acquire fails with it
+	pressureChecks                       int   // calls of exhausted
 }
 
 // source returns a new pool of at most max sessions (0: no limit) with
@@ -566,9 +567,16 @@ func (p *fakeSource) acquire(ctx context.Context) (conn, error) {
 
 func (p *fakeSource) maxConns() int { return p.max }
 
+func (p *fakeSource) activity() uint64 {
+	p.srv.mu.Lock()
+	defer p.srv.mu.Unlock()
+	return uint64(p.acquired)
+}
+
 func (p *fakeSource) exhausted() bool {
 	p.srv.mu.Lock()
 	defer p.srv.mu.Unlock()
+	p.pressureChecks++
 	return p.max > 0 && len(p.idle) == 0 && p.open >= p.max
 }
 

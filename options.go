@@ -230,7 +230,9 @@ const defaultMaxConns = 2
 // elsewhere and then hold it. Beyond them waits are multiplexed (see
 // [Locker.Lock]): they cost no connection, and locks granted to them are
 // held on the primary. Idle connections kept ready for waits count against
-// n too, and go back to the pool within 10 ms when it has no other to give.
+// n too, and go back to the pool when it has no other to give: within 10 ms
+// while the application uses the pool, within the heartbeat interval after
+// a quiet spell.
 // With n = 1 every wait is multiplexed; n must be at least 1. (Holders,
 // Leader and Observe take a pool connection for their one query, as an
 // application query would, outside this bound.)

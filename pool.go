@@ -72,6 +72,8 @@ type poolState struct {
 	seen     bool          // someone waits on changed (so signal closes it)
 	lastUsed time.Time     // when a session last became idle
 	press    *time.Timer   // armed while sessions are idle: see yield
+	every    time.Duration // press's interval now
+	activity uint64        // the pool's activity at the last check
 }
 
 // lease is one use of a session, counted by the pool from the method that
@@ -84,8 +86,13 @@ type lease struct {
 // end ends the use; the session may go back to the pool.
 func (l lease) end() { l.p.unuse(l.s) }
 
-// pressureEvery is how often a Locker with idle sessions checks whether the
-// pool has run short, in which case it gives them back (see yield).
+// pressureEvery is how soon a Locker with idle sessions checks whether the
+// pool has run short, in which case it gives them back (see yield): first
+// pressureEvery after a session becomes idle, and again after each
+// interval, which doubles while the application does not use the pool, up
+// to the heartbeat's, and starts again at pressureEvery when it does. An
+// idle process wakes about once a heartbeat; a busy one is seen within
+// about pressureEvery of its pool running short.
 const pressureEvery = 10 * time.Millisecond
 
 // primaryLinger is how long an idle primary or spare is kept before it goes
@@ -408,17 +415,30 @@ func (p *pool) armYield() {
 	if p.st.closed {
 		return
 	}
+	p.st.every = pressureEvery
 	if p.st.press == nil {
+		p.st.activity = p.open.src.activity()
 		p.st.press = time.AfterFunc(pressureEvery, p.yield)
 		return
 	}
 	p.st.press.Reset(pressureEvery)
 }
 
+// pressAgain arms yield's next check: soon while the application uses the
+// pool, later and later while it does not. It runs with p.mu held.
+func (p *pool) pressAgain() {
+	if a := p.open.src.activity(); a != p.st.activity {
+		p.st.activity, p.st.every = a, pressureEvery
+	} else {
+		p.st.every = min(2*p.st.every, max(p.cfg.hbInterval, pressureEvery))
+	}
+	p.st.press.Reset(p.st.every)
+}
+
 // yield gives idle sessions (spares, an idle primary) back to the pool at
 // once when the pool has no other to give, so that sessions kept ready for
 // the Locker never make the application wait for its own pool for long. It
-// runs every pressureEvery while there are idle sessions.
+// runs while there are idle sessions, as pressureEvery says.
 func (p *pool) yield() {
 	busy := p.ev.busy()
 	p.mu.Lock()
@@ -432,7 +452,7 @@ func (p *pool) yield() {
 		return // nothing idle: armed again when something is
 	}
 	if !p.open.src.exhausted() {
-		p.st.press.Reset(pressureEvery)
+		p.pressAgain()
 		p.mu.Unlock()
 		return
 	}
