@@ -342,8 +342,12 @@ func (a *acquirer) tryAll(ctx context.Context, keys []Key, shared bool) (grantSe
 func tryReqs(keys []Key, shared, fenced bool, oks []bool, tokens []int64) []*req {
 	rs := make([]*req, len(keys))
 	for i, k := range keys {
-		q, args := stmt(stmtTry, k, shared, fenced)
-		rs[i] = &req{row: row{q: q, args: args, dest: []any{&oks[i], &tokens[i]}}, onErr: onFullKeep}
+		r := &req{onErr: onFullKeep}
+		q, n := stmtQ(stmtTry, k, shared, fenced)
+		r.setKey(q, n, k)
+		r.destBuf[0], r.destBuf[1] = &oks[i], &tokens[i]
+		r.dest = r.destBuf[:2]
+		rs[i] = r
 		if fenced {
 			// With fencing the lock may have taken the last slot of the lock
 			// table and the token's transaction id found none: the session

@@ -37,9 +37,9 @@ func (b *batcher) do(ctx context.Context, s *session, r *req) error {
 	if err := ctx.Err(); err != nil {
 		return ctxError(ctx)
 	}
-	r.done = make(chan struct{})
+	r.done.Add(1)
 	b.enqueue(s, r)
-	<-r.done
+	r.done.Wait()
 	if k, ok := r.err.(keepConn); ok {
 		return k.err
 	}
@@ -56,11 +56,11 @@ func (b *batcher) doMany(ctx context.Context, s *session, rs []*req) {
 		return
 	}
 	for _, r := range rs {
-		r.done = make(chan struct{})
+		r.done.Add(1)
 	}
 	b.enqueue(s, rs...)
 	for _, r := range rs {
-		<-r.done
+		r.done.Wait()
 		if k, ok := r.err.(keepConn); ok {
 			r.err = k.err
 		}
@@ -87,6 +87,11 @@ func (b *batcher) flush(s *session) {
 		n := min(len(s.pipe.queue), maxBatch)
 		batch := s.pipe.queue[:n:n]
 		s.pipe.queue = s.pipe.queue[n:]
+		if len(s.pipe.queue) == 0 && s.pipe.spare != nil {
+			// Queue the next statements in the array of the batch before
+			// last, instead of a new one.
+			s.pipe.queue, s.pipe.spare = s.pipe.spare, nil
+		}
 		s.pipe.leading = n > 0
 		s.pipe.mu.Unlock()
 		if n == 0 {
@@ -103,9 +108,15 @@ func (b *batcher) flush(s *session) {
 		}
 		for _, r := range batch {
 			if !slices.Contains(redo, r) {
-				close(r.done)
+				r.done.Done()
 			}
 		}
+		clear(batch)
+		s.pipe.mu.Lock()
+		if s.pipe.spare == nil && cap(batch) <= maxBatch {
+			s.pipe.spare = batch[:0]
+		}
+		s.pipe.mu.Unlock()
 	}
 	b.pool.watch.idle(s)
 }
@@ -183,8 +194,8 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 		ran = batch[:failed]
 	}
 	for _, r := range ran {
-		if r.check != nil && !slices.Contains(redo, r) {
-			if err := r.check(); err != nil {
+		if (r.check != nil || r.mustHold) && !slices.Contains(redo, r) {
+			if err := r.judge(); err != nil {
 				r.err = err
 				if bad == nil {
 					bad = err
@@ -208,43 +219,43 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 
 // runOne runs r alone on s, holding s.sem.
 func (b *batcher) runOne(s *session, r *req) error {
-	f := func(ctx context.Context) error {
-		if s.pinned && r.onErr != nil {
-			return runSaved(ctx, s.c, r)
-		}
-		err := s.c.query(ctx, r.q, r.args, r.dest...)
-		if err != nil && sqlState(err) != "" && r.onErr != nil {
-			return r.onErr(ctx, s.c, err)
-		}
-		if err == nil && r.check != nil {
-			err = r.check()
-		}
-		return err
-	}
 	if s.c.interruptible() {
 		// No deadline on the hot path: a cancellable context costs pgx a
 		// goroutine per statement. The heartbeat closes the socket under a
 		// statement that runs longer than the heartbeat timeout instead.
 		s.pipe.busySince.Store(time.Now().UnixNano())
 		defer s.pipe.busySince.Store(0)
-		return f(context.Background())
+		return stmtOn(context.Background(), s, r)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.hbTimeout)
 	defer cancel()
-	return s.runStmt(ctx, f)
+	return s.runStmt(ctx, func(ctx context.Context) error { return stmtOn(ctx, s, r) })
+}
+
+// stmtOn runs r on s, with its error handling, for runOne.
+func stmtOn(ctx context.Context, s *session, r *req) error {
+	if s.pinned && r.onErr != nil {
+		return runSaved(ctx, s.c, r)
+	}
+	err := s.c.query(ctx, r.q, r.args, r.dest...)
+	if err != nil && sqlState(err) != "" && r.onErr != nil {
+		return r.onErr(ctx, s.c, err)
+	}
+	if err == nil {
+		err = r.judge()
+	}
+	return err
 }
 
 // unlockReq is the unlock of k, held in one mode on the session; the server
 // saying it was not held fails the session.
 func unlockReq(k Key, shared bool) *req {
-	q, args := stmt(stmtUnlock, k, shared, false)
-	ok := new(bool)
-	return &req{row: row{q: q, args: args, dest: []any{ok}}, check: func() error {
-		if !*ok {
-			return errNotHeld
-		}
-		return nil
-	}}
+	r := &req{mustHold: true}
+	q, n := stmtQ(stmtUnlock, k, shared, false)
+	r.setKey(q, n, k)
+	r.destBuf[0] = &r.ok
+	r.dest = r.destBuf[:1]
+	return r
 }
 
 // unlockReqs are the unlocks of keys, held in one mode on one session.
@@ -344,8 +355,5 @@ func runSaved(ctx context.Context, c conn, r *req) error {
 	if err := c.exec(ctx, sqlStmtRelease); err != nil {
 		return err
 	}
-	if r.check != nil {
-		return r.check()
-	}
-	return nil
+	return r.judge()
 }

@@ -74,7 +74,10 @@ func (r *releaser) endLinger(e *entry) {
 // unlock runs the unlocks that table.release asked for, those on one
 // session in one round trip, and finishes them; it returns their errors.
 func (r *releaser) unlock(ctx context.Context, us []*pendingUnlock) []error {
-	ctx = context.WithoutCancel(ctx)
+	// Unlocks run whatever ctx says: the statement is short, and a key not
+	// let go would stay held. (The batcher looks at ctx only before it
+	// queues a statement.)
+	ctx = context.Background()
 	rs := make([]*req, len(us))
 	if len(us) == 1 && !us[0].notify {
 		// The common case, without the maps.

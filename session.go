@@ -68,6 +68,7 @@ type watchSlot struct {
 	idle *time.Timer
 	// listening says the session LISTENs (set under sem, read anywhere).
 	listening atomic.Bool
+	drained   atomic.Int64 // when drain last asked the driver (UnixNano)
 }
 
 // pipeline is the statements waiting for a round trip on a session, and
@@ -77,6 +78,7 @@ type watchSlot struct {
 type pipeline struct {
 	mu        sync.Mutex
 	queue     []*req
+	spare     []*req // a queue's array, emptied, for the next queue
 	leading   bool
 	busySince atomic.Int64
 }
@@ -95,7 +97,39 @@ type req struct {
 	// statement's error undoes it, so it is run again.
 	txn  bool
 	err  error
-	done chan struct{}
+	done sync.WaitGroup // Done once the statement ran (or will not)
+
+	// Buffers, so that a statement on one key allocates only itself (and
+	// its argument's box): the key's arguments, the destinations, and the
+	// boolean an unlock returns, which mustHold wants true.
+	argBuf   [2]any
+	destBuf  [2]any
+	ok       bool
+	mustHold bool
+}
+
+// setKey sets r's statement q and its arguments, key's, from stmtQ.
+func (r *req) setKey(q string, n int, key Key) {
+	r.q = q
+	if n == 2 {
+		a, b := key.pair()
+		r.argBuf[0], r.argBuf[1] = a, b
+	} else {
+		r.argBuf[0] = key.v
+	}
+	r.args = r.argBuf[:n]
+}
+
+// judge says whether a statement that ran without error did what it
+// should: an unlock that returned false did not.
+func (r *req) judge() error {
+	if r.mustHold && !r.ok {
+		return errNotHeld
+	}
+	if r.check != nil {
+		return r.check()
+	}
+	return nil
 }
 
 // useState is how the pool counts one session; guarded by pool.mu.

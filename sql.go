@@ -318,6 +318,18 @@ var keysStatements = func() (s [2][2]string) {
 
 // stmt returns the SQL text and the key's arguments for one statement.
 func stmt(kind stmtKind, key Key, shared, fenced bool) (string, []any) {
+	q, n := stmtQ(kind, key, shared, fenced)
+	if n == 2 {
+		a, b := key.pair()
+		return q, []any{a, b}
+	}
+	return q, []any{key.v}
+}
+
+// stmtQ is stmt's statement and how many arguments it takes (the key's:
+// 1 for a bigint, 2 for a pair), for a req that keeps them in its own
+// buffer (req.setKey).
+func stmtQ(kind stmtKind, key Key, shared, fenced bool) (string, int) {
 	sh, fe := 0, 0
 	if shared {
 		sh = 1
@@ -326,10 +338,9 @@ func stmt(kind stmtKind, key Key, shared, fenced bool) (string, []any) {
 		fe = 1
 	}
 	if key.kind == kindPair {
-		a, b := key.pair()
-		return statements[kind][sh][1][fe], []any{a, b}
+		return statements[kind][sh][1][fe], 2
 	}
-	return statements[kind][sh][0][fe], []any{key.v}
+	return statements[kind][sh][0][fe], 1
 }
 
 // sessionWait returns the wait statement of a session lock, for waitSpec.

@@ -26,12 +26,15 @@ import (
 // only as holds: what it is given at construction (tableEvents) makes them,
 // and hears of a minimum hold's end. mu guards everything but ops.
 type table struct {
-	mu     sync.Mutex
-	keys   map[Key]*entry
-	on     map[*session]map[*entry]struct{} // the entries held on each session
-	max    int                              // WithMaxLocks
-	closed bool
-	n      tally
+	mu   sync.Mutex
+	keys map[Key]*entry
+	on   map[*session]map[*entry]struct{} // the entries held on each session
+	// spareOn is an emptied map of on, kept for the next session that
+	// holds a key, so that a Lock/Release loop makes no map.
+	spareOn map[*entry]struct{}
+	max     int // WithMaxLocks
+	closed  bool
+	n       tally
 	// yields are the keys let go lately that waiters elsewhere wanted
 	// (see yields).
 	yields yields
@@ -259,7 +262,10 @@ func (t *table) record(es []*entry, s *session, tokens []int64) ([]*hold, error)
 	}
 	on := t.on[s]
 	if on == nil {
-		on = make(map[*entry]struct{})
+		on, t.spareOn = t.spareOn, nil
+		if on == nil {
+			on = make(map[*entry]struct{})
+		}
 		t.on[s] = on
 	}
 	holds := make([]*hold, len(es))
@@ -424,6 +430,7 @@ func (t *table) released(u *pendingUnlock) (tell bool) {
 		}
 		if len(on) == 0 {
 			delete(t.on, u.s)
+			t.spareOn = on // for the next session's record, without a new map
 		}
 	}
 	t.recent.add(e.key)

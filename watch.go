@@ -32,6 +32,10 @@ import (
 // it brings.
 const idleWatchAfter = 3 * time.Millisecond
 
+// drainEvery is how often a busy listening session hands on the
+// notifications that came during its statements (see drain).
+const drainEvery = time.Millisecond
+
 // watchers start and run the watchers of a Locker's sessions. They are
 // given, when the pool makes them, what to do with what they hear.
 type watchers struct {
@@ -148,6 +152,15 @@ func (ws *watchers) drain(s *session) {
 	if !s.watch.listening.Load() || s.guard.broken != nil {
 		return
 	}
+	// At most once per drainEvery: asking pgx costs allocations when
+	// nothing came, which is the common case. What comes between is
+	// handed on by the next drain, or by the watcher once the session is
+	// idle for idleWatchAfter.
+	now := time.Now().UnixNano()
+	if last := s.watch.drained.Load(); now-last < int64(drainEvery) && now >= last {
+		return
+	}
+	s.watch.drained.Store(now)
 	for {
 		n, _ := s.c.waitIdle(drained)
 		if n == nil {
