@@ -21,7 +21,7 @@ type releaser struct {
 func (r *releaser) releaseOne(ctx context.Context, h *hold) error {
 	u, err := r.table.release(h)
 	if u != nil {
-		err = r.unlock(ctx, []*pendingUnlock{u})[0]
+		err = r.unlock([]*pendingUnlock{u})[0]
 	}
 	return err
 }
@@ -41,7 +41,7 @@ func (r *releaser) release(ctx context.Context, holds []*hold) []error {
 		us, at = append(us, u), append(at, i)
 	}
 	if len(us) > 0 {
-		for j, err := range r.unlock(ctx, us) {
+		for j, err := range r.unlock(us) {
 			errs[at[j]] = err
 		}
 	}
@@ -67,17 +67,17 @@ func (r *releaser) endLinger(e *entry) {
 	}
 	defer r.table.end()
 	if u := r.table.endLinger(e); u != nil {
-		_ = r.unlock(context.Background(), []*pendingUnlock{u})
+		_ = r.unlock([]*pendingUnlock{u})
 	}
 }
 
 // unlock runs the unlocks that table.release asked for, those on one
 // session in one round trip, and finishes them; it returns their errors.
-func (r *releaser) unlock(ctx context.Context, us []*pendingUnlock) []error {
-	// Unlocks run whatever ctx says: the statement is short, and a key not
-	// let go would stay held. (The batcher looks at ctx only before it
-	// queues a statement.)
-	ctx = context.Background()
+func (r *releaser) unlock(us []*pendingUnlock) []error {
+	// Unlocks run whatever the caller's ctx says: the statement is short,
+	// and a key not let go would stay held. (The batcher looks at its ctx
+	// only before it queues a statement.)
+	ctx := context.Background()
 	rs := make([]*req, len(us))
 	if len(us) == 1 && !us[0].notify {
 		// The common case, without the maps.
