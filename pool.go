@@ -71,8 +71,13 @@ type poolState struct {
 	changed  chan struct{} // closed and replaced when a session is given back
 	seen     bool          // someone waits on changed (so signal closes it)
 	lastUsed time.Time     // when a session last became idle
-	press    *time.Timer   // armed while sessions are idle: see yield
-	every    time.Duration // press's interval now
+	press    pressure      // armed while sessions are idle: see yield
+}
+
+// pressure is when yield next checks the pool (see pressureEvery).
+type pressure struct {
+	timer    *time.Timer
+	every    time.Duration // the timer's interval now
 	activity uint64        // the pool's activity at the last check
 }
 
@@ -415,24 +420,25 @@ func (p *pool) armYield() {
 	if p.st.closed {
 		return
 	}
-	p.st.every = pressureEvery
-	if p.st.press == nil {
-		p.st.activity = p.open.src.activity()
-		p.st.press = time.AfterFunc(pressureEvery, p.yield)
+	p.st.press.every = pressureEvery
+	if p.st.press.timer == nil {
+		p.st.press.activity = p.open.src.activity()
+		p.st.press.timer = time.AfterFunc(pressureEvery, p.yield)
 		return
 	}
-	p.st.press.Reset(pressureEvery)
+	p.st.press.timer.Reset(pressureEvery)
 }
 
 // pressAgain arms yield's next check: soon while the application uses the
 // pool, later and later while it does not. It runs with p.mu held.
 func (p *pool) pressAgain() {
-	if a := p.open.src.activity(); a != p.st.activity {
-		p.st.activity, p.st.every = a, pressureEvery
+	pr := &p.st.press
+	if a := p.open.src.activity(); a != pr.activity {
+		pr.activity, pr.every = a, pressureEvery
 	} else {
-		p.st.every = min(2*p.st.every, max(p.cfg.hbInterval, pressureEvery))
+		pr.every = min(2*pr.every, max(p.cfg.hbInterval, pressureEvery))
 	}
-	p.st.press.Reset(p.st.every)
+	pr.timer.Reset(pr.every)
 }
 
 // yield gives idle sessions (spares, an idle primary) back to the pool at
@@ -722,8 +728,8 @@ func (p *pool) close() {
 	p.st.closed = true
 	p.g.close()
 	close(p.stop)
-	if p.st.press != nil {
-		p.st.press.Stop()
+	if p.st.press.timer != nil {
+		p.st.press.timer.Stop()
 	}
 	for s := range p.st.holders {
 		s.stopIdle()
