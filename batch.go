@@ -113,7 +113,7 @@ func (b *batcher) flush(s *session) {
 		}
 		clear(batch)
 		s.pipe.mu.Lock()
-		if s.pipe.spare == nil && cap(batch) <= maxBatch {
+		if s.pipe.spare == nil {
 			s.pipe.spare = batch[:0]
 		}
 		s.pipe.mu.Unlock()
@@ -194,7 +194,7 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 		ran = batch[:failed]
 	}
 	for _, r := range ran {
-		if (r.check != nil || r.mustHold) && !slices.Contains(redo, r) {
+		if !slices.Contains(redo, r) {
 			if err := r.judge(); err != nil {
 				r.err = err
 				if bad == nil {
