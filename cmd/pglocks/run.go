@@ -203,11 +203,16 @@ func acquire(ctx context.Context, cancel context.CancelCauseFunc, sigs chan os.S
 		case r := <-res:
 			status.done()
 			switch {
-			case r.err == nil:
-				return r.lk, 0
 			case sig != nil:
+				// Said before COMMAND started: it is not started, even
+				// if the lock came as the wait was being stopped.
+				if r.err == nil {
+					_ = r.lk.Release(context.Background())
+				}
 				fmt.Fprintf(stderr, "pglocks run: %v while waiting for %s; gave up\n", sig, name)
 				return nil, 128 + int(sig.(syscall.Signal))
+			case r.err == nil:
+				return r.lk, 0
 			case errors.Is(r.err, pglocks.ErrLocked) || errors.Is(r.err, context.DeadlineExceeded):
 				// The conflict is the outcome -E names, said only without -q.
 				if !quiet {
