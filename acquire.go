@@ -107,6 +107,9 @@ func (a *acquirer) claim(ctx context.Context, key Key, shared, wait bool) (*hold
 	if err != nil || w == nil {
 		return h, e, err
 	}
+	if w.after != nil {
+		a.batch.kick(w.after) // the posted unlock it waits for: now
+	}
 	select {
 	case h := <-w.ready:
 		if h != nil {
@@ -136,6 +139,9 @@ func (a *acquirer) take(ctx context.Context, es []*entry, o lockConfig, wait boo
 	for i, e := range es {
 		keys[i] = e.key
 	}
+	// Claimed behind posted unlocks: a try on the primary goes after them;
+	// anything else waits for them.
+	a.rel.follow(es, !o.own && !(wait && len(keys) == 1 && a.contended.has(keys[0])))
 	for attempt := 1; ; attempt++ {
 		t, err := a.serverTake(ctx, keys, o, wait) // errors name their key
 		if err != nil {

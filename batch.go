@@ -28,6 +28,49 @@ const maxBatch = 512
 type batcher struct {
 	pool *pool
 	cfg  *config
+	// posted is told of each statement queued by post once it has run (or
+	// will not): its err says how.
+	posted func(r *req)
+}
+
+// postFor bounds how long a statement queued by post waits for company: if
+// nothing else is sent on its session meanwhile, it goes alone.
+const postFor = 500 * time.Microsecond
+
+// combines reports whether a statement posted on s would share the round
+// trip of the next: s pipelines, and sends a batch as one (without fencing
+// tokens, each read in a transaction of its own, unless pinned).
+func (b *batcher) combines(s *session) bool {
+	return s.c.pipelines() && (!b.cfg.fencing || s.pinned)
+}
+
+// post queues r on s without waiting for it: it goes in the round trip of
+// the next statement sent on s, or alone within postFor, and the batcher's
+// posted sees it once it has run. The caller has added r to r.done, and
+// counts the use of s until then.
+func (b *batcher) post(s *session, r *req) {
+	s.pipe.mu.Lock()
+	s.pipe.queue = append(s.pipe.queue, r)
+	if !s.pipe.leading {
+		// Nobody is sending: the next statement will, or the timer.
+		if s.pipe.later == nil {
+			s.pipe.later = time.AfterFunc(postFor, func() { b.kick(s) })
+		} else {
+			s.pipe.later.Reset(postFor)
+		}
+	}
+	s.pipe.mu.Unlock()
+}
+
+// kick sends what is queued on s now, unless someone is sending already.
+func (b *batcher) kick(s *session) {
+	s.pipe.mu.Lock()
+	lead := !s.pipe.leading && len(s.pipe.queue) > 0
+	s.pipe.leading = s.pipe.leading || lead
+	s.pipe.mu.Unlock()
+	if lead {
+		b.flush(s)
+	}
 }
 
 // do runs r on s and returns its error. ctx bounds nothing once r is
@@ -73,6 +116,9 @@ func (b *batcher) enqueue(s *session, rs ...*req) {
 	s.pipe.queue = append(s.pipe.queue, rs...)
 	lead := !s.pipe.leading
 	s.pipe.leading = true
+	if lead && s.pipe.later != nil {
+		s.pipe.later.Stop() // what post queued goes now
+	}
 	s.pipe.mu.Unlock()
 	if lead {
 		b.flush(s)
@@ -108,7 +154,7 @@ func (b *batcher) flush(s *session) {
 		}
 		for _, r := range batch {
 			if !slices.Contains(redo, r) {
-				r.done.Done()
+				b.finish(r)
 			}
 		}
 		clear(batch)
@@ -119,6 +165,18 @@ func (b *batcher) flush(s *session) {
 		s.pipe.mu.Unlock()
 	}
 	b.pool.watch.idle(s)
+}
+
+// finish ends r, which ran or will not: its waiter goes on, or posted
+// hears of it.
+func (b *batcher) finish(r *req) {
+	if r.unlock != nil {
+		if k, ok := r.err.(keepConn); ok {
+			r.err = k.err
+		}
+		b.posted(r)
+	}
+	r.done.Done()
 }
 
 // run runs batch on s, holding s.sem, and returns the statements that did

@@ -67,6 +67,9 @@ func dbOf(dsn string) string { return dsn[strings.LastIndex(dsn, "/")+1 : string
 func BenchmarkUncontended(b *testing.B) {
 	b.Run("raw", func(b *testing.B) { benchkit.Uncontended(b, benchkit.Raw(b, srv.DB(b), 1)) })
 	b.Run("pglocks", func(b *testing.B) { benchkit.Uncontended(b, benchkit.Pglocks(b, srv.DB(b), pglocks.ID(1))) })
+	b.Run("pglocks-nowait", func(b *testing.B) {
+		benchkit.Uncontended(b, benchkit.PglocksNoWait(b, srv.DB(b), pglocks.ID(1)))
+	})
 }
 
 // B2: 8 sessions hand one key over (see benchkit.Handover).

@@ -73,7 +73,10 @@ func (lk *Lock) Err() error {
 // A release is never abandoned halfway: the unlock statement runs to the end
 // even if ctx is cancelled (it is bounded by [WithStatementTimeout]). If it
 // fails, the connection is closed, which frees its locks on the server, and
-// the error says so. When several goroutines of one Locker share a lock in
+// the error says so; if it fails because the server session had ended, the
+// lock may have been free before Release, and the error is the loss's
+// (matching [ErrLockLost] and [ErrSessionEnded]). Release waits for the
+// server's answer; [Lock.ReleaseNoWait] does not. When several goroutines of one Locker share a lock in
 // [Shared] mode, the server's lock is released with the last of them.
 //
 // Release only passes ctx's values on, and never waits on ctx; a nil ctx is
@@ -84,6 +87,42 @@ func (lk *Lock) Release(ctx context.Context) error {
 		ctx = context.Background()
 	}
 	err := lk.l.rel.releaseOne(ctx, &lk.hold)
+	if lk.l.cfg.tracers.release != nil {
+		lk.l.cfg.tracers.traceRelease(lk.l, lk, err)
+	}
+	return err
+}
+
+// ReleaseNoWait releases the lock as [Lock.Release] does, but without
+// waiting for the server's answer, so that a loop of Lock and ReleaseNoWait
+// costs one round trip a cycle instead of two. The unlock is queued on the
+// lock's session and goes in the round trip of the next statement the
+// Locker sends there (the next Lock's try, typically), or alone within half
+// a millisecond.
+//
+// When it returns:
+//   - the lock is no longer this handle's ([Lock.Done] is closed, and
+//     [Lock.Err] says [ErrReleased]), and a goroutine of this Locker may take the key at
+//     once: its try is sent after the unlock, on the same session;
+//   - another session can take the key within half a millisecond and one
+//     round trip;
+//   - it has returned the errors Release returns for what the Locker knows
+//     by then (released already, closed, lost).
+//
+// What it does not say: that the server still held the lock until the
+// unlock. If the server's answer says otherwise (the session had ended and
+// its locks were freed), the session is closed and its other locks are
+// reported lost, but this call has already returned nil. Use Release, or
+// [Locker.Do], where that proof matters: they wait for the answer and
+// return the loss. A lock held on a session that waited for it, or taken
+// with [WithFencingTokens] (unless through a transaction pooler), or
+// wanted by a waiter elsewhere that must be told of its release, is
+// released as Release does.
+func (lk *Lock) ReleaseNoWait(ctx context.Context) error {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	err := lk.l.rel.releaseNoWait(&lk.hold)
 	if lk.l.cfg.tracers.release != nil {
 		lk.l.cfg.tracers.traceRelease(lk.l, lk, err)
 	}

@@ -107,6 +107,7 @@ func newLocker(l *Locker, src source, opts []Option) (*Locker, error) {
 	b := &batcher{pool: l.pool, cfg: &l.cfg}
 	l.mux = newMux(l.pool, b, l.table.want, l.closeCtx, &l.cfg)
 	l.rel = &releaser{table: l.table, pool: l.pool, batch: b, mux: l.mux}
+	b.posted = l.rel.posted
 	l.acq = &acquirer{table: l.table, pool: l.pool, batch: b, mux: l.mux, rel: l.rel, cfg: &l.cfg, closeCtx: l.closeCtx}
 	l.g.start()
 	go func() {

@@ -169,6 +169,13 @@ func (p *pool) primary(ctx context.Context) (lease, error) {
 	}
 }
 
+// isPrimary reports whether s is the primary now.
+func (p *pool) isPrimary(s *session) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return s == p.st.primary
+}
+
 // makePrimary readies a new primary, for primary, which counted it in n.
 func (p *pool) makePrimary(ctx context.Context) (lease, error) {
 	s, err := p.open.open(ctx)

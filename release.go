@@ -5,6 +5,7 @@ package pglocks
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 )
@@ -24,6 +25,57 @@ func (r *releaser) releaseOne(ctx context.Context, h *hold) error {
 		err = r.unlock([]*pendingUnlock{u})[0]
 	}
 	return err
+}
+
+// releaseNoWait releases h, as Lock.ReleaseNoWait does: if its session is
+// the primary, where the Locker's next tries go, and pipelines, the unlock
+// is posted there (see batcher.post) instead of waited for; otherwise it
+// runs as releaseOne's does.
+func (r *releaser) releaseNoWait(h *hold) error {
+	u, err := r.table.release(h)
+	if u == nil {
+		return err
+	}
+	if u.notify || !r.batch.combines(u.s) || !r.pool.isPrimary(u.s) {
+		return r.unlock([]*pendingUnlock{u})[0]
+	}
+	u.r = unlockReq(u.e.key, u.shared)
+	u.r.unlock = u
+	u.r.done.Add(1) // before post: follow may wait for it at once
+	if !r.table.post(u) {
+		return r.unlock([]*pendingUnlock{u})[0]
+	}
+	u.l = r.pool.lease(u.s)
+	r.batch.post(u.s, u.r)
+	h.cancel(ErrReleased) // no longer the handle's; released says so again
+	return nil
+}
+
+// posted finishes a release whose unlock rq was posted, once rq has run.
+// If it failed, the session was closed (which freed the key) and its other
+// locks were reported lost; the caller heard nothing, having been told the
+// key was no longer its own.
+func (r *releaser) posted(rq *req) {
+	u := rq.unlock
+	_ = r.unlocked([]*pendingUnlock{u}, []*req{rq}, u.l)
+}
+
+// follow sends the posted unlocks that es, claimed behind them, follow, and
+// waits for them, unless the acquisition will try es on the session they
+// are queued on, after them (the primary): for a wait, which goes on a
+// session of its own or is multiplexed.
+func (r *releaser) follow(es []*entry, tries bool) {
+	for _, e := range es {
+		u := e.unlock
+		if u == nil {
+			continue
+		}
+		e.unlock = nil
+		if !tries || !r.pool.isPrimary(u.s) {
+			r.batch.kick(u.s)
+			u.r.done.Wait()
+		}
+	}
 }
 
 // release releases holds, as LockSet.Release does, the unlocks on one
@@ -129,6 +181,12 @@ func (r *releaser) unlocked(us []*pendingUnlock, rs []*req, leases ...lease) []e
 			late = append(late, u.e.key)
 		}
 		if err := rs[i].err; err != nil {
+			if ended := sessionEnded(err); errors.Is(ended, ErrSessionEnded) {
+				// Its session had ended before the unlock reached it: the
+				// server had freed the key, maybe before the release.
+				errs[i] = lossError(u.e.key, ended)
+				continue
+			}
 			if _, said := err.(brokenError); said {
 				// It says that the connection was closed.
 				err = fmt.Errorf("unlock failed: %w", err)

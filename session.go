@@ -81,6 +81,8 @@ type pipeline struct {
 	spare     []*req // a queue's array, emptied, for the next queue
 	leading   bool
 	busySince atomic.Int64
+	// later sends what post queued if nothing else does soon.
+	later *time.Timer
 }
 
 // req is one statement queued on a session (see batch.go).
@@ -106,6 +108,10 @@ type req struct {
 	destBuf  [2]any
 	ok       bool
 	mustHold bool
+
+	// unlock is set for a statement queued by batcher.post: the release it
+	// carries out, finished once the statement has run.
+	unlock *pendingUnlock
 }
 
 // setKey sets r's statement q and its arguments, key's, from stmtQ.

@@ -125,6 +125,10 @@ type entry struct {
 	holds  []*hold  // the handles sharing the server's hold: one, or several shared
 	queue  []*waiter
 	linger lingerState
+	// unlock is, in stateReleasing, the unlock posted (see post), until it
+	// has run; in stateAcquiring, a posted unlock of the key on the session
+	// named in it that this acquisition follows (see claim).
+	unlock *pendingUnlock
 }
 
 // lingerState is how long the server's hold of an entry must last (MinHold):
@@ -141,6 +145,9 @@ type lingerState struct {
 // entry's queue (guarded by table.mu) until ready receives.
 type waiter struct {
 	shared bool
+	// after is the session of a posted unlock the waiter waits for: the
+	// caller sends it now (see claim).
+	after *session
 	// ready receives nil when the waiter is to take the key on the server
 	// itself, or the hold it was given by joining a shared hold.
 	ready chan *hold
@@ -173,6 +180,8 @@ func (t *table) claim(key Key, shared, wait bool) (*hold, *entry, *waiter, error
 			return nil, e, nil, nil
 		case e.state == stateHeld && e.shared && shared:
 			return t.join(e), nil, nil, nil
+		case e.state == stateReleasing && e.unlock != nil:
+			return nil, t.follow(e, shared), nil, nil
 		}
 	}
 	if !wait {
@@ -180,9 +189,40 @@ func (t *table) claim(key Key, shared, wait bool) (*hold, *entry, *waiter, error
 		return nil, nil, nil, ErrLocked
 	}
 	w := &waiter{shared: shared, ready: make(chan *hold, 1)}
+	if e.state == stateReleasing && e.unlock != nil {
+		w.after = e.unlock.s
+	}
 	e.queue = append(e.queue, w)
 	t.n.queued++
 	return nil, e, w, nil
+}
+
+// follow makes key's entry anew, in stateAcquiring, for a goroutine that
+// takes it while e's unlock is posted but has not run: the unlock is on its
+// session's queue, and a statement sent after it there sees the key free.
+// e is left to its unlock (released), which finds it replaced, and its
+// count against WithMaxLocks passes to the new entry: the key is held once.
+// It runs with t.mu held.
+func (t *table) follow(e *entry, shared bool) *entry {
+	n := &entry{key: e.key, state: stateAcquiring, shared: shared, unlock: e.unlock}
+	n.counted, e.counted = e.counted, false
+	t.keys[e.key] = n
+	return n
+}
+
+// post records that u's unlock will be queued and run without its caller
+// waiting (see releaser.releaseNoWait): until then, a goroutine of this
+// Locker may take the key behind it (see follow). It refuses, reporting
+// false, when goroutines wait in this process for the key already: they
+// are let go only once the unlock has run, which had better be now.
+func (t *table) post(u *pendingUnlock) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(u.e.queue) > 0 {
+		return false
+	}
+	u.e.unlock = u
+	return true
 }
 
 // leave takes w out of e's queue when its goroutine gives up waiting. If w
@@ -207,13 +247,19 @@ func (t *table) leave(e *entry, w *waiter) (turn bool) {
 func (t *table) reserve(es []*entry) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.n.held+len(es) > t.max {
+	more := 0
+	for _, e := range es {
+		more += b2i(!e.counted)
+	}
+	if t.n.held+more > t.max {
 		held := t.n.byMode[0] + t.n.byMode[1]
 		return fmt.Errorf("%w (%d): %d held, %d being taken or waited for", ErrTooManyLocks, t.max, held, t.n.held-held)
 	}
-	t.n.held += len(es)
 	for _, e := range es {
-		e.counted = true
+		if !e.counted { // already, for an entry that follows a posted unlock
+			e.counted = true
+			t.n.held++
+		}
 	}
 	return nil
 }
@@ -270,7 +316,7 @@ func (t *table) record(es []*entry, s *session, tokens []int64) ([]*hold, error)
 	}
 	holds := make([]*hold, len(es))
 	for i, e := range es {
-		e.state, e.s, e.token = stateHeld, s, tokens[i]
+		e.state, e.s, e.token, e.unlock = stateHeld, s, tokens[i], nil
 		t.n.byMode[b2i(e.shared)]++
 		on[e] = struct{}{}
 		s.held.Add(1)
@@ -297,6 +343,10 @@ type pendingUnlock struct {
 	s      *session
 	shared bool
 	notify bool
+	// For an unlock posted (see releaser.releaseNoWait): its statement,
+	// done once it has run, and the lease on s until then.
+	r *req
+	l lease
 }
 
 // setTerms finishes the holds an acquisition made: for a Lock with Slots it
@@ -608,7 +658,7 @@ func (t *table) setIdle(e *entry) {
 		t.n.held--
 		e.counted = false
 	}
-	e.state, e.s, e.token, e.wanted, e.slot = stateIdle, nil, 0, false, false
+	e.state, e.s, e.token, e.wanted, e.slot, e.unlock = stateIdle, nil, 0, false, false, nil
 	if e.linger.timer != nil {
 		e.linger.timer.Stop()
 	}

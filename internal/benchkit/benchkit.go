@@ -93,6 +93,16 @@ func Pglocks(b *testing.B, dsn string, key pglocks.Key, opts ...pglocks.Option) 
 	}
 }
 
+// PglocksNoWait is Pglocks releasing with Lock.ReleaseNoWait.
+func PglocksNoWait(b *testing.B, dsn string, key pglocks.Key, opts ...pglocks.Option) Session {
+	l := Locker(b, dsn, opts...)
+	var lk *pglocks.Lock
+	return Session{
+		Lock:   func(ctx context.Context) (err error) { lk, err = l.Lock(ctx, key); return err },
+		Unlock: func(ctx context.Context) error { return lk.ReleaseNoWait(ctx) },
+	}
+}
+
 // Locker is a Locker of b's own, over a pool of 4, as another process would
 // have.
 func Locker(b *testing.B, dsn string, opts ...pglocks.Option) *pglocks.Locker {

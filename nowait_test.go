@@ -1,0 +1,224 @@
+package pglocks_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/pglocks/pglocks"
+)
+
+// ReleaseNoWait: the handle is released when it returns, this Locker can
+// take the key again at once, and another session can take it soon after,
+// without anything else sent on the session.
+func TestReleaseNoWait(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4)
+		other := e.locker(4)
+		key := testKey(t, 0)
+
+		lk := mustLock(t, l, key)
+		if err := lk.ReleaseNoWait(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-lk.Done():
+		default:
+			t.Fatal("Done not closed when ReleaseNoWait returned")
+		}
+		wantErr(t, lk.Err(), pglocks.ErrReleased)
+		wantErr(t, lk.ReleaseNoWait(t.Context()), pglocks.ErrReleased)
+		wantErr(t, lk.Release(t.Context()), pglocks.ErrReleased)
+
+		// Nothing else is sent on the session: the unlock goes alone.
+		waitFor(t, 2*time.Second, "the key to be free on the server", func() bool { return len(e.held(bigint(key))) == 0 })
+		lk2, err := other.TryLock(t.Context(), key)
+		if err != nil {
+			t.Fatalf("another Locker's TryLock after ReleaseNoWait: %v", err)
+		}
+		mustRelease(t, lk2)
+
+		// The same Locker takes the key again at once, behind its unlock;
+		// the server then holds it once, on one session.
+		for range 50 {
+			lk = mustLock(t, l, key)
+			if err := lk.ReleaseNoWait(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			lk, err = l.TryLock(t.Context(), key)
+			if err != nil {
+				t.Fatalf("TryLock right after ReleaseNoWait: %v", err)
+			}
+			if err := lk.ReleaseNoWait(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		lk = mustLock(t, l, key)
+		_, err = other.TryLock(t.Context(), key)
+		wantErr(t, err, pglocks.ErrLocked)
+		if pids := e.held(bigint(key)); len(pids) != 1 {
+			t.Fatalf("held by sessions %v, want one", pids)
+		}
+		var n int
+		for _, r := range e.locks() {
+			if r.key == bigint(key) {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Fatalf("%d rows for the key in pg_locks, want 1", n)
+		}
+		mustRelease(t, lk)
+		if pids := e.held(bigint(key)); len(pids) != 0 {
+			t.Fatalf("held by %v after Release", pids)
+		}
+		if st := l.Stat(); st.HeldExclusive() != 0 {
+			t.Fatalf("Stat says %d held", st.HeldExclusive())
+		}
+	})
+}
+
+// Goroutines of one Locker, and another Locker, taking one key with
+// ReleaseNoWait exclude each other as with Release.
+func TestReleaseNoWaitExcludes(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		lockers := []*pglocks.Locker{e.locker(4), e.locker(4)}
+		key := testKey(t, 0)
+		var inside, entered atomic.Int32
+		var wg sync.WaitGroup
+		for g := range 8 {
+			l := lockers[g%2]
+			wg.Go(func() {
+				for i := range 40 {
+					var lk *pglocks.Lock
+					var err error
+					if i%3 == 0 {
+						lk, err = l.TryLock(t.Context(), key)
+						if errors.Is(err, pglocks.ErrLocked) {
+							continue
+						}
+					} else {
+						lk, err = l.Lock(t.Context(), key)
+					}
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					if n := inside.Add(1); n != 1 {
+						t.Errorf("%d goroutines inside at once", n)
+					}
+					entered.Add(1)
+					inside.Add(-1)
+					if i%2 == 0 {
+						err = lk.ReleaseNoWait(t.Context())
+					} else {
+						err = lk.Release(t.Context())
+					}
+					if err != nil {
+						t.Error(err)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if entered.Load() == 0 {
+			t.Fatal("nobody entered")
+		}
+		for _, l := range lockers {
+			waitFor(t, 2*time.Second, "the Locker to hold nothing", func() bool { return l.Stat().HeldExclusive() == 0 })
+		}
+	})
+}
+
+// A Lock/ReleaseNoWait loop under WithMaxLocks(1) never sees
+// ErrTooManyLocks: a key taken behind its own posted unlock counts once.
+func TestReleaseNoWaitMaxLocks(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4, pglocks.WithMaxLocks(1))
+		key := testKey(t, 0)
+		for range 100 {
+			lk := mustLock(t, l, key)
+			if err := lk.ReleaseNoWait(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		lk := mustLock(t, l, key)
+		_, err := l.TryLock(t.Context(), testKey(t, 1))
+		wantErr(t, err, pglocks.ErrTooManyLocks)
+		mustRelease(t, lk)
+	})
+}
+
+// A goroutine of the Locker that waits for a key when its holder lets it go
+// with ReleaseNoWait gets it at once, not after the unlock's bound; a waiter
+// in another process gets it too.
+func TestReleaseNoWaitWaiters(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4)
+		other := e.locker(4)
+		key := testKey(t, 0)
+		for _, waiter := range []*pglocks.Locker{l, other} {
+			lk := mustLock(t, l, key)
+			got := make(chan error, 1)
+			go func() {
+				w, err := waiter.Lock(t.Context(), key)
+				if err == nil {
+					err = w.Release(context.Background())
+				}
+				got <- err
+			}()
+			if waiter == other {
+				waitFor(t, 5*time.Second, "the waiter in the server's queue", func() bool { return e.waiting(bigint(key)) })
+			} else {
+				waitFor(t, 5*time.Second, "the waiter in the Locker", func() bool { return l.Stat().WaitingInProcess() == 1 })
+			}
+			if err := lk.ReleaseNoWait(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case err := <-got:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the waiter never got the key")
+			}
+		}
+	})
+}
+
+// A session that ended under a lock: ReleaseNoWait cannot know, returns, and
+// the Locker goes on with a fresh session.
+func TestReleaseNoWaitEndedSession(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4)
+		key, other := testKey(t, 0), testKey(t, 1)
+		lk := mustLock(t, l, key)
+		held := mustLock(t, l, other)
+		pids := e.held(bigint(key))
+		if len(pids) != 1 {
+			t.Fatalf("held by %v", pids)
+		}
+		if _, err := srv.Admin.Exec(t.Context(), "SELECT pg_terminate_backend($1)", pids[0]); err != nil {
+			t.Fatal(err)
+		}
+		// Where the driver does not pipeline, it is Release: which may hear
+		// that the session ended.
+		err := lk.ReleaseNoWait(t.Context())
+		if err != nil && !errors.Is(err, pglocks.ErrLockLost) && !errors.Is(err, pglocks.ErrSessionEnded) {
+			t.Fatalf("ReleaseNoWait: %v", err)
+		}
+		// The other lock on that session is reported lost.
+		select {
+		case <-held.Done():
+			wantErr(t, held.Err(), pglocks.ErrLockLost)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the other lock on the ended session was never reported lost")
+		}
+		lk = mustLock(t, l, key)
+		mustRelease(t, lk)
+	})
+}
