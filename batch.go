@@ -222,7 +222,7 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 	// also ends the portal of the last statement, which would otherwise
 	// keep its snapshot while the session idles (extended protocol).
 	saved := s.pinned
-	failed, err, cerr := sendRows(s, batch, saved)
+	failed, err, cerr := sendRows(s, batch, saved, b.cfg.hbTimeout)
 	var bad error // why the session must go
 	switch {
 	case failed < 0 && cerr != nil:
@@ -285,9 +285,7 @@ func (b *batcher) runOne(s *session, r *req) error {
 		defer s.pipe.busySince.Store(0)
 		return stmtOn(context.Background(), s, r)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.hbTimeout)
-	defer cancel()
-	return s.runStmt(ctx, func(ctx context.Context) error { return stmtOn(ctx, s, r) })
+	return s.runBounded(b.cfg.hbTimeout, func() error { return stmtOn(context.Background(), s, r) })
 }
 
 // stmtOn runs r on s, with its error handling, for runOne.
@@ -359,8 +357,9 @@ func onFullUnlock(q string, args []any) func(ctx context.Context, c conn, err er
 
 // sendRows sends batch in one round trip (between a savepoint and its release
 // if saved), and returns the index in batch of the statement that failed,
-// or -1, and the errors as conn.batch does.
-func sendRows(s *session, batch []*req, saved bool) (failed int, err, cerr error) {
+// or -1, and the errors as conn.batch does. A driver that is not
+// interruptible is given up on after bound (see runBounded).
+func sendRows(s *session, batch []*req, saved bool, bound time.Duration) (failed int, err, cerr error) {
 	rows := make([]row, 0, len(batch)+2)
 	if saved {
 		rows = append(rows, row{q: sqlStmtSave})
@@ -372,7 +371,20 @@ func sendRows(s *session, batch []*req, saved bool) (failed int, err, cerr error
 		rows = append(rows, row{q: sqlStmtRelease})
 	}
 	s.pipe.busySince.Store(time.Now().UnixNano())
-	failed, err, cerr = s.c.batch(context.Background(), rows)
+	if s.c.interruptible() {
+		failed, err, cerr = s.c.batch(context.Background(), rows)
+	} else {
+		var f int
+		var ferr, fcerr error
+		if cerr = s.runBounded(bound, func() error {
+			f, ferr, fcerr = s.c.batch(context.Background(), rows)
+			return nil
+		}); cerr == nil {
+			failed, err, cerr = f, ferr, fcerr
+		} else {
+			failed = -1
+		}
+	}
 	s.pipe.busySince.Store(0)
 	if saved && failed >= 0 {
 		failed-- // rows[0] is the savepoint

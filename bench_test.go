@@ -2,6 +2,7 @@ package pglocks_test
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"runtime"
 	"slices"
@@ -70,6 +71,29 @@ func BenchmarkUncontended(b *testing.B) {
 	b.Run("pglocks-nowait", func(b *testing.B) {
 		benchkit.Uncontended(b, benchkit.PglocksNoWait(b, srv.DB(b), pglocks.ID(1)))
 	})
+}
+
+// B1 through database/sql: NewDB beside raw ExecContext on a *sql.Conn, each
+// through the same driver (pgx's stdlib, lib/pq).
+func BenchmarkUncontendedSQL(b *testing.B) {
+	for _, drv := range []struct{ name, driver string }{{"stdlib", "pgx"}, {"libpq", "postgres"}} {
+		open := func(b *testing.B) *sql.DB {
+			db, err := sql.Open(drv.driver, srv.DB(b))
+			if err != nil {
+				b.Fatal(err)
+			}
+			db.SetMaxOpenConns(4)
+			b.Cleanup(func() { _ = db.Close() })
+			return db
+		}
+		b.Run(drv.name+"/raw", func(b *testing.B) { benchkit.Uncontended(b, benchkit.RawSQL(b, open(b), 1)) })
+		b.Run(drv.name+"/pglocks", func(b *testing.B) {
+			benchkit.Uncontended(b, benchkit.PglocksDB(b, open(b), pglocks.ID(1), false))
+		})
+		b.Run(drv.name+"/pglocks-nowait", func(b *testing.B) {
+			benchkit.Uncontended(b, benchkit.PglocksDB(b, open(b), pglocks.ID(1), true))
+		})
+	}
 }
 
 // B2: 8 sessions hand one key over (see benchkit.Handover).

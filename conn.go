@@ -246,6 +246,8 @@ type sqlConn struct {
 	// goroutine.
 	pgx        *pgxSession
 	simpleMode bool // see conn.simple
+	// pinned is set by simple, which only a pinned session calls.
+	pinned bool
 }
 
 func (c *sqlConn) query(ctx context.Context, q string, args []any, dest ...any) error {
@@ -265,13 +267,15 @@ func (c *sqlConn) exec(ctx context.Context, q string, args ...any) error {
 	return err
 }
 
-// args are a statement and its arguments as the driver takes them once
-// simple was called: pgx's stdlib passes QueryExecModeSimpleProtocol on to
-// pgx; other drivers (lib/pq) use the simple protocol for a statement
-// without arguments, so the arguments become literals in its text.
+// args are a statement and its arguments as the driver takes them: pgx's
+// stdlib passes QueryExecModeSimpleProtocol on to pgx once simple was
+// called. Other drivers (lib/pq) get the arguments as literals in the
+// statement's text, always: lib/pq sends a statement with arguments as a
+// Parse and a Describe, waits for the answer, then binds and executes it,
+// two round trips; without arguments it uses the simple protocol, one.
 func (c *sqlConn) args(q string, args []any) (string, []any, error) {
 	switch {
-	case !c.simpleMode || len(args) == 0:
+	case len(args) == 0, !c.simpleMode && c.pgx != nil:
 		return q, args, nil
 	case c.pgx != nil:
 		return q, append([]any{pgx.QueryExecModeSimpleProtocol}, args...), nil
@@ -281,18 +285,59 @@ func (c *sqlConn) args(q string, args []any) (string, []any, error) {
 }
 
 func (c *sqlConn) simple() {
-	c.simpleMode = true
+	c.simpleMode, c.pinned = true, true
 	if c.pgx != nil {
 		c.pgx.simple()
 	}
 }
 
-func (c *sqlConn) pipelines() bool     { return c.pgx != nil }
+// pipelines: pgx's stdlib pipelines; other drivers send a batch as one
+// query of several statements by the simple protocol, with the arguments as
+// literals, except on a pinned session (whose batches have statements that
+// return no row, which lib/pq does not tell apart).
+func (c *sqlConn) pipelines() bool { return c.pgx != nil || !c.pinned }
 func (c *sqlConn) interruptible() bool { return c.pgx != nil }
 func (c *sqlConn) watchable() bool     { return c.pgx != nil }
 
 func (c *sqlConn) batch(ctx context.Context, rows []row) (int, error, error) {
-	return c.pgx.batch(ctx, rows)
+	if c.pgx != nil {
+		return c.pgx.batch(ctx, rows)
+	}
+	var q strings.Builder
+	for i, r := range rows {
+		rq, err := inline(r.q, r.args)
+		if err != nil {
+			return i, err, nil
+		}
+		if i > 0 {
+			q.WriteString("; ")
+		}
+		q.WriteString(rq)
+	}
+	rs, err := c.c.QueryContext(ctx, q.String())
+	if err != nil {
+		if sqlState(err) != "" {
+			return 0, err, nil // the first statement failed
+		}
+		return -1, nil, err
+	}
+	// One result set a statement, each of one row.
+	for i, r := range rows {
+		if i > 0 && !rs.NextResultSet() || !rs.Next() {
+			err := rs.Err()
+			if err == nil {
+				err = fmt.Errorf("statement %d of a batch returned no row", i+1)
+			}
+			return i, err, rs.Close()
+		}
+		if err := rs.Scan(r.dest...); err != nil {
+			_ = rs.Close()
+			return i, err, nil
+		}
+		for rs.Next() { // to the set's end: only then is the next one read
+		}
+	}
+	return -1, nil, rs.Close()
 }
 
 // cancel sends pgx's cancel request for pgx's stdlib driver. database/sql
@@ -355,6 +400,12 @@ func tcpConn(nc net.Conn) *net.TCPConn {
 func inline(q string, args []any) (string, error) {
 	lits := make([]string, len(args))
 	for i, a := range args {
+		if v, ok := a.(driver.Valuer); ok { // sql.NullString
+			var err error
+			if a, err = v.Value(); err != nil {
+				return "", err
+			}
+		}
 		switch v := a.(type) {
 		case nil:
 			lits[i] = "NULL"

@@ -52,6 +52,7 @@ type session struct {
 type semState struct {
 	broken error        // why the session was closed
 	stuck  <-chan error // a statement abandoned by runStmt that may still run
+	bound  *time.Timer  // runBounded's
 	// waitSaved says a pinned session's transaction has the savepoint of
 	// its last wait (sqlWaitSave), kept after the grant: the next wait
 	// releases it in the same round trip as it makes its own.
@@ -236,6 +237,29 @@ func (s *session) runStmt(ctx context.Context, f func(ctx context.Context) error
 	case <-t.C:
 		s.guard.stuck = res
 		return fmt.Errorf("statement did not end at its deadline: %w", context.DeadlineExceeded)
+	}
+}
+
+// runBounded runs f, a short statement that needs no ctx, on the session
+// of a driver that is not interruptible, as runStmt does with a deadline d
+// from now, but without a context for the driver to watch (lib/pq starts a
+// goroutine for a statement whose ctx can end) and with the session's own
+// timer. The caller holds sem.
+func (s *session) runBounded(d time.Duration, f func() error) error {
+	res := make(chan error, 1)
+	go func() { res <- f() }()
+	if s.guard.bound == nil {
+		s.guard.bound = time.NewTimer(d)
+	} else {
+		s.guard.bound.Reset(d)
+	}
+	select {
+	case err := <-res:
+		s.guard.bound.Stop()
+		return err
+	case <-s.guard.bound.C:
+		s.guard.stuck = res
+		return fmt.Errorf("statement did not end within %v: %w", d, context.DeadlineExceeded)
 	}
 }
 

@@ -5,6 +5,7 @@ package benchkit
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"slices"
 	"sync"
@@ -54,6 +55,52 @@ func RawTry(b *testing.B, dsn string, key int64) Session {
 			return nil
 		},
 		Unlock: rawUnlock(c, key),
+	}
+}
+
+// RawSQL is hand-written database/sql on a *sql.Conn of its own from db:
+// pg_advisory_lock and pg_advisory_unlock of key, through db's driver.
+func RawSQL(b *testing.B, db *sql.DB, key int64) Session {
+	c, err := db.Conn(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.Close() })
+	return Session{
+		Lock: func(ctx context.Context) error {
+			_, err := c.ExecContext(ctx, "SELECT pg_advisory_lock($1)", key)
+			return err
+		},
+		Unlock: func(ctx context.Context) error {
+			var ok bool
+			if err := c.QueryRowContext(ctx, "SELECT pg_advisory_unlock($1)", key).Scan(&ok); err != nil {
+				return err
+			}
+			if !ok {
+				return errNotHeld
+			}
+			return nil
+		},
+	}
+}
+
+// PglocksDB is a Locker on db (NewDB) taking key, releasing with Release,
+// or ReleaseNoWait if noWait.
+func PglocksDB(b *testing.B, db *sql.DB, key pglocks.Key, noWait bool) Session {
+	l, err := pglocks.NewDB(db)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = l.Close() })
+	var lk *pglocks.Lock
+	return Session{
+		Lock: func(ctx context.Context) (err error) { lk, err = l.Lock(ctx, key); return err },
+		Unlock: func(ctx context.Context) error {
+			if noWait {
+				return lk.ReleaseNoWait(ctx)
+			}
+			return lk.Release(ctx)
+		},
 	}
 }
 
