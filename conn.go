@@ -295,7 +295,7 @@ func (c *sqlConn) simple() {
 // query of several statements by the simple protocol, with the arguments as
 // literals, except on a pinned session (whose batches have statements that
 // return no row, which lib/pq does not tell apart).
-func (c *sqlConn) pipelines() bool { return c.pgx != nil || !c.pinned }
+func (c *sqlConn) pipelines() bool     { return c.pgx != nil || !c.pinned }
 func (c *sqlConn) interruptible() bool { return c.pgx != nil }
 func (c *sqlConn) watchable() bool     { return c.pgx != nil }
 
