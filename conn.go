@@ -86,6 +86,9 @@ type conn interface {
 	// snapshot, and so a backend_xmin, while the session idles.
 	simple()
 
+	// forget drops what pglocks prepared on the session, before release.
+	forget(ctx context.Context) error
+
 	// destroy closes the session, which frees every lock it holds.
 	destroy()
 	// release gives the session back to its pool. Only a session that holds
@@ -130,6 +133,25 @@ func (s pgxSource) activity() uint64 { return uint64(s.p.Stat().AcquireCount()) 
 type pgxSession struct {
 	c          *pgx.Conn // kept: pgxpool.Conn.Conn() panics once it is hijacked
 	simpleMode bool      // see conn.simple
+	fast       fastConn  // the hot statements, sent through pgconn (fast.go)
+}
+
+// fastQuery reports whether q goes through s.fast: a hot statement, and
+// the session's statements may be prepared.
+func (s *pgxSession) fastQuery(q string) bool { return !s.simpleMode && hot[q] }
+
+// forget drops the statements s.fast prepared, before the session goes
+// back to its pool.
+func (s *pgxSession) forget(ctx context.Context) error {
+	q := s.fast.deallocate()
+	if q == "" {
+		return nil
+	}
+	if err := s.c.PgConn().Exec(ctx, q).Close(); err != nil {
+		return err
+	}
+	s.fast.stmts = nil
+	return nil
 }
 
 // args are a statement's arguments as pgx takes them: after
@@ -143,11 +165,14 @@ func (s *pgxSession) args(args []any) []any {
 
 func (s *pgxSession) simple() { s.simpleMode = true }
 
-func (s pgxSession) pipelines() bool     { return true }
-func (s pgxSession) interruptible() bool { return true }
-func (s pgxSession) watchable() bool     { return true }
+func (s *pgxSession) pipelines() bool     { return true }
+func (s *pgxSession) interruptible() bool { return true }
+func (s *pgxSession) watchable() bool     { return true }
 
-func (s pgxSession) batch(ctx context.Context, rows []row) (failed int, err, closeErr error) {
+func (s *pgxSession) batch(ctx context.Context, rows []row) (failed int, err, closeErr error) {
+	if !s.simpleMode && s.fast.usable(rows) {
+		return s.fast.batch(ctx, s.c.PgConn(), rows)
+	}
 	b := &pgx.Batch{}
 	for _, r := range rows {
 		b.Queue(r.q, r.args...)
@@ -168,19 +193,19 @@ func (s pgxSession) batch(ctx context.Context, rows []row) (failed int, err, clo
 	return failed, err, br.Close()
 }
 
-func (s pgxSession) cancel(ctx context.Context) error { return s.c.PgConn().CancelRequest(ctx) }
+func (s *pgxSession) cancel(ctx context.Context) error { return s.c.PgConn().CancelRequest(ctx) }
 
-func (s pgxSession) backendPID() (uint32, bool) { return s.c.PgConn().PID(), true }
+func (s *pgxSession) backendPID() (uint32, bool) { return s.c.PgConn().PID(), true }
 
-func (s pgxSession) tcp() *net.TCPConn { return tcpConn(s.c.PgConn().Conn()) }
+func (s *pgxSession) tcp() *net.TCPConn { return tcpConn(s.c.PgConn().Conn()) }
 
-func (s pgxSession) waitIdle(ctx context.Context) (*pgconn.Notification, error) {
+func (s *pgxSession) waitIdle(ctx context.Context) (*pgconn.Notification, error) {
 	return s.c.WaitForNotification(ctx)
 }
 
-func (s pgxSession) setReadDeadline(t time.Time) error { return s.c.PgConn().Conn().SetReadDeadline(t) }
+func (s *pgxSession) setReadDeadline(t time.Time) error { return s.c.PgConn().Conn().SetReadDeadline(t) }
 
-func (s pgxSession) closeSocket() { _ = s.c.PgConn().Conn().Close() }
+func (s *pgxSession) closeSocket() { _ = s.c.PgConn().Conn().Close() }
 
 // pgxConn is a session taken from a pgxpool.Pool.
 type pgxConn struct {
@@ -189,6 +214,9 @@ type pgxConn struct {
 }
 
 func (c *pgxConn) query(ctx context.Context, q string, args []any, dest ...any) error {
+	if c.fastQuery(q) {
+		return c.fast.query(ctx, c.c.PgConn(), q, args, dest)
+	}
 	return c.c.QueryRow(ctx, q, c.args(args)...).Scan(dest...)
 }
 
@@ -251,6 +279,9 @@ type sqlConn struct {
 }
 
 func (c *sqlConn) query(ctx context.Context, q string, args []any, dest ...any) error {
+	if c.pgx != nil && c.pgx.fastQuery(q) {
+		return c.pgx.fast.query(ctx, c.pgx.c.PgConn(), q, args, dest)
+	}
 	q, args, err := c.args(q, args)
 	if err != nil {
 		return err
@@ -368,6 +399,13 @@ func (c *sqlConn) waitIdle(ctx context.Context) (*pgconn.Notification, error) {
 }
 
 func (c *sqlConn) setReadDeadline(t time.Time) error { return c.pgx.setReadDeadline(t) }
+
+func (c *sqlConn) forget(ctx context.Context) error {
+	if c.pgx != nil {
+		return c.pgx.forget(ctx)
+	}
+	return nil
+}
 
 func (c *sqlConn) closeSocket() {
 	if c.pgx != nil {

@@ -792,6 +792,9 @@ func (c *fakeConn) waitIdle(ctx context.Context) (*pgconn.Notification, error) {
 // simple is a no-op: the fake has one protocol.
 func (c *fakeConn) simple() {}
 
+// forget: the fake prepares nothing.
+func (c *fakeConn) forget(context.Context) error { return nil }
+
 func (c *fakeConn) destroy() {
 	srv, s := c.s.srv, c.s
 	srv.mu.Lock()

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/pglocks/pglocks"
 )
 
@@ -221,4 +223,56 @@ func TestReleaseNoWaitEndedSession(t *testing.T) {
 		lk = mustLock(t, l, key)
 		mustRelease(t, lk)
 	})
+}
+
+// The statements a Locker prepares on a session are dropped when the
+// session goes back to the pool: the application's connection is as it was,
+// and a later Locker on the same connection prepares them again.
+func TestPreparedStatementsDropped(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	cfg, err := pgxpool.ParseConfig(srv.DB(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxConns = 1 // one connection, so that the second Locker gets the same one
+	p, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	prepared := func() int {
+		var n int
+		if err := p.QueryRow(ctx, "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pglocks\\_%'").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for round := range 2 {
+		l, err := pglocks.New(p, pglocks.WithMaxConns(1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		key := pglocks.ID(int64(round))
+		lk, err := l.Lock(ctx, key)
+		if err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if err := lk.ReleaseNoWait(ctx); err != nil {
+			t.Fatal(err)
+		}
+		lk, err = l.TryLock(ctx, key)
+		if err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if err := lk.Release(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if n := prepared(); n != 0 {
+			t.Fatalf("round %d: %d statements of pglocks left on the connection", round, n)
+		}
+	}
 }

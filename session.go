@@ -327,6 +327,9 @@ func (s *session) giveBack(stmtTime time.Duration) {
 				return err
 			}
 		}
+		if err := s.c.forget(ctx); err != nil {
+			return err
+		}
 		return s.c.exec(ctx, sqlRestoreSession, o...)
 	})
 	if err != nil {
