@@ -203,7 +203,9 @@ func (s *pgxSession) waitIdle(ctx context.Context) (*pgconn.Notification, error)
 	return s.c.WaitForNotification(ctx)
 }
 
-func (s *pgxSession) setReadDeadline(t time.Time) error { return s.c.PgConn().Conn().SetReadDeadline(t) }
+func (s *pgxSession) setReadDeadline(t time.Time) error {
+	return s.c.PgConn().Conn().SetReadDeadline(t)
+}
 
 func (s *pgxSession) closeSocket() { _ = s.c.PgConn().Conn().Close() }
 
