@@ -9,7 +9,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -529,15 +528,6 @@ func BenchmarkName(b *testing.B) {
 	}
 }
 
-// processCPU is the CPU time this process has used (user and system).
-func processCPU(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
 // An idle Locker costs (almost) nothing: the CPU this process uses per
 // second of doing nothing, beside a pool alone, with the Locker holding a
 // lock, lingering after a release (its sessions kept ready for a while),
@@ -546,11 +536,11 @@ func BenchmarkIdleCPU(b *testing.B) {
 	idle := func(b *testing.B) {
 		runtime.GC()
 		b.ResetTimer()
-		began, t0 := time.Now(), processCPU(b)
+		began, t0 := time.Now(), benchkit.ProcessCPU(b)
 		for range b.N {
 			time.Sleep(time.Second)
 		}
-		cpu := processCPU(b) - t0
+		cpu := benchkit.ProcessCPU(b) - t0
 		b.StopTimer()
 		b.ReportMetric(float64(cpu.Microseconds())/1000/time.Since(began).Seconds(), "cpu-ms/s")
 	}

@@ -291,7 +291,9 @@ func TestDoSaysLossOnce(t *testing.T) {
 	l := e.locker(4)
 	k := testKey(t, 0)
 	err := l.Do(t.Context(), k, func(ctx context.Context) error {
-		if _, err := srv.Admin.Exec(ctx, "SELECT pg_terminate_backend($1)", e.held(bigint(k))[0]); err != nil {
+		// Not on ctx: the loss may be heard (and ctx cancelled) before the
+		// terminate's answer is read.
+		if _, err := srv.Admin.Exec(t.Context(), "SELECT pg_terminate_backend($1)", e.held(bigint(k))[0]); err != nil {
 			return err
 		}
 		<-ctx.Done()

@@ -371,6 +371,11 @@ func (p *pool) unuse(s *session) {
 		p.mu.Unlock()
 		return
 	}
+	if !s.watch.listening.Load() {
+		// Holding nothing, it needs no watcher: the timer armed after its
+		// last statement (watchers.idle) would fire for nothing.
+		s.stopIdle()
+	}
 	s.use.idleSince = time.Now()
 	p.st.lastUsed = s.use.idleSince
 	if s == p.st.primary {

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -171,9 +172,27 @@ func Locker(b *testing.B, dsn string, opts ...pglocks.Option) *pglocks.Locker {
 	return l
 }
 
-// Uncontended is B1: one goroutine takes and lets go of one key.
+// ProcessCPU is the CPU time this process has used (user and system).
+func ProcessCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// reportCPU reports the CPU this process used per op since began, as
+// cpu-µs/op: the client's cost, whatever its wall time.
+func reportCPU(b *testing.B, began time.Duration) {
+	b.ReportMetric(float64((ProcessCPU(b)-began).Microseconds())/float64(b.N), "cpu-µs/op")
+}
+
+// Uncontended is B1: one goroutine takes and lets go of one key. It
+// reports the process's CPU per cycle.
 func Uncontended(b *testing.B, s Session) {
 	ctx := context.Background()
+	began := ProcessCPU(b)
+	defer func() { reportCPU(b, began) }()
 	for b.Loop() {
 		if err := s.Lock(ctx); err != nil {
 			b.Fatal(err)
@@ -214,7 +233,7 @@ func waitOnce(b *testing.B, sessions []Session) {
 // times in all. Every session first waits for the key once (see waitOnce)
 // and takes it twice, untimed, so that connections are open and readied. It reports the hand-over latency (from
 // the holder's Unlock being called to the next holder's Lock returning,
-// p50 and p99), fairness (the fewest acquisitions of a session over the
+// p50 and p99), the process's CPU per hand-over, fairness (the fewest acquisitions of a session over the
 // most) and the longest single wait.
 func Handover(b *testing.B, sessions []Session) {
 	ctx := context.Background()
@@ -244,6 +263,7 @@ func Handover(b *testing.B, sessions []Session) {
 		left     atomic.Int64
 	)
 	left.Store(int64(b.N))
+	began := ProcessCPU(b)
 	b.ResetTimer()
 	var wg sync.WaitGroup
 	for w, s := range sessions {
@@ -272,6 +292,7 @@ func Handover(b *testing.B, sessions []Session) {
 	}
 	wg.Wait()
 	b.StopTimer()
+	reportCPU(b, began)
 	slices.Sort(handover)
 	if len(handover) > 0 {
 		b.ReportMetric(float64(handover[len(handover)/2].Microseconds()), "p50-handover-µs")
