@@ -5,6 +5,7 @@ package pglocks
 
 import (
 	"context"
+	"runtime"
 	"slices"
 	"time"
 )
@@ -163,6 +164,12 @@ func (b *batcher) flush(s *session) {
 			s.pipe.spare = batch[:0]
 		}
 		s.pipe.mu.Unlock()
+		if n > 1 {
+			// The goroutines just woken will likely send their next
+			// statements at once: let them queue before looking, so that
+			// they go in one round trip, not one alone and the rest after.
+			runtime.Gosched()
+		}
 	}
 	b.pool.watch.idle(s)
 }

@@ -112,6 +112,77 @@ func BenchmarkHandover(b *testing.B) {
 	})
 }
 
+// The curve: throughput of g goroutines, each on its own key, for g from 1
+// to 512: pglocks on one Locker over a pool of 4 beside raw pgx with a pool
+// sized to the goroutines (at most scaleRawMax: the test server allows 500
+// connections), each cycle taking a connection, locking and unlocking. It
+// reports locks/s and the server sessions used.
+func BenchmarkScaling(b *testing.B) {
+	for _, g := range []int{1, 8, 32, 128, 512} {
+		b.Run(fmt.Sprintf("g=%d/raw", g), func(b *testing.B) {
+			dsn := srv.DB(b)
+			p := benchPool(b, dsn, int32(min(g, scaleRawMax)))
+			scale(b, dsn, g, func(ctx context.Context, k int) error {
+				c, err := p.Acquire(ctx)
+				if err != nil {
+					return err
+				}
+				defer c.Release()
+				if _, err := c.Exec(ctx, "SELECT pg_advisory_lock($1)", int64(k)); err != nil {
+					return err
+				}
+				_, err = c.Exec(ctx, "SELECT pg_advisory_unlock($1)", int64(k))
+				return err
+			})
+		})
+		b.Run(fmt.Sprintf("g=%d/pglocks", g), func(b *testing.B) {
+			dsn := srv.DB(b)
+			l := benchLocker(b, benchPool(b, dsn, 4))
+			scale(b, dsn, g, func(ctx context.Context, k int) error {
+				lk, err := l.Lock(ctx, pglocks.ID(int64(k)))
+				if err != nil {
+					return err
+				}
+				return lk.Release(ctx)
+			})
+		})
+	}
+}
+
+// scaleRawMax bounds raw's pool in BenchmarkScaling.
+const scaleRawMax = 256
+
+// scale runs b.N cycles over g goroutines, goroutine k on key k, and
+// reports locks/s and the most server sessions seen.
+func scale(b *testing.B, dsn string, g int, cycle func(ctx context.Context, k int) error) {
+	var left atomic.Int64
+	left.Store(int64(b.N))
+	var peak atomic.Int64
+	var wg sync.WaitGroup
+	ctx := context.Background()
+	b.ResetTimer()
+	began := time.Now()
+	for k := range g {
+		wg.Go(func() {
+			for i := 0; left.Add(-1) >= 0; i++ {
+				if err := cycle(ctx, k); err != nil {
+					b.Error(err)
+					return
+				}
+				if k == 0 && i%64 == 0 {
+					if n := int64(backendsOf(b, dbOf(dsn))); n > peak.Load() {
+						peak.Store(n)
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/time.Since(began).Seconds(), "locks/s")
+	b.ReportMetric(float64(peak.Load()), "connections")
+}
+
 // B3: 32 goroutines, each on its own key: raw pins a connection each;
 // pglocks shares one Locker over a pool of at most 4.
 func BenchmarkParallelKeys(b *testing.B) {

@@ -22,7 +22,9 @@
 // [Locker.Do] and [Locker.TryDo] run a function under a lock and release it
 // afterwards. A [Lock] is held until [Lock.Release], [Locker.Close] or its
 // loss, which [Lock.Done] and [Lock.Err] report. [Shared] takes a lock in
-// shared mode.
+// shared mode. Release waits for the server's answer and reports a loss;
+// [Lock.ReleaseNoWait] sends the unlock with the Locker's next statement
+// instead, one round trip a Lock/Release cycle, without that proof.
 //
 //	locker, err := pglocks.New(pool)
 //	...
