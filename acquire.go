@@ -50,7 +50,7 @@ func (a *acquirer) acquire(ctx context.Context, keys []Key, o lockConfig, wait b
 	if !a.table.begin() {
 		return nil, lockError(keys[0], ErrClosed)
 	}
-	defer a.table.end()
+	defer a.table.ops.Done()
 
 	// In this process, in key order: a hold where a shared hold is
 	// joined, else the entry to take on the server.
@@ -106,9 +106,6 @@ func (a *acquirer) claim(ctx context.Context, key Key, shared, wait bool) (*hold
 	h, e, w, err := a.table.claim(key, shared, wait)
 	if err != nil || w == nil {
 		return h, e, err
-	}
-	if w.after != nil {
-		a.batch.kick(w.after) // the posted unlock it waits for: now
 	}
 	select {
 	case h := <-w.ready:

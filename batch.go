@@ -233,7 +233,15 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 	var bad error // why the session must go
 	switch {
 	case failed < 0 && cerr != nil:
-		bad = cerr
+		// The batch ended without a statement's error (the connection
+		// failed, a statement was abandoned, a result went missing): what
+		// its statements returned is not to be trusted, and the session
+		// goes, freeing whatever they took. Each says so.
+		b.pool.fail(s, cerr)
+		for _, r := range batch {
+			r.err = s.guard.broken
+		}
+		return nil
 	case failed >= 0:
 		r := batch[failed]
 		r.err = err

@@ -369,6 +369,16 @@ func (c *sqlConn) batch(ctx context.Context, rows []row) (int, error, error) {
 		}
 		for rs.Next() { // to the set's end: only then is the next one read
 		}
+		if err := rs.Err(); err != nil {
+			// After the set's row: the statement's own error, or, after
+			// the last, the implicit transaction's at its commit (a
+			// notification queue full), which undid what the batch did.
+			_ = rs.Close()
+			if i == len(rows)-1 {
+				return -1, nil, err
+			}
+			return i, err, nil
+		}
 	}
 	return -1, nil, rs.Close()
 }

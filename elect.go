@@ -174,7 +174,7 @@ func (l *Locker) markLeader(lk *Lock) {
 	if !l.table.begin() {
 		return // Close waits for us before it touches the session
 	}
-	defer l.table.end()
+	defer l.table.ops.Done()
 	s := l.table.sessionOf(&lk.hold)
 	if s == nil {
 		return // lost already

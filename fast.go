@@ -45,6 +45,9 @@ type fastConn struct {
 // fastPrefix names the statements fastConn prepares.
 const fastPrefix = "pglocks_"
 
+// stateDuplicatePrepared is SQLSTATE duplicate_prepared_statement.
+const stateDuplicatePrepared = "42P05"
+
 // usable reports whether rows can all go the fast way: hot statements with
 // arguments fastConn encodes.
 func (f *fastConn) usable(rows []row) bool {
@@ -64,7 +67,15 @@ func (f *fastConn) prepared(ctx context.Context, pc *pgconn.PgConn, q string) (*
 	if f.stmts == nil {
 		f.stmts = make(map[string]*pgconn.StatementDescription)
 	}
-	sd, err := pc.Prepare(ctx, fastPrefix+strconv.Itoa(len(f.stmts)), q, nil)
+	name := fastPrefix + strconv.Itoa(len(f.stmts))
+	sd, err := pc.Prepare(ctx, name, q, nil)
+	if sqlState(err) == stateDuplicatePrepared {
+		// Left on the connection by a session that never gave it back
+		// politely: ours to replace.
+		if err = pc.Deallocate(ctx, name); err == nil {
+			sd, err = pc.Prepare(ctx, name, q, nil)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -217,7 +228,12 @@ func (f *fastConn) batch(ctx context.Context, pc *pgconn.PgConn, rows []row) (fa
 		}
 		b.ExecStatement(sd, ps, nil, nil) // copies ps
 	}
-	mrr := pc.ExecBatch(ctx, b)
+	return readBatch(pc.ExecBatch(ctx, b), rows)
+}
+
+// readBatch reads the results of rows, sent as one batch, into their dest,
+// and returns what conn.batch does.
+func readBatch(mrr *pgconn.MultiResultReader, rows []row) (failed int, err, closeErr error) {
 	failed = -1
 	i := 0
 	for ; i < len(rows) && mrr.NextResult(); i++ {

@@ -118,10 +118,11 @@ func (lk *Lock) Release(ctx context.Context) error {
 // with [WithFencingTokens] (unless through a transaction pooler), or
 // wanted by a waiter elsewhere that must be told of its release, is
 // released as Release does.
+//
+// Like Release it never waits on ctx, which it takes for symmetry with
+// Release (a nil ctx is fine).
 func (lk *Lock) ReleaseNoWait(ctx context.Context) error {
-	if ctx == nil {
-		ctx = context.Background()
-	}
+	_ = ctx
 	err := lk.l.rel.releaseNoWait(&lk.hold)
 	if lk.l.cfg.tracers.release != nil {
 		lk.l.cfg.tracers.traceRelease(lk.l, lk, err)

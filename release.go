@@ -41,12 +41,15 @@ func (r *releaser) releaseNoWait(h *hold) error {
 	}
 	u.r = unlockReq(u.e.key, u.shared)
 	u.r.unlock = u
-	u.r.done.Add(1) // before post: follow may wait for it at once
-	if !r.table.post(u) {
-		return r.unlock([]*pendingUnlock{u})[0]
-	}
+	u.r.done.Add(1)
 	u.l = r.pool.lease(u.s)
+	// Queued first, then made known to claims (which may wait for it at
+	// once); if goroutines of this Locker queued for the key meanwhile,
+	// they are let go only once it has run: it goes now.
 	r.batch.post(u.s, u.r)
+	if !r.table.post(u) {
+		r.batch.kick(u.s)
+	}
 	h.cancel(ErrReleased) // no longer the handle's; released says so again
 	return nil
 }
@@ -117,7 +120,7 @@ func (r *releaser) endLinger(e *entry) {
 	if !r.table.begin() {
 		return
 	}
-	defer r.table.end()
+	defer r.table.ops.Done()
 	if u := r.table.endLinger(e); u != nil {
 		_ = r.unlock([]*pendingUnlock{u})
 	}

@@ -125,7 +125,7 @@ func TestGrantRefusedAtCloseIsUnlocked(t *testing.T) {
 	if !errors.Is(err, ErrClosed) {
 		t.Fatalf("want ErrClosed, got %v", err)
 	}
-	l.table.end()
+	l.table.ops.Done()
 	// the rest of Close
 	l.closeNow()
 	l.table.ops.Wait()

@@ -108,7 +108,7 @@ func (st slotTaker) trySlots(ctx context.Context, base Key, keys []Key, o lockCo
 	if !st.table.begin() {
 		return nil, lockError(base, ErrClosed)
 	}
-	defer st.table.end()
+	defer st.table.ops.Done()
 	es, slot, err := st.claimSlots(keys)
 	if err != nil {
 		return nil, lockError(base, err)

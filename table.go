@@ -145,9 +145,6 @@ type lingerState struct {
 // entry's queue (guarded by table.mu) until ready receives.
 type waiter struct {
 	shared bool
-	// after is the session of a posted unlock the waiter waits for: the
-	// caller sends it now (see claim).
-	after *session
 	// ready receives nil when the waiter is to take the key on the server
 	// itself, or the hold it was given by joining a shared hold.
 	ready chan *hold
@@ -181,7 +178,15 @@ func (t *table) claim(key Key, shared, wait bool) (*hold, *entry, *waiter, error
 		case e.state == stateHeld && e.shared && shared:
 			return t.join(e), nil, nil, nil
 		case e.state == stateReleasing && e.unlock != nil:
-			return nil, t.follow(e, shared), nil, nil
+			// Its unlock is posted but has not run: the key's entry is
+			// made anew for the caller, whose statement sent after the
+			// unlock on its session sees the key free. e is left to its
+			// unlock (released finds it replaced), and its count against
+			// WithMaxLocks passes on: the key is held once.
+			n := &entry{key: key, state: stateAcquiring, shared: shared, unlock: e.unlock, wanted: e.wanted}
+			n.counted, e.counted = e.counted, false
+			t.keys[key] = n
+			return nil, n, nil, nil
 		}
 	}
 	if !wait {
@@ -189,36 +194,20 @@ func (t *table) claim(key Key, shared, wait bool) (*hold, *entry, *waiter, error
 		return nil, nil, nil, ErrLocked
 	}
 	w := &waiter{shared: shared, ready: make(chan *hold, 1)}
-	if e.state == stateReleasing && e.unlock != nil {
-		w.after = e.unlock.s
-	}
 	e.queue = append(e.queue, w)
 	t.n.queued++
 	return nil, e, w, nil
 }
 
-// follow makes key's entry anew, in stateAcquiring, for a goroutine that
-// takes it while e's unlock is posted but has not run: the unlock is on its
-// session's queue, and a statement sent after it there sees the key free.
-// e is left to its unlock (released), which finds it replaced, and its
-// count against WithMaxLocks passes to the new entry: the key is held once.
-// It runs with t.mu held.
-func (t *table) follow(e *entry, shared bool) *entry {
-	n := &entry{key: e.key, state: stateAcquiring, shared: shared, unlock: e.unlock}
-	n.counted, e.counted = e.counted, false
-	t.keys[e.key] = n
-	return n
-}
-
 // post records that u's unlock will be queued and run without its caller
 // waiting (see releaser.releaseNoWait): until then, a goroutine of this
-// Locker may take the key behind it (see follow). It refuses, reporting
+// Locker may take the key behind it (see claim). It refuses, reporting
 // false, when goroutines wait in this process for the key already: they
 // are let go only once the unlock has run, which had better be now.
 func (t *table) post(u *pendingUnlock) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if len(u.e.queue) > 0 {
+	if len(u.e.queue) > 0 || u.released {
 		return false
 	}
 	u.e.unlock = u
@@ -347,6 +336,8 @@ type pendingUnlock struct {
 	// done once it has run, and the lease on s until then.
 	r *req
 	l lease
+	// released is set by released (guarded by table.mu).
+	released bool
 }
 
 // setTerms finishes the holds an acquisition made: for a Lock with Slots it
@@ -473,6 +464,7 @@ func (t *table) released(u *pendingUnlock) (tell bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e := u.e
+	u.released = true
 	if on := t.on[u.s]; on != nil {
 		if _, ok := on[e]; ok {
 			delete(on, e)
@@ -549,7 +541,8 @@ func b2i(b bool) int {
 	return 0
 }
 
-// begin counts an operation in t.ops, unless the table is closed.
+// begin counts an operation in t.ops, unless the table is closed; the
+// caller ends it with t.ops.Done().
 func (t *table) begin() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -559,9 +552,6 @@ func (t *table) begin() bool {
 	t.ops.Add(1)
 	return true
 }
-
-// end ends what begin counted.
-func (t *table) end() { t.ops.Done() }
 
 // sessionOf returns the session h is held on, or nil once h is done.
 func (t *table) sessionOf(h *hold) *session {

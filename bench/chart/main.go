@@ -5,10 +5,14 @@
 //
 //	go test -run '^$' -bench . -count 5 . > bench/results.txt
 //	go run ./bench/chart < bench/results.txt > bench/chart.svg
+//
+// With -bench NAME it draws only that benchmark's rows (the goroutine curve:
+// -bench Scaling).
 package main
 
 import (
 	"bufio"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -17,16 +21,32 @@ import (
 	"strings"
 )
 
-func main() { os.Exit(run(os.Stdin, os.Stdout, os.Stderr)) }
+func main() {
+	only := flag.String("bench", "", "draw only this benchmark's rows")
+	flag.Parse()
+	if *only != "" {
+		comparisons = slices.DeleteFunc(comparisons, func(c comparison) bool { return c.bench != *only })
+	}
+	os.Exit(run(os.Stdin, os.Stdout, os.Stderr))
+}
 
-// comparisons: benchmark, the metric compared, the raw and pglocks
-// sub-benchmarks, and what the bar means.
-var comparisons = []struct{ bench, metric, raw, pg, label string }{
+// comparison is one row: benchmark, the metric compared, the raw and
+// pglocks sub-benchmarks, and what the bar means.
+type comparison struct{ bench, metric, raw, pg, label string }
+
+// comparisons are the rows drawn.
+var comparisons = []comparison{
 	{"Uncontended", "ns/op", "raw", "pglocks", "B1 uncontended Lock+Release"},
+	{"Uncontended", "ns/op", "raw", "pglocks-nowait", "B1 with ReleaseNoWait"},
 	{"Handover", "ns/op", "raw", "pglocks", "B2 hand-over cycle (8 sessions)"},
 	{"ParallelKeys", "ns/op", "raw", "pglocks", "B3 32 goroutines, own keys (pglocks on 1-2 conns)"},
 	{"ManyHeld", "ns/lock", "raw-one-round-trip-each", "pglocks", "B4 taking 10,000 locks"},
 	{"ManyWaiters", "release-to-last-ms", "raw", "pglocks-freed-by-locker", "B7 1,000 waiters: release to last grant"},
+	{"Scaling", "ns/op", "g=1/raw", "g=1/pglocks", "1 goroutine (pglocks: 1 conn, raw: 1)"},
+	{"Scaling", "ns/op", "g=8/raw", "g=8/pglocks", "8 goroutines (raw: 8 conns)"},
+	{"Scaling", "ns/op", "g=32/raw", "g=32/pglocks", "32 goroutines (raw: 32 conns)"},
+	{"Scaling", "ns/op", "g=128/raw", "g=128/pglocks", "128 goroutines (raw: 128 conns)"},
+	{"Scaling", "ns/op", "g=512/raw", "g=512/pglocks", "512 goroutines (raw: pool of 256)"},
 }
 
 func run(in io.Reader, out, errw io.Writer) int {

@@ -10,3 +10,5 @@ for round in 1 2 3 4 5; do
 	/tmp/pglocks-bench.test -test.run '^$' -test.bench 'Uncontended|Handover$|ParallelKeys' -test.benchmem -test.count 1 |
 		grep '^Benchmark'
 done
+# The curve, three alternating rounds (raw and pglocks in each):
+#   for r in 1 2 3; do /tmp/pglocks-bench.test -test.run '^$' -test.bench Scaling -test.count 1 | grep '^Benchmark'; done
