@@ -243,24 +243,7 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 		}
 		return nil
 	case failed >= 0:
-		r := batch[failed]
-		r.err = err
-		if sqlState(err) != "" && r.onErr != nil {
-			r.err = undoThen(context.Background(), s.c, saved, err, r.onErr)
-		}
-		if _, keep := r.err.(keepConn); !keep {
-			bad = r.err
-			break
-		}
-		// The batch's transaction aborted: what ran before the error and
-		// was transactional is undone; and the server skipped the rest.
-		// Both run again.
-		for _, before := range batch[:failed] {
-			if before.txn {
-				redo = append(redo, before)
-			}
-		}
-		redo = append(redo, batch[failed+1:]...)
+		redo, bad = failedAt(s, batch, failed, err, saved)
 	}
 	ran := batch
 	if failed >= 0 {
@@ -288,6 +271,28 @@ func (b *batcher) runPipelined(s *session, batch []*req) (redo []*req) {
 		}
 	}
 	return nil
+}
+
+// failedAt handles the server's error err for batch[failed], for
+// runPipelined: its onErr runs; if the session is intact (keepConn), the
+// batch's transaction aborted, so what ran before and was transactional is
+// undone and the server skipped the rest: both are returned to run again.
+// Otherwise bad is why the session must go.
+func failedAt(s *session, batch []*req, failed int, err error, saved bool) (redo []*req, bad error) {
+	r := batch[failed]
+	r.err = err
+	if sqlState(err) != "" && r.onErr != nil {
+		r.err = undoThen(context.Background(), s.c, saved, err, r.onErr)
+	}
+	if _, keep := r.err.(keepConn); !keep {
+		return nil, r.err
+	}
+	for _, before := range batch[:failed] {
+		if before.txn {
+			redo = append(redo, before)
+		}
+	}
+	return append(redo, batch[failed+1:]...), nil
 }
 
 // runOne runs r alone on s, holding s.sem.
