@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"syscall"
 )
 
 // ErrLocked is returned by the Try functions when another session, or another
@@ -209,7 +210,7 @@ func sessionEnded(err error) error {
 	}
 	if strings.HasPrefix(sqlState(err), stateClassSessionEnded) ||
 		errors.Is(err, driver.ErrBadConn) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.Is(err, net.ErrClosed) {
+		errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
 		return endedError{err}
 	}
 	return err

@@ -276,3 +276,26 @@ func TestPreparedStatementsDropped(t *testing.T) {
 		}
 	}
 }
+
+// A lock whose session ended is one loss in Stat, whether the Locker heard
+// of the end first or Release found it.
+func TestReleaseOfEndedSessionCountsLoss(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, e *env) {
+		l := e.locker(4)
+		for i := range 5 {
+			key := testKey(t, i)
+			lk := mustLock(t, l, key)
+			pids := e.held(bigint(key))
+			if len(pids) != 1 {
+				t.Fatalf("held by %v", pids)
+			}
+			if _, err := srv.Admin.Exec(t.Context(), "SELECT pg_terminate_backend($1)", pids[0]); err != nil {
+				t.Fatal(err)
+			}
+			wantErr(t, lk.Release(t.Context()), pglocks.ErrLockLost)
+			if n := l.Stat().Losses(); n != int64(i+1) {
+				t.Fatalf("after %d losses Stat counts %d", i+1, n)
+			}
+		}
+	})
+}

@@ -188,6 +188,7 @@ func (r *releaser) unlocked(us []*pendingUnlock, rs []*req, leases ...lease) []e
 				// Its session had ended before the unlock reached it: the
 				// server had freed the key, maybe before the release.
 				errs[i] = lossError(u.e.key, ended)
+				r.table.ev.losses.Add(1) // the session's end skipped it: being released
 				continue
 			}
 			if _, said := err.(brokenError); said {
