@@ -201,7 +201,10 @@ func (s waitSpec) giveUp(qcancel context.CancelFunc, done <-chan error) {
 // s.grace.
 func waitInline(ctx context.Context, s waitSpec, q string, args []any, hasDeadline bool, deadline time.Time) error {
 	st := &stopper{s: s, hasDeadline: hasDeadline, finished: make(chan error)}
-	unCtx := context.AfterFunc(ctx, func() { st.stop(ctxError(ctx)) })
+	unCtx := func() bool { return true }
+	if ctx.Done() != nil { // a ctx that cannot end needs no watching
+		unCtx = context.AfterFunc(ctx, func() { st.stop(ctxError(ctx)) })
+	}
 	unClose := func() bool { return true }
 	if s.closeCtx != nil {
 		unClose = context.AfterFunc(s.closeCtx, func() { st.stop(ErrClosed) })
