@@ -95,6 +95,34 @@ func BenchmarkUncontendedSQL(b *testing.B) {
 	}
 }
 
+// B2 through database/sql: 8 Lockers on NewDB beside 8 raw *sql.Conns,
+// each through the same driver.
+func BenchmarkHandoverSQL(b *testing.B) {
+	const workers = 8
+	for _, drv := range []struct{ name, driver string }{{"stdlib", "pgx"}, {"libpq", "postgres"}} {
+		run := func(b *testing.B, newSession func(db *sql.DB) benchkit.Session) {
+			dsn := srv.DB(b)
+			sessions := make([]benchkit.Session, workers)
+			for i := range sessions {
+				db, err := sql.Open(drv.driver, dsn)
+				if err != nil {
+					b.Fatal(err)
+				}
+				db.SetMaxOpenConns(4)
+				b.Cleanup(func() { _ = db.Close() })
+				sessions[i] = newSession(db)
+			}
+			benchkit.Handover(b, sessions)
+		}
+		b.Run(drv.name+"/raw", func(b *testing.B) {
+			run(b, func(db *sql.DB) benchkit.Session { return benchkit.RawSQL(b, db, 7) })
+		})
+		b.Run(drv.name+"/pglocks", func(b *testing.B) {
+			run(b, func(db *sql.DB) benchkit.Session { return benchkit.PglocksDB(b, db, pglocks.ID(7), false) })
+		})
+	}
+}
+
 // B2: 8 sessions hand one key over (see benchkit.Handover).
 func BenchmarkHandover(b *testing.B) {
 	const workers = 8
