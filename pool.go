@@ -258,7 +258,7 @@ func (p *pool) waitSession(ctx context.Context, block bool) (lease, error) {
 			return lease{}, ErrClosed
 		}
 	}
-	if (p.st.n >= p.max || p.open.src.exhausted()) && !block {
+	if (p.st.n >= p.max || p.open.exhausted()) && !block {
 		p.mu.Unlock()
 		return lease{}, nil
 	}
@@ -396,7 +396,7 @@ func (p *pool) unuse(s *session) {
 		p.mu.Unlock()
 		return
 	}
-	if len(p.st.spare) < min(maxSpare, p.max-1) && !s.use.marked && !p.open.src.exhausted() {
+	if len(p.st.spare) < min(maxSpare, p.max-1) && !s.use.marked && !p.open.exhausted() {
 		// Kept ready for the next wait; the heartbeat retires it after
 		// primaryLinger.
 		s.use.waited = false
@@ -469,7 +469,7 @@ func (p *pool) yield() {
 		p.mu.Unlock()
 		return // nothing idle: armed again when something is
 	}
-	if !p.open.src.exhausted() {
+	if !p.open.src.exhausted() { // fresh: this is the pressure check
 		p.pressAgain()
 		p.mu.Unlock()
 		return

@@ -365,6 +365,26 @@ type opener struct {
 	// mode is how the pool's sessions are had: modeUnknown until the first
 	// is readied, then modeOwn or modePinned.
 	mode atomic.Int32
+	// short caches src.exhausted (see exhausted): when it was asked
+	// (UnixNano) shifted left once, and the answer in the low bit.
+	short atomic.Int64
+}
+
+// exhaustedFor is how long an answer of src.exhausted is reused: asking
+// pgxpool takes its mutex and allocates, and a Locker asks each time a
+// session goes idle. It is the pressure checks' own interval (see
+// pressureEvery), within which a pool running short is noticed anyway.
+const exhaustedFor = pressureEvery
+
+// exhausted is src.exhausted, asked at most once per exhaustedFor.
+func (o *opener) exhausted() bool {
+	now := time.Now().UnixNano()
+	if c := o.short.Load(); now-c>>1 < int64(exhaustedFor) {
+		return c&1 == 1
+	}
+	ex := o.src.exhausted()
+	o.short.Store(now<<1 | int64(b2i(ex)))
+	return ex
 }
 
 // How an opener's sessions are had.
