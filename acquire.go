@@ -138,9 +138,9 @@ func (a *acquirer) take(ctx context.Context, es []*entry, o lockConfig, wait boo
 	}
 	// Claimed behind posted unlocks: a try on the primary goes after them;
 	// anything else waits for them.
-	a.rel.follow(es, !o.own && !(wait && len(keys) == 1 && a.contended.has(keys[0])))
+	behind := a.rel.follow(es, !o.own && !(wait && len(keys) == 1 && a.contended.has(keys[0])))
 	for attempt := 1; ; attempt++ {
-		t, err := a.serverTake(ctx, keys, o, wait) // errors name their key
+		t, err := a.serverTake(ctx, keys, o, wait, !behind) // errors name their key
 		if err != nil {
 			a.table.abandon(es...)
 			return nil, err
@@ -205,9 +205,11 @@ func (a *acquirer) drop(t grantSet, keys []Key, shared, gone bool) {
 }
 
 // serverTake takes keys on the server, all or nothing: first tried together
-// on the primary (unless o.own: straight to a wait on a session of its own);
-// then, if some are held elsewhere and wait is set, waited for.
-func (a *acquirer) serverTake(ctx context.Context, keys []Key, o lockConfig, wait bool) (grantSet, error) {
+// on the primary (unless o.own: straight to a wait on a session of its own),
+// or, with spread, on another session if the primary is busy (see
+// pool.primary); then, if some are held elsewhere and wait is set, waited
+// for.
+func (a *acquirer) serverTake(ctx context.Context, keys []Key, o lockConfig, wait, spread bool) (grantSet, error) {
 	if wait && !o.own && len(keys) == 1 && a.contended.has(keys[0]) && !a.mux.waiting() {
 		// The key was held elsewhere lately: a try would most likely fail
 		// (a try never jumps the server's queue), so wait at once if a
@@ -229,9 +231,9 @@ func (a *acquirer) serverTake(ctx context.Context, keys []Key, o lockConfig, wai
 		}
 	}
 	if !o.own {
-		t, err := a.tryAll(ctx, keys, o.shared)
+		t, err := a.tryAll(ctx, keys, o.shared, spread)
 		if primaryEnded(ctx, err) {
-			t, err = a.tryAll(ctx, keys, o.shared) // once more, on a fresh session
+			t, err = a.tryAll(ctx, keys, o.shared, spread) // once more, on a fresh session
 		}
 		if err == nil || !errors.Is(err, ErrLocked) || !wait {
 			return t, err
@@ -291,12 +293,13 @@ func primaryEnded(ctx context.Context, err error) bool {
 	return errors.As(err, &broke) && ctx.Err() == nil
 }
 
-// tryAll tries every key on the primary, in one round trip where the driver
-// pipelines. If any is not granted it lets the others go and returns an
-// error matching ErrLocked (or the statement's error) that names the key;
-// brokenSession if the primary's session had ended.
-func (a *acquirer) tryAll(ctx context.Context, keys []Key, shared bool) (grantSet, error) {
-	l, err := a.pool.primary(ctx)
+// tryAll tries every key on the primary (or, with spread, another session
+// if it is busy), in one round trip where the driver pipelines. If any is
+// not granted it lets the others go and returns an error matching
+// ErrLocked (or the statement's error) that names the key; brokenSession
+// if the primary's session had ended.
+func (a *acquirer) tryAll(ctx context.Context, keys []Key, shared, spread bool) (grantSet, error) {
+	l, err := a.pool.primary(ctx, spread)
 	if err != nil {
 		return grantSet{}, lockError(keys[0], err)
 	}

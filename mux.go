@@ -459,7 +459,7 @@ func (m *mux) poll() bool {
 	}
 	// The session first: waits that give up while it is being had (the
 	// pool may be short) are not in flight, and go at once.
-	l, err := m.pool.primary(m.closeCtx)
+	l, err := m.pool.primary(m.closeCtx, false)
 	if err != nil {
 		// Nothing was sent. Waits go on (their ctx bounds them), unless
 		// trying again cannot help.

@@ -61,17 +61,18 @@ type poolEvents interface {
 
 // poolState is what pool.mu guards. Its methods run with pool.mu held.
 type poolState struct {
-	closed   bool
-	n        int                   // sessions taken from the pool, being readied included
-	waiting  int                   // sessions in a wait in the server's queue
-	holders  map[*session]struct{} // every readied session not waiting nor spare
-	primary  *session
-	making   chan struct{} // closed when the goroutine making the primary is done
-	spare    []*session    // idle readied sessions, oldest first
-	changed  chan struct{} // closed and replaced when a session is given back
-	seen     bool          // someone waits on changed (so signal closes it)
-	lastUsed time.Time     // when a session last became idle
-	press    pressure      // armed while sessions are idle: see yield
+	closed    bool
+	n         int                   // sessions taken from the pool, being readied included
+	waiting   int                   // sessions in a wait in the server's queue
+	holders   map[*session]struct{} // every readied session not waiting nor spare
+	primary   *session
+	making    chan struct{} // closed when the goroutine making the primary is done
+	spare     []*session    // idle readied sessions, oldest first
+	changed   chan struct{} // closed and replaced when a session is given back
+	seen      bool          // someone waits on changed (so signal closes it)
+	lastUsed  time.Time     // when a session last became idle
+	spreading bool          // a spare for tries is being readied (see primary)
+	press     pressure      // armed while sessions are idle: see yield
 }
 
 // pressure is when yield next checks the pool (see pressureEvery).
@@ -125,7 +126,14 @@ func newPool(src source, cfg *config, max int, closeCtx context.Context, g *grou
 // primary, a spare or a session that holds locks made primary when the
 // Locker has max sessions, or a new one. One goroutine at a time readies a
 // new one; the others wait for it.
-func (p *pool) primary(ctx context.Context) (lease, error) {
+//
+// With spread (tries, which take nothing from the statement's session
+// but its answer), a primary with a batch in flight is passed over for
+// another session that holds locks or is spare and has none in flight, so
+// that many goroutines are not paced by one session's round trips; if
+// there is none, one more is readied in the background while the Locker
+// has room for it besides a wait's (see spreadTo).
+func (p *pool) primary(ctx context.Context, spread bool) (lease, error) {
 	for {
 		p.mu.Lock()
 		if p.st.closed {
@@ -133,6 +141,18 @@ func (p *pool) primary(ctx context.Context) (lease, error) {
 			return lease{}, ErrClosed
 		}
 		if s := p.st.primary; s != nil && !s.dead.Load() {
+			if spread && s.inFlight() && !s.pinned {
+				if o := p.st.spreadTo(s); o != nil {
+					s = o
+				} else if !p.st.spreading && p.st.n+1 < p.max && !p.open.exhausted() && p.g.start() {
+					p.st.spreading = true
+					p.st.n++
+					go func() {
+						defer p.g.done()
+						_, _ = p.ready(p.open.closeCtx, false)
+					}()
+				}
+			}
 			s.use.users++
 			p.mu.Unlock()
 			return lease{p, s}, nil
@@ -165,8 +185,26 @@ func (p *pool) primary(ctx context.Context) (lease, error) {
 		p.st.making = make(chan struct{})
 		p.st.n++
 		p.mu.Unlock()
-		return p.makePrimary(ctx)
+		return p.ready(ctx, true)
 	}
+}
+
+// spreadTo returns a session to try on instead of pr, whose batch is in
+// flight: one that holds locks (not a leader's) or a spare, with nothing in
+// flight; nil if there is none.
+func (st *poolState) spreadTo(pr *session) *session {
+	for s := range st.holders {
+		if s != pr && !s.dead.Load() && !s.use.marked && !s.inFlight() {
+			return s
+		}
+	}
+	if n := len(st.spare); n > 0 {
+		s := st.spare[n-1]
+		st.spare = st.spare[:n-1]
+		st.holders[s] = struct{}{}
+		return s
+	}
+	return nil
 }
 
 // isPrimary reports whether s is the primary now.
@@ -176,24 +214,49 @@ func (p *pool) isPrimary(s *session) bool {
 	return s == p.st.primary
 }
 
-// makePrimary readies a new primary, for primary, which counted it in n.
-func (p *pool) makePrimary(ctx context.Context) (lease, error) {
+// ready readies a new session, counted in n by the caller: the primary,
+// for primary, or (not primary) a spare for tries while the primary is
+// busy, for primary's spread. The latter does not make the application
+// wait for its pool: if none is to be had soon, there is no spare.
+func (p *pool) ready(ctx context.Context, primary bool) (lease, error) {
+	cancel := context.CancelFunc(func() {})
+	if !primary {
+		ctx, cancel = context.WithTimeout(ctx, waitSessionTimeout)
+	}
 	s, err := p.open.open(ctx)
-	if err == nil {
+	cancel()
+	if err == nil && primary {
 		if err = p.listen(s); err != nil {
 			s.closeConn() // listen reported it failed: nothing holds it
 		}
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	close(p.st.making)
-	p.st.making = nil
+	if primary {
+		close(p.st.making)
+		p.st.making = nil
+	} else {
+		p.st.spreading = false
+	}
 	if err != nil {
 		p.st.n--
 		p.st.signal()
+		p.mu.Unlock()
 		return lease{}, err
 	}
-	s.use.counted, s.use.users = true, 1
+	s.use.counted = true
+	if !primary {
+		// Kept as spares are (given back by the heartbeat after
+		// primaryLinger, or by yield), or by clear if Close has begun.
+		s.use.idleSince = time.Now()
+		p.st.spare = append(p.st.spare, s)
+		p.armYield()
+		p.st.signal()
+		p.mu.Unlock()
+		p.ev.freed()
+		return lease{}, nil
+	}
+	defer p.mu.Unlock()
+	s.use.users = 1
 	p.st.primary = s
 	p.st.holders[s] = struct{}{}
 	return lease{p, s}, nil
@@ -701,7 +764,7 @@ func (p *pool) probe(s *session) {
 // that cannot send a cancel request (lib/pq): a statement on a session of
 // its own is cancelled from the one the Locker tries on.
 func (p *pool) cancelBackend(ctx context.Context, pid int32) error {
-	l, err := p.primary(ctx)
+	l, err := p.primary(ctx, false)
 	if err != nil {
 		return err
 	}

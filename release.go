@@ -66,8 +66,9 @@ func (r *releaser) posted(rq *req) {
 // follow sends the posted unlocks that es, claimed behind them, follow, and
 // waits for them, unless the acquisition will try es on the session they
 // are queued on, after them (the primary): for a wait, which goes on a
-// session of its own or is multiplexed.
-func (r *releaser) follow(es []*entry, tries bool) {
+// session of its own or is multiplexed. It reports whether the tries must
+// go on the primary (not spread: see pool.primary) for that.
+func (r *releaser) follow(es []*entry, tries bool) (onPrimary bool) {
 	for _, e := range es {
 		u := e.unlock
 		if u == nil {
@@ -77,8 +78,11 @@ func (r *releaser) follow(es []*entry, tries bool) {
 		if !tries || !r.pool.isPrimary(u.s) {
 			r.batch.kick(u.s)
 			u.r.done.Wait()
+		} else {
+			onPrimary = true
 		}
 	}
+	return onPrimary
 }
 
 // release releases holds, as LockSet.Release does, the unlocks on one

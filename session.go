@@ -156,6 +156,10 @@ func (s *session) queued() bool {
 	return s.pipe.leading || len(s.pipe.queue) > 0
 }
 
+// inFlight reports whether statements of s are on the wire, their answers
+// not yet read.
+func (s *session) inFlight() bool { return s.pipe.busySince.Load() != 0 }
+
 // stopIdle stops the timer that would start a watcher on s.
 func (s *session) stopIdle() {
 	s.watch.mu.Lock()

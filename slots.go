@@ -186,7 +186,7 @@ type slotGot struct {
 // trySlotsOnce tries claimed in one statement on the primary; an error is
 // brokenSession if the primary's session had ended.
 func (st slotTaker) trySlotsOnce(ctx context.Context, claimed []Key) (slotGot, error) {
-	pl, err := st.pool.primary(ctx)
+	pl, err := st.pool.primary(ctx, false)
 	if err != nil {
 		return slotGot{}, err
 	}
