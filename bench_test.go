@@ -165,7 +165,7 @@ func BenchmarkScaling(b *testing.B) {
 		})
 		b.Run(fmt.Sprintf("g=%d/pglocks", g), func(b *testing.B) {
 			dsn := srv.DB(b)
-			l := benchLocker(b, benchPool(b, dsn, 4))
+			l := benchLocker(b, benchPool(b, dsn, 4), pglocks.WithMaxConns(4))
 			scale(b, dsn, g, func(ctx context.Context, k int) error {
 				lk, err := l.Lock(ctx, pglocks.ID(int64(k)))
 				if err != nil {
