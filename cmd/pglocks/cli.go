@@ -285,10 +285,19 @@ func usageError(stderr io.Writer, cmd, format string, args ...any) int {
 }
 
 // nameAndCommand splits what follows the flags of run and elect, NAME --
-// COMMAND [ARG...], in args, which fs has parsed. The status is -1 to go on,
-// or the usage error's.
-func nameAndCommand(cmd string, fs *flag.FlagSet, args []string, stderr io.Writer) (name string, argv []string, status int) {
+// COMMAND [ARG...], in args, which fs has parsed; with a migration tool's
+// scheme NAME may be left out (-- COMMAND). The status is -1 to go on, or
+// the usage error's.
+func nameAndCommand(cmd string, fs *flag.FlagSet, args []string, scheme string, stderr io.Writer) (name string, argv []string, status int) {
 	rest := fs.Args()
+	if migrationSchemes[scheme] && len(args) > len(rest) && args[len(args)-len(rest)-1] == "--" {
+		// -k goose -- COMMAND: the scheme's key needs no NAME (or, for a
+		// database's, takes the one connected to).
+		if len(rest) == 0 {
+			return "", nil, usageError(stderr, cmd, "missing COMMAND after --")
+		}
+		return "", rest, -1
+	}
 	switch {
 	case len(rest) == 0:
 		return "", nil, usageError(stderr, cmd, "missing NAME")
@@ -342,7 +351,26 @@ func lookCommand(cmd, name string, stderr io.Writer) (path string, status int) {
 const schemes = "name (hashtextextended, the default), crc32 (django-pglocks 1.0.x; alias django-pglocks), " +
 	"django-pglock (the maintained django-pglock: SHA-256), dotnet (.NET DistributedLock), " +
 	"rails (Ruby's with_advisory_lock; prefix from WITH_ADVISORY_LOCK_PREFIX), node (npm advisory-lock), " +
-	"id (NAME is an int64), pair (NAME is A,B)"
+	"id (NAME is an int64), pair (NAME is A,B); the migration tools' keys, for run to wait for a migration: " +
+	"goose, prisma (no NAME), golang-migrate, rails-migrations (NAME is the database, " +
+	"default the one connected to; golang-migrate's table public.schema_migrations)"
+
+// migrationSchemes are the schemes of the migration tools' keys: goose and
+// prisma take no NAME, golang-migrate and rails-migrations a database's.
+var migrationSchemes = map[string]bool{"goose": true, "prisma": true, "golang-migrate": true, "rails-migrations": true}
+
+// orDatabase returns name, or, for the schemes of a database's migration
+// key given no NAME, the database cfg connects to (the role's name when it
+// names none, as the server does).
+func orDatabase(scheme, name string, cfg *pgxpool.Config) string {
+	if name != "" || (scheme != "golang-migrate" && scheme != "rails-migrations") {
+		return name
+	}
+	if cfg.ConnConfig.Database != "" {
+		return cfg.ConnConfig.Database
+	}
+	return cfg.ConnConfig.User
+}
 
 // schemeAll is the scheme that only ls and key take.
 const schemeAll = ", all (every scheme's key of NAME)"
@@ -397,6 +425,18 @@ func parseKey(scheme, name string) (pglocks.Key, error) {
 			return pglocks.Key{}, fmt.Errorf("-k pair: %q is not two int32 as A,B", name)
 		}
 		return pglocks.Pair(int32(x), int32(y)), nil
+	case "goose", "prisma":
+		if name != "" {
+			return pglocks.Key{}, fmt.Errorf("-k %s takes no NAME (%s's key is fixed); for another lock ID use -k id", scheme, scheme)
+		}
+		if scheme == "goose" {
+			return pglocks.MigrationGoose(), nil
+		}
+		return pglocks.MigrationPrisma(), nil
+	case "golang-migrate":
+		return pglocks.MigrationGolangMigrate(name, "", ""), nil
+	case "rails-migrations":
+		return pglocks.MigrationRails(name), nil
 	case "all":
 		return pglocks.Key{}, errors.New("-k all is only for ls and key (which show every scheme's key of NAME); this command takes one key: pick one scheme")
 	}

@@ -57,24 +57,24 @@ func electCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
-	name, argv, code := nameAndCommand("elect", fs, args, stderr)
+	name, argv, code := nameAndCommand("elect", fs, args, scheme, stderr)
 	if code >= 0 {
 		return code
 	}
 	if killAfter <= 0 {
 		return usageError(stderr, "elect", "--kill-after must be positive")
 	}
-	key, err := parseKey(scheme, name)
+	cfg, err := poolConfig(dsn)
+	if err != nil {
+		return usageError(stderr, "elect", "%v", err)
+	}
+	key, err := parseKey(scheme, orDatabase(scheme, name, cfg))
 	if err != nil {
 		return usageError(stderr, "elect", "%v", err)
 	}
 	path, code := lookCommand("elect", argv[0], stderr)
 	if code >= 0 {
 		return code
-	}
-	cfg, err := poolConfig(dsn)
-	if err != nil {
-		return usageError(stderr, "elect", "%v", err)
 	}
 
 	sigs := make(chan os.Signal, 4)

@@ -10,6 +10,7 @@ import (
 )
 
 const keyHead = `Usage: pglocks key [-k SCHEME] [--slots N] [--json] NAME
+       pglocks key -k goose|prisma [--json]
 
 Prints the key that NAME stands for, and the SQL that takes the same lock
 from psql or any other client; with --slots N, the keys of NAME's N slots
@@ -68,13 +69,17 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
-	if fs.NArg() != 1 {
+	var name string
+	switch fixed := scheme == "goose" || scheme == "prisma"; {
+	case fixed && fs.NArg() == 0:
+		// The tool's key takes no NAME.
+	case fs.NArg() != 1:
 		return usageError(stderr, "key", "want exactly one NAME, got %d", fs.NArg())
-	}
-	name := fs.Arg(0)
-	if name == "" {
+	case fs.Arg(0) == "":
 		// An unset variable ($JOB): run refuses it too.
 		return usageError(stderr, "key", "empty NAME")
+	default:
+		name = fs.Arg(0)
 	}
 	if slots < 0 || slots > pglocks.MaxSlots {
 		return usageError(stderr, "key", "--slots must be 1..%d", pglocks.MaxSlots)
@@ -92,6 +97,9 @@ func keyCommand(args []string, stdout, stderr io.Writer) int {
 	var infos []keyInfo
 	for _, sk := range keys {
 		ki := describeKey(sk.scheme, name, sk.key)
+		if migrationSchemes[sk.scheme] {
+			ki.Name, _ = pglocks.MigrationLabel(sk.key, name)
+		}
 		for i := range slots {
 			a, b, _ := sk.key.Slot(i).Int32s()
 			ki.Slots = append(ki.Slots, slotKey{Slot: i, Pair: [2]int32{a, b}, SQL: slotSQL(sk.key, i)})

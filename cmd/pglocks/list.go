@@ -28,7 +28,10 @@ Lists the advisory locks in the current database, held and awaited: the key
 names it, mode, state, the session's pid, application and client, since when
 (the wait's start for a waiter; the session's start for a holder, as the
 server does not record when a lock was granted), and who blocks a waiter.
-A label is NAME for NAME's key, NAME[slot I] for its slot I (pglocks run
+The keys that migration tools take while they migrate are labelled
+without --name: goose migrations, golang-migrate migrations (DB) (its
+default table, public.schema_migrations), rails migrations (DB), prisma
+migrations. A label is NAME for NAME's key, NAME[slot I] for its slot I (pglocks run
 --slots), NAME[any of N slots] for a wait for any of its N slots; with -k
 all, the schemes that make NAME the key follow: NAME[slot 0] (dotnet, id).
 With --name, ls also asks who waits multiplexed for NAME or its slots (a
@@ -343,7 +346,7 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]l
 		            WHEN l.granted THEN a.backend_start
 		            -- waitstart is null for a moment after the wait begins
 		            ELSE coalesce(l.waitstart, a.query_start, a.backend_start) END,
-		       coalesce(pg_blocking_pids(l.pid), '{}')
+		       coalesce(pg_blocking_pids(l.pid), '{}'), current_database()
 		FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 		-- a transaction lock of a prepared transaction has no session; the
 		-- transaction's own lock, of the same virtual transaction, has its xid
@@ -360,7 +363,8 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]l
 		var classid, objid int64
 		var blocking []int32
 		var since *time.Time
-		if err := r.Scan(&sub, &classid, &objid, &li.Mode, &li.Granted, &li.PID, &li.Prepared, &li.Application, &li.Client, &since, &blocking); err != nil {
+		var db string
+		if err := r.Scan(&sub, &classid, &objid, &li.Mode, &li.Granted, &li.PID, &li.Prepared, &li.Application, &li.Client, &since, &blocking, &db); err != nil {
 			return li, err
 		}
 		if since != nil {
@@ -380,6 +384,9 @@ func listLocks(ctx context.Context, pool *pgxpool.Pool, labels map[pglocks.Key]l
 			if lb.slot >= 0 {
 				li.Slot = &lb.slot
 			}
+		} else if m, ok := pglocks.MigrationLabel(key, db); ok {
+			// A migration tool's own key: "goose migrations", ...
+			li.Name = m
 		}
 		li.Mode = strings.TrimSuffix(strings.ToLower(li.Mode), "lock")
 		li.BlockedBy = []int{}

@@ -69,7 +69,7 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if code := parseFlags(fs, args, stdout); code >= 0 {
 		return code
 	}
-	name, argv, code := nameAndCommand("run", fs, args, stderr)
+	name, argv, code := nameAndCommand("run", fs, args, scheme, stderr)
 	if code >= 0 {
 		return code
 	}
@@ -85,17 +85,21 @@ func runCommand(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	case minHold < 0:
 		return usageError(stderr, "run", "--min-hold must be positive")
 	}
-	key, err := parseKey(scheme, name)
+	cfg, err := poolConfig(dsn)
 	if err != nil {
 		return usageError(stderr, "run", "%v", err)
+	}
+	key, err := parseKey(scheme, orDatabase(scheme, name, cfg))
+	if err != nil {
+		return usageError(stderr, "run", "%v", err)
+	}
+	if migrationSchemes[scheme] {
+		// What run says it waits for: "goose migrations", ...
+		name, _ = pglocks.MigrationLabel(key, orDatabase(scheme, name, cfg))
 	}
 	path, code := lookCommand("run", argv[0], stderr)
 	if code >= 0 {
 		return code
-	}
-	cfg, err := poolConfig(dsn)
-	if err != nil {
-		return usageError(stderr, "run", "%v", err)
 	}
 
 	// Signals: before COMMAND starts they stop the wait; afterwards they go
