@@ -6,7 +6,8 @@ require (
 	github.com/golang-migrate/migrate/v4 v4.20.1
 	github.com/jackc/pgx/v5 v5.12.0
 	github.com/pglocks/pglocks v0.0.0
-	github.com/pressly/goose/v3 v3.30.0
+	github.com/pglocks/pglocks/goosepglocks v0.0.0
+	github.com/pressly/goose/v3 v3.30.1
 )
 
 require (
@@ -22,3 +23,5 @@ require (
 )
 
 replace github.com/pglocks/pglocks => ../..
+
+replace github.com/pglocks/pglocks/goosepglocks => ../../goosepglocks

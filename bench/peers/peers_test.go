@@ -19,6 +19,7 @@ import (
 	"github.com/pressly/goose/v3/lock"
 
 	"github.com/pglocks/pglocks"
+	"github.com/pglocks/pglocks/goosepglocks"
 	"github.com/pglocks/pglocks/internal/benchkit"
 	"github.com/pglocks/pglocks/internal/pgtest"
 )
@@ -57,6 +58,19 @@ func gooseSession(b *testing.B, c *sql.Conn, id int64) benchkit.Session {
 	}
 }
 
+// goosePglocksSession is goose's SessionLocker interface served by
+// goosepglocks, on the *sql.Conn goose would pass.
+func goosePglocksSession(b *testing.B, c *sql.Conn, id int64) benchkit.Session {
+	l, err := goosepglocks.NewSessionLocker(goosepglocks.WithKey(pglocks.ID(id)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return benchkit.Session{
+		Lock:   func(ctx context.Context) error { return l.SessionLock(ctx, c) },
+		Unlock: func(ctx context.Context) error { return l.SessionUnlock(ctx, c) },
+	}
+}
+
 func migrateSession(b *testing.B, db *sql.DB) benchkit.Session {
 	d, err := postgres.WithInstance(db, &postgres.Config{})
 	if err != nil {
@@ -77,6 +91,9 @@ var libraries = []struct {
 	{"raw", benchkit.Raw},
 	{"goose", func(b *testing.B, dsn string, key int64) benchkit.Session {
 		return gooseSession(b, sqlConn(b, openDB(b, dsn)), key)
+	}},
+	{"goosepglocks", func(b *testing.B, dsn string, key int64) benchkit.Session {
+		return goosePglocksSession(b, sqlConn(b, openDB(b, dsn)), key)
 	}},
 	{"migrate", func(b *testing.B, dsn string, _ int64) benchkit.Session { return migrateSession(b, openDB(b, dsn)) }},
 	{"pglocks", func(b *testing.B, dsn string, key int64) benchkit.Session {
