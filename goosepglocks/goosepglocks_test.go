@@ -464,6 +464,7 @@ func TestLsNamesGooseRun(t *testing.T) {
 		if !strings.Contains(string(out), "4097083626") {
 			t.Errorf("ls: %s", out)
 		}
+		t.Logf("pglocks ls while goose migrates (%T):\n%s", l, out)
 		if err := <-done; err != nil {
 			t.Fatal(err)
 		}
