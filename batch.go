@@ -5,6 +5,7 @@ package pglocks
 
 import (
 	"context"
+	"fmt"
 	"runtime"
 	"slices"
 	"time"
@@ -341,6 +342,22 @@ func unlockReqs(keys []Key, shared bool) []*req {
 		rs[i] = unlockReq(k, shared)
 	}
 	return rs
+}
+
+// pingReq asks s's backend for its pid: answered, it shows that s's server
+// session is alive (and is still the one the locks were taken on, which a
+// transaction pooler could change); otherwise the session fails.
+func pingReq(s *session) *req {
+	r := &req{}
+	var pid int32
+	r.q, r.dest = sqlBackendPID, []any{&pid}
+	r.check = func() error {
+		if pid != s.pid {
+			return fmt.Errorf("%w: the locks were taken on server session %d, the connection now reaches session %d", ErrTransactionPooling, s.pid, pid)
+		}
+		return nil
+	}
+	return r
 }
 
 // notifyReq sends payload p on notifyChannel. A notification is sent when

@@ -76,8 +76,13 @@ func (lk *Lock) Err() error {
 // the error says so; if it fails because the server session had ended, the
 // lock may have been free before Release, and the error is the loss's
 // (matching [ErrLockLost] and [ErrSessionEnded]). Release waits for the
-// server's answer; [Lock.ReleaseNoWait] does not. When several goroutines of one Locker share a lock in
-// [Shared] mode, the server's lock is released with the last of them.
+// server's answer; [Lock.ReleaseNoWait] does not. When several goroutines
+// of one Locker share a lock in [Shared] mode, the server's lock is
+// released with the last of them; the others' Release, and a Release
+// within a [MinHold], which let nothing go on the server, wait for the
+// session to answer a statement (one round trip, shared with whatever else
+// goes there), so that a lock lost just before is reported lost even if
+// the Locker had not heard of it yet.
 //
 // Release only passes ctx's values on, and never waits on ctx; a nil ctx is
 // taken as context.Background(), so that a careless defer does not leave the

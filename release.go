@@ -20,11 +20,40 @@ type releaser struct {
 
 // releaseOne releases h, as Lock.Release does.
 func (r *releaser) releaseOne(ctx context.Context, h *hold) error {
-	u, err := r.table.release(h)
-	if u != nil {
+	u, prove, err := r.table.release(h)
+	switch {
+	case u != nil:
 		err = r.unlock([]*pendingUnlock{u})[0]
+	case prove != nil:
+		err = r.prove(prove, []Key{h.key()})[0]
 	}
 	return err
+}
+
+// prove shows that s's server session had not ended when keys, which it
+// holds for other handles (or for a minimum hold), were released by a
+// handle: the server was not asked to let them go, so nothing else would
+// tell a Release that returns before the Locker hears of a session's end
+// that the lock it reports held to the end had been lost. A statement that
+// the same backend answers after the Release began shows that the session,
+// and every lock it held, was still there; if it fails, each key's error
+// says the lock was lost. It shares a round trip with whatever else is
+// sent on s.
+func (r *releaser) prove(s *session, keys []Key) []error {
+	errs := make([]error, len(keys))
+	l := r.pool.lease(s)
+	defer l.end()
+	err := r.batch.do(context.Background(), s, pingReq(s))
+	if err == nil {
+		return errs
+	}
+	if ended := sessionEnded(err); errors.Is(ended, ErrSessionEnded) {
+		err = ended
+	}
+	for i, k := range keys {
+		errs[i] = lossError(k, err)
+	}
+	return errs
 }
 
 // releaseNoWait releases h, as Lock.ReleaseNoWait does: if its session is
@@ -32,7 +61,7 @@ func (r *releaser) releaseOne(ctx context.Context, h *hold) error {
 // is posted there (see batcher.post) instead of waited for; otherwise it
 // runs as releaseOne's does.
 func (r *releaser) releaseNoWait(h *hold) error {
-	u, err := r.table.release(h)
+	u, _, err := r.table.release(h) // no proof: ReleaseNoWait reports no loss
 	if u == nil {
 		return err
 	}
@@ -91,28 +120,48 @@ func (r *releaser) release(ctx context.Context, holds []*hold) []error {
 	errs := make([]error, len(holds))
 	var us []*pendingUnlock
 	var at []int // us[i] is holds[at[i]]'s
+	var proofs map[*session][]int // holds[i] to prove on s (see prove)
 	for i, h := range holds {
-		u, err := r.table.release(h)
-		if u == nil {
+		u, prove, err := r.table.release(h)
+		switch {
+		case u != nil:
+			us, at = append(us, u), append(at, i)
+		case prove != nil:
+			if proofs == nil {
+				proofs = map[*session][]int{}
+			}
+			proofs[prove] = append(proofs[prove], i)
+		default:
 			errs[i] = err
-			continue
 		}
-		us, at = append(us, u), append(at, i)
 	}
 	if len(us) > 0 {
 		for j, err := range r.unlock(us) {
 			errs[at[j]] = err
 		}
 	}
+	for s, is := range proofs {
+		keys := make([]Key, len(is))
+		for j, i := range is {
+			keys[j] = holds[i].key()
+		}
+		for j, err := range r.prove(s, keys) {
+			errs[is[j]] = err
+		}
+	}
 	return errs
 }
 
 // releaseJoined releases the holds of holds that are not nil, for an
-// acquisition that failed after it joined shared holds.
+// acquisition that failed after it joined shared holds: its caller hears
+// of no loss, so nothing is proved.
 func (r *releaser) releaseJoined(holds []*hold) {
 	for _, h := range holds {
-		if h != nil {
-			_ = r.releaseOne(context.Background(), h)
+		if h == nil {
+			continue
+		}
+		if u, _, _ := r.table.release(h); u != nil {
+			_ = r.unlock([]*pendingUnlock{u})
 		}
 	}
 }

@@ -370,8 +370,11 @@ func (t *table) setTerms(holds []*hold, base Key, slot int, until time.Time) {
 // returns nil and Release's result: nil when other handles share the hold,
 // or why h was no longer held. If the hold must last until a later time
 // (MinHold), the entry lingers, held and without handles, until a timer
-// calls lingerEnd (lingering keys count against WithMaxLocks).
-func (t *table) release(h *hold) (u *pendingUnlock, err error) {
+// calls lingerEnd (lingering keys count against WithMaxLocks). When the
+// server's hold stays (shared by other handles, or lingering), prove is its
+// session: nothing was sent to the server, so nothing showed that the
+// session still held the key when h was released (see releaser.prove).
+func (t *table) release(h *hold) (u *pendingUnlock, prove *session, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e := h.e
@@ -379,21 +382,21 @@ func (t *table) release(h *hold) (u *pendingUnlock, err error) {
 		err := context.Cause(h.ctx)
 		switch {
 		case errors.Is(err, ErrClosed):
-			return nil, lockError(h.key(), ErrClosed)
+			return nil, nil, lockError(h.key(), ErrClosed)
 		case errors.Is(err, ErrLockLost):
-			return nil, err
+			return nil, nil, err
 		}
-		return nil, lockError(h.key(), ErrReleased)
+		return nil, nil, lockError(h.key(), ErrReleased)
 	}
 	h.done = true
 	e.holds = slices.DeleteFunc(e.holds, func(x *hold) bool { return x == h })
 	if t.closed {
 		h.cancel(ErrClosed) // Close releases the server's hold
-		return nil, lockError(h.key(), ErrClosed)
+		return nil, nil, lockError(h.key(), ErrClosed)
 	}
 	if len(e.holds) > 0 {
 		h.cancel(ErrReleased) // others share the server's hold
-		return nil, nil
+		return nil, e.s, nil
 	}
 	if until := e.linger.until; time.Now().Before(until) {
 		h.cancel(ErrReleased)
@@ -403,11 +406,11 @@ func (t *table) release(h *hold) (u *pendingUnlock, err error) {
 		} else {
 			e.linger.timer.Reset(time.Until(until))
 		}
-		return nil, nil
+		return nil, e.s, nil
 	}
 	e.state = stateReleasing
 	t.ops.Add(1)
-	return &pendingUnlock{h: h, e: e, s: e.s, shared: e.shared, notify: e.wanted}, nil
+	return &pendingUnlock{h: h, e: e, s: e.s, shared: e.shared, notify: e.wanted}, nil, nil
 }
 
 // endLinger ends a minimum hold that release began: it returns the unlock

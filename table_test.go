@@ -63,7 +63,7 @@ func TestTableExclusiveFIFO(t *testing.T) {
 	if w1 == nil || w2 == nil {
 		t.Fatal("waiters not queued")
 	}
-	u, err := tb.release(lk)
+	u, _, err := tb.release(lk)
 	if u == nil || err != nil || u.notify {
 		t.Fatalf("release: %+v %v", u, err)
 	}
@@ -110,10 +110,10 @@ func TestTableSharedJoin(t *testing.T) {
 	if wx == nil || ws == nil {
 		t.Fatal("not queued behind the exclusive waiter")
 	}
-	if u, err := tb.release(lk1); u != nil || err != nil {
-		t.Fatalf("releasing one of two shared handles unlocks on the server: %+v %v", u, err)
+	if u, prove, err := tb.release(lk1); u != nil || err != nil || prove != h {
+		t.Fatalf("releasing one of two shared handles unlocks on the server, or proves nothing: %+v %v %v", u, prove, err)
 	}
-	u, _ := tb.release(lk2)
+	u, _, _ := tb.release(lk2)
 	if u == nil {
 		t.Fatal("the last shared handle did not unlock")
 	}
@@ -182,7 +182,7 @@ func TestTableLost(t *testing.T) {
 	lk2 := grantOne(t, tb, mustClaim(t, tb, ID(2), false), h)
 	lk3 := grantOne(t, tb, mustClaim(t, tb, ID(3), false), other)
 	// lk2 is being released when the session goes: its releaser finishes it.
-	u, _ := tb.release(lk2)
+	u, _, _ := tb.release(lk2)
 	_, _, w, _ := tb.claim(ID(1), false, true)
 	if told, _ := tb.lost(h, errors.New("terminated")); len(told) != 1 || told[0] != lk1 {
 		t.Fatalf("lost %v, want lk1 alone", told)
@@ -197,7 +197,7 @@ func TestTableLost(t *testing.T) {
 	if h.held.Load() != 0 || other.held.Load() != 1 {
 		t.Fatalf("held: %d on the lost session, %d on the other", h.held.Load(), other.held.Load())
 	}
-	if _, err := tb.release(lk1); !errors.Is(err, ErrLockLost) {
+	if _, _, err := tb.release(lk1); !errors.Is(err, ErrLockLost) {
 		t.Fatalf("Release after the loss: %v", err)
 	}
 }
@@ -213,7 +213,7 @@ func TestTableWant(t *testing.T) {
 	if tb.want(k) {
 		t.Fatal("a held key was reported released")
 	}
-	u, _ := tb.release(lk)
+	u, _, _ := tb.release(lk)
 	if !u.notify {
 		t.Fatal("the release of a wanted key does not notify")
 	}
@@ -230,7 +230,7 @@ func TestTableWant(t *testing.T) {
 	// Asked for while its unlock is on its way (sent without a notification):
 	// released says to tell.
 	lk = grantOne(t, tb, mustClaim(t, tb, k, false), h)
-	u, _ = tb.release(lk)
+	u, _, _ = tb.release(lk)
 	if u.notify || tb.want(k) {
 		t.Fatal("setup")
 	}
@@ -239,7 +239,7 @@ func TestTableWant(t *testing.T) {
 	}
 	// wanted does not outlive the hold.
 	lk = grantOne(t, tb, mustClaim(t, tb, k, false), h)
-	if u, _ := tb.release(lk); u.notify {
+	if u, _, _ := tb.release(lk); u.notify {
 		t.Fatal("a new hold inherited the old one's want")
 	} else if tb.released(u) {
 		t.Fatal("an unwanted release says to tell")
