@@ -119,7 +119,7 @@ func (r *releaser) follow(es []*entry, tries bool) (onPrimary bool) {
 func (r *releaser) release(ctx context.Context, holds []*hold) []error {
 	errs := make([]error, len(holds))
 	var us []*pendingUnlock
-	var at []int // us[i] is holds[at[i]]'s
+	var at []int                  // us[i] is holds[at[i]]'s
 	var proofs map[*session][]int // holds[i] to prove on s (see prove)
 	for i, h := range holds {
 		u, prove, err := r.table.release(h)
