@@ -44,7 +44,8 @@ type readmeRegion struct {
 
 // Every ```go block of README.md is, but for indentation, the code between
 // the markers in an Example that runs (it has an Output comment) or in a
-// Test, in this module or in gocronpglocks and otelpglocks; and every such
+// Test, in this module or in an integration module of its own (gocronpglocks,
+// cronpglocks, goosepglocks, otelpglocks, ...); and every such
 // region is a block of README.md. So the README's code compiles and runs
 // with the tests, and cannot drift from it.
 func TestREADMESnippets(t *testing.T) {
