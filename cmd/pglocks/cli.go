@@ -27,12 +27,14 @@ import (
 
 // Exit statuses.
 const (
-	exitConflict  = 1 // the lock was not had (-n, -w); -E changes it
-	exitUsage     = 2
-	exitDatabase  = 3 // cannot connect, or the server failed
-	exitLost      = 4 // the lock was lost while COMMAND ran
-	exitCannotRun = 126
-	exitNotFound  = 127
+	exitConflict   = 1 // the lock was not had (-n, -w); -E changes it
+	exitUsage      = 2
+	exitDatabase   = 3 // cannot connect, or the server failed
+	exitLost       = 4 // the lock was lost while COMMAND ran
+	exitNoneEnded  = 1 // kill: no session was ended (none held NAME, or the answer was no)
+	exitNotAllowed = 5 // kill: the role may not end a session (it lacks pg_signal_backend)
+	exitCannotRun  = 126
+	exitNotFound   = 127
 )
 
 const usage = `Usage:
@@ -40,6 +42,7 @@ const usage = `Usage:
   pglocks elect [flags] NAME -- COMMAND [ARG...] run COMMAND while this process leads NAME
   pglocks leader [flags] NAME                    tell who leads NAME
   pglocks ls [flags]                             list the advisory locks in the database
+  pglocks kill [flags] NAME | --pid PID          end the sessions that hold NAME
   pglocks key [-k SCHEME] [--slots N] [--json] NAME
                                                  print NAME's key and the SQL that takes it
   pglocks version                                print the version
@@ -69,6 +72,8 @@ func cli(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		return leaderCommand(args[1:], stdout, stderr)
 	case "ls":
 		return lsCommand(args[1:], stdout, stderr)
+	case "kill":
+		return killCommand(args[1:], stdin, stdout, stderr)
 	case "key":
 		return keyCommand(args[1:], stdout, stderr)
 	case "version", "--version":

@@ -5,6 +5,7 @@
 //	pglocks elect [flags] NAME -- COMMAND [ARG...] run COMMAND while this process leads NAME
 //	pglocks leader [flags] NAME                    who leads NAME
 //	pglocks ls [flags]                             the advisory locks in the database
+//	pglocks kill [flags] NAME | --pid PID          end the sessions that hold NAME
 //	pglocks key [-k SCHEME] [--slots N] [--json] NAME  NAME's key, and the SQL that takes it
 //	pglocks version
 //
