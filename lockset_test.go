@@ -243,15 +243,33 @@ func TestLockAllSharedAndMax(t *testing.T) {
 // A client that takes the same keys in the other order deadlocks with
 // LockAll; the server detects it, and LockAll reports ErrDeadlock holding
 // nothing (or the other client fails and LockAll goes on).
+// LockAll waiting in the server's queue, in a cycle with another client,
+// fails with ErrDeadlock and holds nothing. The server ends one wait of a
+// cycle, found by the deadlock check that a waiting backend runs once,
+// deadlock_timeout after its wait began: LockAll's backend checks after
+// 5 s and the other client's after a minute, so that LockAll's check comes
+// first however long the other client takes to start its wait (it used to
+// be 1 s each: under load the other client's wait could begin more than a
+// second after LockAll's, whose check then found no cycle, and the other
+// client's wait was ended instead; LockAll went on waiting for a key the
+// other client still held, and the test for a LockAll that never
+// returned). If the server still ends the other client's wait, that client
+// lets go, and LockAll must then hold both keys.
 func TestLockAllDeadlock(t *testing.T) {
 	forEachDriver(t, func(t *testing.T, e *env) {
-		l := e.locker(4)
 		ctx := t.Context()
+		if _, err := srv.Admin.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{e.db}.Sanitize()+" SET deadlock_timeout = '5s'"); err != nil {
+			t.Fatal(err)
+		}
+		l := e.locker(4)
 		a, b := testKey(t, 0), testKey(t, 1)
 		if compareKey(a, b) > 0 {
 			a, b = b, a // LockAll takes a first
 		}
 		raw := e.rawConn(t)
+		if _, err := raw.Exec(ctx, "SET deadlock_timeout = '1min'"); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := raw.Exec(ctx, "SELECT pg_advisory_lock($1)", mustInt64(b)); err != nil {
 			t.Fatal(err)
 		}
@@ -267,30 +285,39 @@ func TestLockAllDeadlock(t *testing.T) {
 			t.Fatal("LockAll should hold a while it waits for b")
 		}
 		_, rawErr := raw.Exec(ctx, "SELECT pg_advisory_lock($1)", mustInt64(a))
+		if rawErr != nil {
+			// The server ended the other client's wait: it lets go of b,
+			// which LockAll waits for.
+			if !strings.Contains(rawErr.Error(), "40P01") {
+				t.Fatalf("the other client's wait: %v", rawErr)
+			}
+			if _, err := raw.Exec(ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
+				t.Fatal(err)
+			}
+		}
 		var err error
 		select {
 		case err = <-res:
 		case <-time.After(30 * time.Second):
-			t.Fatal("deadlock not detected within 30 s")
+			t.Fatal("LockAll did not return within 30 s")
 		}
 		switch {
-		case err != nil:
+		case rawErr == nil:
 			wantErr(t, err, pglocks.ErrDeadlock)
 			if n := strings.Count(err.Error(), pglocks.ErrDeadlock.Error()); n != 1 {
 				t.Errorf("the cause is said %d times: %v", n, err)
-			}
-			if rawErr != nil {
-				t.Fatalf("both sides failed: %v / %v", err, rawErr)
 			}
 			// LockAll holds nothing: the other client got a.
 			held, pids := e.heldKeys(a, b)
 			if len(held) != 2 || len(pids) != 1 {
 				t.Fatalf("want a and b held by the other client only: %v %v", held, pids)
 			}
+		case err != nil:
+			t.Fatalf("both sides failed: %v / %v", err, rawErr)
 		default:
-			// The server chose the other client's wait.
-			if rawErr == nil || !strings.Contains(rawErr.Error(), "40P01") {
-				t.Fatalf("neither side saw the deadlock: raw %v", rawErr)
+			t.Logf("the server ended the other client's wait; LockAll got both")
+			if held, pids := e.heldKeys(a, b); len(held) != 2 || len(pids) != 1 {
+				t.Fatalf("want a and b held by LockAll: %v %v", held, pids)
 			}
 			if err := s.Release(ctx); err != nil {
 				t.Fatal(err)
