@@ -41,6 +41,12 @@ func (l *Locker) Holders(ctx context.Context, key Key) ([]Holder, error) {
 	}
 	c, err := l.pool.open.src.acquire(ctx)
 	if err != nil {
+		switch {
+		case ctx.Err() != nil:
+			return nil, lockError(key, ctxError(ctx))
+		case pastDeadline(ctx): // see opener.acquire
+			return nil, lockError(key, context.DeadlineExceeded)
+		}
 		return nil, lockError(key, fmt.Errorf("connect: %w", err))
 	}
 	defer c.release()

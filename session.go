@@ -542,10 +542,20 @@ func (o *opener) acquire(ctx context.Context) (conn, error) {
 			return nil, ctxError(ctx)
 		case o.closeCtx.Err() != nil:
 			return nil, ErrClosed
+		case pastDeadline(ctx):
+			// The dial ran into ctx's deadline, which the net package
+			// enforces itself, a moment before ctx's own timer says so.
+			return nil, context.DeadlineExceeded
 		}
 		return nil, fmt.Errorf("connect: %w", err)
 	}
 	return c, nil
+}
+
+// pastDeadline reports whether ctx's deadline has passed.
+func pastDeadline(ctx context.Context) bool {
+	d, ok := ctx.Deadline()
+	return ok && !time.Now().Before(d)
 }
 
 // checkPooling tells session pooling from transaction pooling behind a
