@@ -27,7 +27,7 @@ var errSlotsSettling = fmt.Errorf("%w: slots being taken or released in this pro
 
 // maxSettle is how many times a TryLock with Slots waits for the tries of
 // other goroutines of the Locker to end.
-const maxSettle = 8
+const maxSettle = 32
 
 // lockSlot is Lock and TryLock with Slots.
 func (st slotTaker) lockSlot(ctx context.Context, base Key, o lockConfig, wait bool) (*hold, error) {
@@ -102,17 +102,46 @@ func (st slotTaker) awaitSlot(ctx context.Context, w *muxWatch, delay time.Durat
 	}
 }
 
+// slotChunk is how many slots an acquisition's first try claims; each
+// further try claims twice as many of those it has not tried. Goroutines of
+// one Locker taking slots of one key at once so claim some each, not all,
+// and try them side by side (claiming every free slot made each wait for
+// the others' round trips, and a TryLock give up on slots that were free),
+// while a try that finds every slot held elsewhere still takes few round
+// trips (Slots(50): 4).
+const slotChunk = 4
+
 // trySlots takes the first of keys, base's slots, that it can have at once,
-// in one round trip, or returns an error matching ErrLocked.
+// or returns an error matching ErrLocked: it claims some of the slots no
+// goroutine of this Locker holds or is taking, tries them in one statement,
+// and, if the server has every one of them held, the next ones.
 func (st slotTaker) trySlots(ctx context.Context, base Key, keys []Key, o lockConfig) (*hold, error) {
 	if !st.table.begin() {
 		return nil, lockError(base, ErrClosed)
 	}
 	defer st.table.ops.Done()
-	es, slot, err := st.claimSlots(keys)
-	if err != nil {
-		return nil, lockError(base, err)
+	tried := make([]bool, len(keys))
+	for chunk := slotChunk; ; chunk *= 2 {
+		es, slot, err := st.claimSlots(keys, tried, chunk)
+		if err != nil {
+			return nil, lockError(base, err)
+		}
+		h, err := st.tryClaimed(ctx, base, es, slot, o)
+		if err != errSlotsHeld {
+			return h, err
+		}
+		for _, i := range slot {
+			tried[i] = true
+		}
 	}
+}
+
+// errSlotsHeld says that the server has every slot a try claimed held.
+var errSlotsHeld = errors.New("slots held")
+
+// tryClaimed tries es, claimed slots slot of base, in one round trip, and
+// keeps the first it gets; errSlotsHeld if it gets none.
+func (st slotTaker) tryClaimed(ctx context.Context, base Key, es []*entry, slot []int, o lockConfig) (*hold, error) {
 	if err := st.table.reserve(es[:1]); err != nil {
 		st.table.abandon(es...)
 		return nil, lockError(base, err)
@@ -129,7 +158,7 @@ func (st slotTaker) trySlots(ctx context.Context, base Key, keys []Key, o lockCo
 			return nil, lockError(base, sessionEnded(classify(err)))
 		case g.i < 0:
 			st.table.abandon(es...) // held on the server: nobody here could have them
-			return nil, lockError(base, ErrLocked)
+			return nil, errSlotsHeld
 		}
 		es, slot = []*entry{st.keepWinner(es, g.i)}, slot[g.i:g.i+1]
 		holds, again, err := st.keep(ctx, es, claimed[g.i:g.i+1], g.t, false, attempt)
@@ -148,14 +177,17 @@ func (st slotTaker) trySlots(ctx context.Context, base Key, keys []Key, o lockCo
 	}
 }
 
-// claimSlots claims, in this process, the slots of keys that no goroutine
-// of the Locker holds or is taking (leaving those it let go lately to the
-// waiters elsewhere that wanted them); es[i] is slot slot[i]. If it can
-// claim none, the error matches ErrLocked.
-func (st slotTaker) claimSlots(keys []Key) (es []*entry, slot []int, err error) {
+// claimSlots claims, in this process, up to limit of the slots of keys not
+// tried yet that no goroutine of the Locker holds or is taking (leaving
+// those it let go lately to the waiters elsewhere that wanted them); es[i]
+// is slot slot[i]. If it can claim none, the error matches ErrLocked.
+func (st slotTaker) claimSlots(keys []Key, tried []bool, limit int) (es []*entry, slot []int, err error) {
 	for i, k := range keys {
-		if st.table.yielding(k) {
-			continue // just let go, and wanted elsewhere: leave it to them
+		if len(es) == limit {
+			break
+		}
+		if tried[i] || st.table.yielding(k) {
+			continue // held on the server, or just let go and wanted elsewhere: leave it to them
 		}
 		_, e, _, err := st.table.claim(k, false, false)
 		if errors.Is(err, ErrClosed) {
@@ -167,7 +199,7 @@ func (st slotTaker) claimSlots(keys []Key) (es []*entry, slot []int, err error) 
 		}
 	}
 	if len(es) == 0 {
-		// Every slot is held or being taken here.
+		// Every slot is held, or being taken here, or held on the server.
 		if st.table.settling(keys) {
 			return nil, nil, errSlotsSettling
 		}
