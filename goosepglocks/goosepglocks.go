@@ -64,18 +64,26 @@ const cleanupTimeout = 5 * time.Second
 
 // The statements, with the key as a bigint. The wait turns off, for its
 // own statement only (set_config's is_local outside a transaction),
-// lock_timeout, and, on servers that have it (PostgreSQL 14+), makes a
-// backend whose client died while it waited leave the queue.
-// statement_timeout is armed when a statement starts, so it is turned off
-// for the session before the wait and put back after it.
+// lock_timeout. statement_timeout is armed when a statement starts, so it is
+// turned off for the session before the wait and put back after it. On
+// servers that have it (PostgreSQL 14+), client_connection_check_interval
+// is 1 s while the session waits and holds the key, and put back at the
+// unlock: a backend whose client died leaves the queue, or ends the
+// migration statement it runs (rolling it back) and frees the key, within a
+// second, instead of when the statement ends.
 const (
-	noTimeoutSQL = `SELECT current_setting('statement_timeout'), set_config('statement_timeout', '0', false)`
-	waitSQL      = `SELECT set_config('lock_timeout', '0', true),
+	noTimeoutSQL = `SELECT current_setting('statement_timeout'),
+	CASE WHEN current_setting('server_version_num')::int >= 140000
+	     THEN current_setting('client_connection_check_interval') ELSE '' END,
+	set_config('statement_timeout', '0', false)`
+	waitSQL = `SELECT set_config('lock_timeout', '0', true),
 	CASE WHEN current_setting('server_version_num')::int >= 140000
 	     THEN set_config('client_connection_check_interval', '1000', true) END,
 	pg_advisory_lock($1)`
-	restoreSQL = `SELECT set_config('statement_timeout', $1, false)`
-	unlockSQL  = `SELECT pg_advisory_unlock($1)`
+	restoreSQL = `SELECT set_config('statement_timeout', $1::text, false),
+	CASE WHEN $2::text <> '' THEN set_config('client_connection_check_interval', $2::text, false) END`
+	unlockSQL = `SELECT pg_advisory_unlock($1),
+	CASE WHEN $2::text <> '' THEN set_config('client_connection_check_interval', $2::text, false) END`
 )
 
 // An Option configures a [SessionLocker] or a [Locker].
@@ -116,6 +124,9 @@ func newConfig(opts []Option) config {
 // several providers (each on its own connection).
 type SessionLocker struct {
 	id int64
+
+	mu    sync.Mutex
+	check map[*sql.Conn]string // client_connection_check_interval before SessionLock ("": none)
 }
 
 var _ lock.SessionLocker = (*SessionLocker)(nil)
@@ -132,7 +143,7 @@ func NewSessionLocker(opts ...Option) (*SessionLocker, error) {
 	case len(c.options) > 0:
 		return nil, errors.New("goosepglocks: NewSessionLocker: WithLockerOptions is for a Locker; a SessionLocker opens no pglocks.Locker")
 	}
-	return &SessionLocker{id: id}, nil
+	return &SessionLocker{id: id, check: map[*sql.Conn]string{}}, nil
 }
 
 // SessionLock waits in the server's queue until conn's session holds the
@@ -142,8 +153,8 @@ func NewSessionLocker(opts ...Option) (*SessionLocker, error) {
 // bad, so that database/sql closes it instead of reusing it. The
 // session's statement_timeout is as it was before, once it returns.
 func (l *SessionLocker) SessionLock(ctx context.Context, conn *sql.Conn) error {
-	var old, set string
-	if err := conn.QueryRowContext(ctx, noTimeoutSQL).Scan(&old, &set); err != nil {
+	var timeout, check, set string
+	if err := conn.QueryRowContext(ctx, noTimeoutSQL).Scan(&timeout, &check, &set); err != nil {
 		return fmt.Errorf("goosepglocks: lock %d: %w", l.id, err)
 	}
 	_, err := conn.ExecContext(ctx, waitSQL, l.id)
@@ -155,34 +166,48 @@ func (l *SessionLocker) SessionLock(ctx context.Context, conn *sql.Conn) error {
 	}
 	cleanup, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 	defer cancel()
-	if _, rerr := conn.ExecContext(cleanup, restoreSQL, old); rerr != nil && err == nil {
+	during := check // put back at once after a failed wait
+	if err == nil && check != "" {
+		during = "1000" // while the migrations run (see the statements)
+	}
+	if _, rerr := conn.ExecContext(cleanup, restoreSQL, timeout, during); rerr != nil && err == nil {
 		err = rerr
 	}
 	if err != nil {
-		l.letGo(cleanup, conn)
+		l.letGo(cleanup, conn, check)
 		return fmt.Errorf("goosepglocks: lock %d: %w", l.id, err)
 	}
+	l.mu.Lock()
+	l.check[conn] = check
+	l.mu.Unlock()
 	return nil
 }
 
 // letGo makes conn hold nothing after a wait that failed: a cancelled wait
 // may have been granted (the cancel crossing the grant), so the key is let
 // go, on ctx; if that fails, conn is discarded.
-func (l *SessionLocker) letGo(ctx context.Context, conn *sql.Conn) {
+func (l *SessionLocker) letGo(ctx context.Context, conn *sql.Conn, check string) {
 	var held bool
-	if err := conn.QueryRowContext(ctx, unlockSQL, l.id).Scan(&held); err != nil {
+	var set *string
+	if err := conn.QueryRowContext(ctx, unlockSQL, l.id, check).Scan(&held, &set); err != nil {
 		discard(conn)
 	}
 }
 
-// SessionUnlock lets the key go on conn. It returns an error if conn's
-// session did not hold it (it was never locked there, or the session was
-// replaced: then the migrations it guarded may not have been alone), or if
-// the unlock failed; conn is then marked bad, so that database/sql does not
-// reuse a connection that may still hold the key.
+// SessionUnlock lets the key go on conn, and puts its
+// client_connection_check_interval back. It returns an error if conn's
+// session did not hold the key (it was never locked there, or the session
+// was replaced: then the migrations it guarded may not have been alone), or
+// if the unlock failed; conn is then marked bad, so that database/sql does
+// not reuse a connection that may still hold the key.
 func (l *SessionLocker) SessionUnlock(ctx context.Context, conn *sql.Conn) error {
+	l.mu.Lock()
+	check := l.check[conn] // "" if SessionLock did not run here
+	delete(l.check, conn)
+	l.mu.Unlock()
 	var held bool
-	if err := conn.QueryRowContext(ctx, unlockSQL, l.id).Scan(&held); err != nil {
+	var set *string
+	if err := conn.QueryRowContext(ctx, unlockSQL, l.id, check).Scan(&held, &set); err != nil {
 		discard(conn)
 		return fmt.Errorf("goosepglocks: unlock %d: %w", l.id, err)
 	}
