@@ -20,6 +20,14 @@ import (
 // hostAddr on this side and nsAddr inside, and returns a function that takes
 // the link down: packets are then dropped for real, in both directions, and
 // neither end is told. It needs root.
+// netAddrs returns the two ends of a /30 in 10.b.0.0/16 of this process's
+// own (by its pid), so that test runs side by side do not route each
+// other's packets.
+func netAddrs(b int) (host, ns string) {
+	n := os.Getpid() % 16384
+	return fmt.Sprintf("10.%d.%d.%d", b, n/64, n%64*4+1), fmt.Sprintf("10.%d.%d.%d", b, n/64, n%64*4+2)
+}
+
 func netns(t *testing.T, name, hostAddr, nsAddr string) (cut func()) {
 	t.Helper()
 	ip := func(args ...string) {
@@ -52,7 +60,7 @@ func TestPartitionServerRelease(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("this test drops packets between two network namespaces, which needs root; run it as root (bash .ci/run does)")
 	}
-	const hostAddr, nsAddr = "10.213.7.1", "10.213.7.2" // the test's own hosts, inside its own namespace
+	hostAddr, nsAddr := netAddrs(213) // the test's own hosts, inside its own namespace
 	cut := netns(t, fmt.Sprintf("pgl%d", os.Getpid()%100000), hostAddr, nsAddr)
 	fs := pgtest.Local(t, pgtest.Options{NetNS: fmt.Sprintf("pgl%d", os.Getpid()%100000), Listen: nsAddr})
 
@@ -118,7 +126,7 @@ func TestPartitionFailover(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("this test drops packets between two network namespaces, which needs root; run it as root (bash .ci/run does)")
 	}
-	const hostAddr, nsAddr = "10.213.8.1", "10.213.8.2"
+	hostAddr, nsAddr := netAddrs(214)
 	ns := fmt.Sprintf("pgf%d", os.Getpid()%100000)
 	cut := netns(t, ns, hostAddr, nsAddr)
 	fs := pgtest.Local(t, pgtest.Options{NetNS: ns, Listen: nsAddr})
