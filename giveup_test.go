@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -30,6 +31,16 @@ func rawHold(t *testing.T, c *pgx.Conn, keys ...pglocks.Key) {
 	}
 }
 
+// numKey is a key unique to t and n, as testKey's, but a number: it leaves
+// the process's table of key names (about a thousand) alone, which the
+// tests of errors that name their key rely on while thousands of keys are
+// made here.
+func numKey(t *testing.T, n int) pglocks.Key {
+	h := fnv.New64a()
+	fmt.Fprintf(h, "%s#%d", t.Name(), n)
+	return pglocks.ID(int64(h.Sum64()))
+}
+
 // The give-up race (DistributedLock's #147: a wait reported as timed out
 // although the lock was granted): waits whose deadline or cancellation
 // lands within a millisecond of their grant, the holder letting go on a
@@ -46,7 +57,7 @@ func TestGiveUpRace(t *testing.T) {
 		keys func(t *testing.T, i int) []pglocks.Key
 		take func(ctx context.Context, l *pglocks.Locker, keys []pglocks.Key) (release func() error, err error)
 	}{
-		{"Lock", func(t *testing.T, i int) []pglocks.Key { return []pglocks.Key{testKey(t, i)} },
+		{"Lock", func(t *testing.T, i int) []pglocks.Key { return []pglocks.Key{numKey(t, i)} },
 			func(ctx context.Context, l *pglocks.Locker, keys []pglocks.Key) (func() error, error) {
 				lk, err := l.Lock(ctx, keys[0])
 				if err != nil {
@@ -54,7 +65,7 @@ func TestGiveUpRace(t *testing.T) {
 				}
 				return func() error { return lk.Release(context.Background()) }, nil
 			}},
-		{"LockAll", func(t *testing.T, i int) []pglocks.Key { return []pglocks.Key{testKey(t, 2*i), testKey(t, 2*i+1)} },
+		{"LockAll", func(t *testing.T, i int) []pglocks.Key { return []pglocks.Key{numKey(t, 2*i), numKey(t, 2*i+1)} },
 			func(ctx context.Context, l *pglocks.Locker, keys []pglocks.Key) (func() error, error) {
 				s, err := l.LockAll(ctx, keys)
 				if err != nil {
@@ -63,7 +74,7 @@ func TestGiveUpRace(t *testing.T) {
 				return func() error { return s.Release(context.Background()) }, nil
 			}},
 		{"Slots", func(t *testing.T, i int) []pglocks.Key {
-			k := testKey(t, i)
+			k := numKey(t, i)
 			return []pglocks.Key{k.Slot(0), k.Slot(1)}
 		}, nil},
 	}
@@ -78,7 +89,7 @@ func TestGiveUpRace(t *testing.T) {
 					keys := v.keys(t, i)
 					take := v.take
 					if take == nil { // Slots: the waiter names the base key
-						base := testKey(t, i)
+						base := numKey(t, i)
 						take = func(ctx context.Context, l *pglocks.Locker, _ []pglocks.Key) (func() error, error) {
 							lk, err := l.Lock(ctx, base, pglocks.Slots(2))
 							if err != nil {
