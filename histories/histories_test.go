@@ -97,7 +97,7 @@ type fault struct {
 	// setup prepares what the fault needs, given the server and the
 	// database's DSN, and returns the DSN the clients use and the fault
 	// itself.
-	setup func(t *testing.T, s *pgtest.Server, dsn string) (clientDSN string, inject func(t *testing.T, h *histories.History, key pglocks.Key, db string) []injected)
+	setup func(t testing.TB, s *pgtest.Server, dsn string) (clientDSN string, inject func(t testing.TB, h *histories.History, key pglocks.Key, db string) []injected)
 	every time.Duration
 }
 
@@ -110,10 +110,10 @@ type injected struct {
 
 // faults are the faults of the matrix (see RELIABILITY.md).
 var faults = []fault{
-	{name: "terminate", every: 60 * time.Millisecond, setup: func(t *testing.T, s *pgtest.Server, dsn string) (string, func(*testing.T, *histories.History, pglocks.Key, string) []injected) {
+	{name: "terminate", every: 60 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
 		return dsn, terminateHolders
 	}},
-	{name: "cut", every: 400 * time.Millisecond, setup: func(t *testing.T, s *pgtest.Server, dsn string) (string, func(*testing.T, *histories.History, pglocks.Key, string) []injected) {
+	{name: "cut", every: 400 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
 		cfg, err := pgx.ParseConfig(dsn)
 		if err != nil {
 			t.Fatal(err)
@@ -124,14 +124,14 @@ var faults = []fault{
 		}
 		t.Cleanup(proxy.Close)
 		via := strings.Replace(dsn, fmt.Sprintf("%s:%d", cfg.Host, cfg.Port), proxy.Addr(), 1)
-		return via, func(_ *testing.T, h *histories.History, _ pglocks.Key, _ string) []injected {
+		return via, func(_ testing.TB, h *histories.History, _ pglocks.Key, _ string) []injected {
 			at := h.Now()
 			proxy.Cut() // every connection through it ends, as a network failure would
 			return []injected{{at: at, done: h.Now()}}
 		}
 	}},
-	{name: "restart", private: true, every: time.Second, setup: func(t *testing.T, s *pgtest.Server, dsn string) (string, func(*testing.T, *histories.History, pglocks.Key, string) []injected) {
-		return dsn, func(t *testing.T, h *histories.History, _ pglocks.Key, _ string) []injected {
+	{name: "restart", private: true, every: time.Second, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
+		return dsn, func(t testing.TB, h *histories.History, _ pglocks.Key, _ string) []injected {
 			at := h.Now()
 			if err := s.Restart("fast"); err != nil {
 				t.Error(err)
@@ -139,13 +139,13 @@ var faults = []fault{
 			return []injected{{at: at, done: h.Now()}}
 		}
 	}},
-	{name: "pgbouncer-restart", every: 700 * time.Millisecond, setup: func(t *testing.T, s *pgtest.Server, dsn string) (string, func(*testing.T, *histories.History, pglocks.Key, string) []injected) {
+	{name: "pgbouncer-restart", every: 700 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
 		b, err := srv.StartPgBouncer("transaction")
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(b.Stop)
-		return b.DB(dsn), func(t *testing.T, h *histories.History, _ pglocks.Key, _ string) []injected {
+		return b.DB(dsn), func(t testing.TB, h *histories.History, _ pglocks.Key, _ string) []injected {
 			at := h.Now()
 			if err := b.Restart(); err != nil { // SIGKILL: every client and server connection ends
 				t.Error(err)
@@ -153,7 +153,7 @@ var faults = []fault{
 			return []injected{{at: at, done: h.Now()}}
 		}
 	}},
-	{name: "pgbouncer", every: 60 * time.Millisecond, setup: func(t *testing.T, s *pgtest.Server, dsn string) (string, func(*testing.T, *histories.History, pglocks.Key, string) []injected) {
+	{name: "pgbouncer", every: 60 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
 		b, err := srv.StartPgBouncer("transaction")
 		if err != nil {
 			t.Fatal(err)
@@ -166,7 +166,7 @@ var faults = []fault{
 // terminateHolders ends the server sessions of the clients that hold key
 // (or its slots): it signals them all at once, then waits until each has
 // exited, and returns them.
-func terminateHolders(t *testing.T, h *histories.History, key pglocks.Key, db string) []injected {
+func terminateHolders(t testing.TB, h *histories.History, key pglocks.Key, db string) []injected {
 	at := h.Now()
 	rows, err := srv.Admin.Query(context.Background(), `
 		WITH holders AS MATERIALIZED (
@@ -210,25 +210,29 @@ type figures struct {
 	detect                        time.Duration // the longest from a fault to its holder seeing the loss
 }
 
-// runHistory runs clients on one key (slots > 0: one of its slots) under
-// f, records the history and checks it.
-func runHistory(t *testing.T, open func(string, ...pglocks.Option) (*pglocks.Locker, func(), error), f fault, slots int) figures {
+// run is a set of clients on one key (slots > 0: its slots) under a
+// fault, whose histories are checked window by window.
+type run struct {
+	f       fault
+	slots   int
+	key     pglocks.Key
+	db      string
+	inject  func(t testing.TB, h *histories.History, key pglocks.Key, db string) []injected
+	lockers []*pglocks.Locker
+}
+
+// newRun opens the clients' Lockers, each with its sessions ready; they
+// are closed when t ends.
+func newRun(t testing.TB, open func(string, ...pglocks.Option) (*pglocks.Locker, func(), error), f fault, slots int) *run {
 	server := srv
 	if f.private {
 		server = pgtest.Local(t, pgtest.Options{})
 	}
 	dsn := server.DB(t)
-	db := dsn[strings.LastIndex(dsn, "/")+1 : strings.Index(dsn, "?")]
+	r := &run{f: f, slots: slots, key: pglocks.Name("history:" + t.Name()), db: dsn[strings.LastIndex(dsn, "/")+1 : strings.Index(dsn, "?")]}
 	clientDSN, inject := f.setup(t, server, dsn)
+	r.inject = inject
 	const clients = 6
-	key := pglocks.Name("history:" + t.Name())
-	h := histories.NewHistory()
-	var mu sync.Mutex
-	ends := map[int]int64{} // index of an acquisition in held -> when its hold ended
-	var held []heldRecord   // acquisitions granted, for the checks after
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var lockers []*pglocks.Locker
 	for c := range clients {
 		opts := []pglocks.Option{pglocks.WithApplicationName(fmt.Sprintf("hist-c%d", c)), pglocks.WithHeartbeat(hbInterval, hbTimeout)}
 		if slots == 0 {
@@ -238,22 +242,38 @@ func runHistory(t *testing.T, open func(string, ...pglocks.Option) (*pglocks.Loc
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer closeL()
-		// Its sessions ready before the history begins.
-		warm, err := l.Lock(t.Context(), key, lockOpts(slots)...)
+		t.Cleanup(closeL) // before the database's check for what is left
+		warm, err := l.Lock(t.Context(), r.key, lockOpts(slots)...)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if err := warm.Release(t.Context()); err != nil {
 			t.Fatal(err)
 		}
-		lockers = append(lockers, l)
+		r.lockers = append(r.lockers, l)
 	}
-	// Every client's sessions are ready before the history begins.
-	h = histories.NewHistory()
-	for c, l := range lockers {
+	return r
+}
+
+// runHistory runs clients on one key (slots > 0: one of its slots) under
+// f for -run-for, and checks the history.
+func runHistory(t *testing.T, open func(string, ...pglocks.Option) (*pglocks.Locker, func(), error), f fault, slots int) figures {
+	return newRun(t, open, f, slots).window(t, *runFor)
+}
+
+// window runs the clients for d under the fault, records the history and
+// checks it.
+func (r *run) window(t testing.TB, d time.Duration) figures {
+	f, slots, key, db := r.f, r.slots, r.key, r.db
+	h := histories.NewHistory()
+	var mu sync.Mutex
+	ends := map[int]int64{} // index of an acquisition in held -> when its hold ended
+	var held []heldRecord   // acquisitions granted, for the checks after
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for c, l := range r.lockers {
 		wg.Go(func() {
-			rnd := rand.New(rand.NewPCG(uint64(c), 7))
+			rnd := rand.New(rand.NewPCG(uint64(c), uint64(time.Now().UnixNano())))
 			for {
 				select {
 				case <-stop:
@@ -269,14 +289,14 @@ func runHistory(t *testing.T, open func(string, ...pglocks.Option) (*pglocks.Loc
 		})
 	}
 	var injections []injected
-	deadline := time.After(*runFor)
+	deadline := time.After(d)
 	tick := time.NewTicker(f.every)
 	for running := true; running; {
 		select {
 		case <-deadline:
 			running = false
 		case <-tick.C:
-			injections = append(injections, inject(t, h, key, db)...)
+			injections = append(injections, r.inject(t, h, key, db)...)
 		}
 	}
 	tick.Stop()
@@ -346,9 +366,8 @@ func runHistory(t *testing.T, open func(string, ...pglocks.Option) (*pglocks.Loc
 			}
 		}
 	}
-	// Nothing is left: the clients closed their Lockers (deferred above
-	// runs after the checks; the database's own check at the test's end
-	// sees what they left).
+	// Nothing is left: the clients' Lockers close when t ends, before the
+	// database's own check of what is left.
 	return fig
 }
 
@@ -479,7 +498,7 @@ func lockOpts(slots int) []pglocks.LockOption {
 
 // visualize writes the history's visualization where a CI log can say it,
 // and returns its path.
-func visualize(t *testing.T, n int, info porcupine.LinearizationInfo) string {
+func visualize(t testing.TB, n int, info porcupine.LinearizationInfo) string {
 	dir := *outDir
 	if dir == "" {
 		dir = os.Getenv("PGLOCKS_HISTORIES")
