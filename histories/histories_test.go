@@ -219,6 +219,10 @@ type run struct {
 	db      string
 	inject  func(t testing.TB, h *histories.History, key pglocks.Key, db string) []injected
 	lockers []*pglocks.Locker
+	// cheat, if set, is the seeded violation: client 0 reports a try that
+	// found the key held as a grant, holds "it" a moment and reports its
+	// release, as a lock that broke exclusion would (TestSeededViolation).
+	cheat bool
 }
 
 // newRun opens the clients' Lockers, each with its sessions ready; they
@@ -280,6 +284,10 @@ func (r *run) window(t testing.TB, d time.Duration) figures {
 					return
 				default:
 				}
+				if r.cheat && c == 0 {
+					cheatCycle(h, l, key)
+					continue
+				}
 				if r, ok := cycle(h, l, c, key, slots, rnd); ok {
 					mu.Lock()
 					held = append(held, r)
@@ -314,6 +322,18 @@ func (r *run) window(t testing.TB, d time.Duration) figures {
 	}
 	n := max(slots, 1)
 	res, info := histories.Check(ops, n, 2*time.Minute)
+	if r.cheat {
+		// The seeded violation must be caught, and its visualization written.
+		path := visualize(t, n, info)
+		if res != porcupine.Illegal {
+			t.Fatalf("the history with a client that reports held keys as grants is %s, want %s", res, porcupine.Illegal)
+		}
+		if _, err := os.Stat(path); err != nil {
+			t.Fatalf("no visualization: %v", err)
+		}
+		t.Logf("the seeded violation was caught in a history of %d operations; visualization: %s", len(ops), path)
+		return figures{ops: len(ops)}
+	}
 	if res != porcupine.Ok {
 		path := visualize(t, n, info)
 		if f, err := os.Create(path + ".ops"); err == nil {
@@ -496,6 +516,28 @@ func lockOpts(slots int) []pglocks.LockOption {
 	return nil
 }
 
+// cheatCycle is client 0's round in TestSeededViolation: a try that finds
+// the key held is recorded as a grant, and a release follows.
+func cheatCycle(h *histories.History, l *pglocks.Locker, key pglocks.Key) {
+	call := h.Now()
+	lk, err := l.TryLock(context.Background(), key)
+	ret := h.Now()
+	if err == nil {
+		h.Add(histories.Op{Client: 0, Kind: histories.Acquire, Outcome: histories.OK, Call: call, Return: ret})
+		call = h.Now()
+		_ = lk.Release(context.Background())
+		h.Add(histories.Op{Client: 0, Kind: histories.Release, Outcome: histories.OK, Call: call, Return: h.Now()})
+		return
+	}
+	if !errors.Is(err, pglocks.ErrLocked) {
+		return
+	}
+	h.Add(histories.Op{Client: 0, Kind: histories.Acquire, Outcome: histories.OK, Call: call, Return: ret}) // the lie
+	time.Sleep(time.Millisecond)
+	call = h.Now()
+	h.Add(histories.Op{Client: 0, Kind: histories.Release, Outcome: histories.OK, Call: call, Return: h.Now()})
+}
+
 // visualize writes the history's visualization where a CI log can say it,
 // and returns its path.
 func visualize(t testing.TB, n int, info porcupine.LinearizationInfo) string {
@@ -511,6 +553,17 @@ func visualize(t testing.TB, n int, info porcupine.LinearizationInfo) string {
 		t.Logf("visualization: %v", err)
 	}
 	return path
+}
+
+// A lock that breaks exclusion is caught: one client, through a hook in
+// this harness, reports tries that found the key held as grants; the
+// history of that run, under faults as the others, must be found illegal.
+func TestSeededViolation(t *testing.T) {
+	dir := t.TempDir() // not in parallel: t.Setenv
+	t.Setenv("PGLOCKS_HISTORIES", dir)
+	r := newRun(t, drivers[0].open, faults[0], 0)
+	r.cheat = true
+	r.window(t, 2*time.Second)
 }
 
 // The matrix: every fault on every driver, on one exclusive key, and on
