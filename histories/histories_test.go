@@ -42,6 +42,11 @@ func TestMain(m *testing.M) { pgtest.Main(m, &srv, pgtest.CheckLeaks) }
 // reaches the server.
 const clearedWithin = 2 * time.Second
 
+// endedWithin bounds how long an acquisition whose session ended may have
+// left the key held: until the session's backend exits, which the server
+// does as it ends the session (a terminated backend, a closed connection).
+const endedWithin = 500 * time.Millisecond
+
 // heartbeat is the Lockers' heartbeat here: a silent session's locks are
 // reported lost at most interval+timeout after it stops answering.
 const hbInterval, hbTimeout = 250 * time.Millisecond, time.Second
@@ -427,8 +432,10 @@ func cycle(h *histories.History, l *pglocks.Locker, c int, key pglocks.Key, slot
 		// A slot's TryLock may leave a slot it let go a moment ago to a
 		// waiter elsewhere: its ErrLocked does not say all n were held.
 		acq.Outcome = histories.Held
-	case errors.Is(err, pglocks.ErrSessionEnded) || errors.Is(err, pglocks.ErrClosed) || strings.Contains(err.Error(), "connect: "):
-		// No connection to be had, or its session gone: nothing taken.
+	case errors.Is(err, pglocks.ErrClosed) || strings.Contains(err.Error(), "connect: "):
+		// No connection to be had: nothing taken. (A session that ended
+		// during the acquisition may have been granted the key a moment
+		// before: Unknown.)
 		acq.Outcome = histories.Failed
 	case sqlState(err) == "55P03":
 		// The server ended the wait at its lock_timeout (the deadline's):
@@ -440,8 +447,13 @@ func cycle(h *histories.History, l *pglocks.Locker, c int, key pglocks.Key, slot
 	h.Add(acq)
 	if acq.Outcome == histories.Unknown {
 		// What it may hold is let go by the time the Locker's unlock, or
-		// its session's end, reaches the server (see clearedWithin).
-		h.Add(histories.Op{Client: c, Kind: histories.Cleared, Call: ret + 1, Return: ret + int64(clearedWithin)})
+		// its session's end, reaches the server (see clearedWithin); a
+		// session that had ended is gone once its backend has exited.
+		within := clearedWithin
+		if errors.Is(err, pglocks.ErrSessionEnded) {
+			within = endedWithin
+		}
+		h.Add(histories.Op{Client: c, Kind: histories.Cleared, Call: ret + 1, Return: ret + int64(within)})
 	}
 	if err != nil {
 		return heldRecord{}, false

@@ -168,6 +168,11 @@ func Model(n int) porcupine.Model {
 			}
 			return nil
 		},
+		Equal: func(a, b any) bool { return a.(state) == b.(state) },
+		Hash: func(st any) uint64 {
+			s := st.(state)
+			return s.holders*0x9e3779b97f4a7c15 ^ s.ghosts
+		},
 		DescribeOperation: func(input, _ any) string { return input.(Op).String() },
 		DescribeState: func(st any) string {
 			s := st.(state)
