@@ -15,7 +15,8 @@ var soak = flag.Duration("soak", 10*time.Second, "how long BenchmarkSoak runs (R
 // for its default 10 s; RELIABILITY.md's figures are from -soak 10m), on
 // Lockers that live the whole time: pgxpool clients on one key and lib/pq
 // clients on 3 slots, their sessions terminated every 60 ms, and pgx's
-// stdlib clients through a proxy cut every 400 ms. Each 3 s window's
+// stdlib clients through PgBouncer (transaction pooling), its server
+// sessions terminated every 60 ms. Each 3 s window's
 // history is checked as TestHistories checks one. Between windows it
 // samples the process's goroutines and heap (after a GC) and the server
 // sessions of the run's databases; it fails if goroutines or sessions
@@ -33,7 +34,7 @@ func soakOnce(b *testing.B) {
 	runs := []*run{
 		newRun(b, drivers[0].open, faults[0], 0), // pgxpool, terminate, exclusive
 		newRun(b, drivers[2].open, faults[0], 3), // lib/pq, terminate, 3 slots
-		newRun(b, drivers[1].open, faults[1], 0), // stdlib, cut, exclusive
+		newRun(b, drivers[1].open, faults[2], 0), // stdlib, through PgBouncer, exclusive
 	}
 	window := min(3*time.Second, *soak) // as TestHistories: a longer history takes the checker much longer
 	type sample struct {
