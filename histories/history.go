@@ -11,6 +11,8 @@ package histories
 
 import (
 	"fmt"
+	"hash/fnv"
+	"math"
 	"math/bits"
 	"sort"
 	"strings"
@@ -37,8 +39,10 @@ const (
 	Loss
 	// Cleared is the end of what a failed acquisition may hold for a
 	// moment (a wait granted as it was cancelled, whose session is
-	// closing): called just after the acquisition returned, it says that by its
-	// Return, at the latest, nothing of it is held.
+	// closing; a wait whose connection was severed, still in the server's
+	// queue until its backend notices), or of a loss's hold on the server:
+	// called just after the acquisition returned (or the loss was seen),
+	// it says that by its Return, at the latest, nothing of it is held.
 	Cleared
 )
 
@@ -55,8 +59,8 @@ const (
 	Lost
 	// Unknown: the call failed otherwise (a timeout, a connection cut by a
 	// fault, or a TryLock whose ErrLocked the model cannot check): it
-	// says nothing of the lock, but may have left it held for a moment
-	// (until its Cleared op).
+	// says nothing of the lock, but may have left it held for a moment,
+	// now or a little later (until its Cleared op).
 	Unknown
 	// Failed: the call failed before it could take anything (no
 	// connection to be had, its session gone): it says nothing of the lock,
@@ -109,86 +113,183 @@ func (h *History) Ops() []Op {
 	return ops
 }
 
-// state is the model's: who holds (a bit mask of clients 0..63), and who
-// may still hold for a moment after a failed acquisition (ghosts).
-type state struct{ holders, ghosts uint64 }
+// state is the model's: who holds (a bit mask of clients 0..63); and, of
+// the holds that belong to no call (ghosts, numbered by when they are
+// cleared at the latest), which may still begin (pending: a failed wait
+// still in the server's queue) and which may be holding now, as bit sets.
+type state struct {
+	holders         uint64
+	pending, ghosts set
+}
+
+// set is a bit set, as a string so that states compare with ==.
+type set string
+
+func (s set) has(i int) bool { return i/8 < len(s) && s[i/8]&(1<<(i%8)) != 0 }
+
+func (s set) with(i int, on bool) set {
+	b := []byte(s)
+	for len(b) <= i/8 {
+		b = append(b, 0)
+	}
+	if on {
+		b[i/8] |= 1 << (i % 8)
+	} else {
+		b[i/8] &^= 1 << (i % 8)
+	}
+	for len(b) > 0 && b[len(b)-1] == 0 {
+		b = b[:len(b)-1] // one spelling of each set
+	}
+	return set(b)
+}
+
+func (s set) count() int {
+	n := 0
+	for i := range len(s) {
+		n += bits.OnesCount8(s[i])
+	}
+	return n
+}
+
+// members returns the set's members, lowest first.
+func (s set) members() []int {
+	var m []int
+	for i := range len(s) * 8 {
+		if s.has(i) {
+			m = append(m, i)
+		}
+	}
+	return m
+}
+
+// step is the model's input: an operation, and the ghost it may start or
+// ends (its number + 1; 0 if none), which Check assigns.
+type step struct {
+	op    Op
+	ghost int
+}
 
 // Model is a semaphore of n that a loss may end (for n = 1, an exclusive
-// lock), over clients 0..63. An acquisition that failed otherwise than by
-// ErrLocked (Outcome Unknown) may or may not have left its client holding
-// until its Cleared op: the library lets go of such a grant, but the
-// server sees it go only when the session's unlock or end reaches it.
+// lock), over clients 0..63, for the histories Check gives it. An
+// acquisition that failed otherwise than by ErrLocked (Outcome Unknown)
+// may have left a hold that belongs to none of its client's later calls:
+// its wait was granted as it gave up, or (its connection severed, its
+// backend not yet aware) is granted later, at any moment until its
+// Cleared op, and held for a while. A lost hold may likewise go on on the
+// server until its Cleared op. Such a ghost hold begins at most once,
+// only while a slot is free, and may end at any moment.
+//
+// The model is deterministic, as the ghosts' freedom lets it be: it keeps
+// every ghost it can (one may end at any later moment), and when an
+// ErrLocked needs one to begin, it begins the pending one cleared first
+// (the others may still begin later). Ghosts are numbered by when they
+// are cleared at the latest, so that the first cleared is the lowest.
 func Model(n int) porcupine.Model {
 	nm := porcupine.NondeterministicModel{
 		Init: func() []any { return []any{state{}} },
 		Step: func(st, input, _ any) []any {
-			s, op := st.(state), input.(Op)
-			me := uint64(1) << op.Client
-			count := bits.OnesCount64(s.holders | s.ghosts)
-			one := func(ok bool, next state) []any {
-				if ok {
-					return []any{next}
-				}
-				return nil
-			}
+			s, in := st.(state), input.(step)
+			op, me, g := in.op, uint64(1)<<in.op.Client, in.ghost-1
+			held := bits.OnesCount64(s.holders)
 			switch op.Kind {
 			case Acquire:
 				switch op.Outcome {
 				case OK:
-					return one(s.holders&me == 0 && s.ghosts&me == 0 && count < n, state{s.holders | me, s.ghosts})
-				case Held:
-					return one(count == n, s)
-				case Failed:
+					if s.holders&me != 0 || held >= n {
+						return nil
+					}
+					// Ghosts in the way ended before the grant: those
+					// cleared first.
+					s.holders |= me
+					for _, i := range s.ghosts.members() {
+						if s.ghosts.count() <= n-1-held {
+							break
+						}
+						s.ghosts = s.ghosts.with(i, false)
+					}
 					return []any{s}
+				case Held:
+					// Failed waits still queued were granted by then.
+					for _, i := range s.pending.members() {
+						if held+s.ghosts.count() >= n {
+							break
+						}
+						s.pending, s.ghosts = s.pending.with(i, false), s.ghosts.with(i, true)
+					}
+					if held+s.ghosts.count() < n {
+						return nil
+					}
+					return []any{s}
+				case Unknown:
+					if g >= 0 {
+						s.pending = s.pending.with(g, true)
+					}
 				}
-				if count < n && s.ghosts&me == 0 && s.holders&me == 0 {
-					return []any{s, state{s.holders, s.ghosts | me}}
-				}
-				return []any{s}
+				return []any{s} // Failed: nothing taken
 			case Release:
 				switch op.Outcome {
 				case OK:
-					return one(s.holders&me != 0, state{s.holders &^ me, s.ghosts})
+					if s.holders&me == 0 {
+						return nil
+					}
+					s.holders &^= me
 				case Lost:
-					return one(s.holders&me == 0, s)
+					if s.holders&me != 0 {
+						return nil
+					}
 				}
-				// It failed otherwise: its connection was closed, which
-				// freed the lock (a Loss op says when).
+				// Otherwise its connection was closed, which freed the
+				// lock (a Loss op says when).
 				return []any{s}
 			case Loss:
-				// The server freed the key, or (the holder told first) it
-				// frees it a moment later, when its session's backend sees
-				// the connection gone: by the loss's Cleared op.
+				// The server freed the key, or (the holder told first)
+				// frees it a moment later, when its session's backend
+				// sees the connection gone: by the loss's Cleared op.
 				if s.holders&me == 0 {
 					return nil
 				}
-				return []any{state{s.holders &^ me, s.ghosts}, state{s.holders &^ me, s.ghosts | me}}
+				s.holders &^= me
+				if g >= 0 {
+					s.ghosts = s.ghosts.with(g, true)
+				}
+				return []any{s}
 			case Cleared:
-				return []any{state{s.holders, s.ghosts &^ me}}
+				if g >= 0 {
+					s.pending, s.ghosts = s.pending.with(g, false), s.ghosts.with(g, false)
+				}
+				return []any{s}
 			}
 			return nil
 		},
 		Equal: func(a, b any) bool { return a.(state) == b.(state) },
 		Hash: func(st any) uint64 {
 			s := st.(state)
-			return s.holders*0x9e3779b97f4a7c15 ^ s.ghosts
+			h := fnv.New64a()
+			h.Write([]byte(s.pending))
+			h.Write([]byte{0})
+			h.Write([]byte(s.ghosts))
+			return s.holders*0x9e3779b97f4a7c15 ^ h.Sum64()
 		},
-		DescribeOperation: func(input, _ any) string { return input.(Op).String() },
+		DescribeOperation: func(input, _ any) string { return input.(step).op.String() },
 		DescribeState: func(st any) string {
 			s := st.(state)
 			var who []string
 			for c := range 64 {
-				switch {
-				case s.holders&(1<<c) != 0:
+				if s.holders&(1<<c) != 0 {
 					who = append(who, fmt.Sprintf("c%d", c))
-				case s.ghosts&(1<<c) != 0:
-					who = append(who, fmt.Sprintf("c%d (failed acquisition)", c))
 				}
 			}
-			if len(who) == 0 {
-				return "free"
+			if g := s.ghosts.count(); g > 0 {
+				who = append(who, fmt.Sprintf("%d failed or lost session(s)", g))
 			}
-			return "held by " + strings.Join(who, ", ")
+			d := "free"
+			if len(who) > 0 {
+				d = "held by " + strings.Join(who, ", ")
+			}
+			if p := s.pending.count(); p > 0 {
+				d += fmt.Sprintf("; %d failed wait(s) may still be granted", p)
+			}
+			return d
 		},
 	}
 	return nm.ToModel()
@@ -196,13 +297,99 @@ func Model(n int) porcupine.Model {
 
 // Check checks ops against Model(n), giving up after timeout (the result is
 // then porcupine.Unknown), and returns the linearization info for a
-// visualization.
+// visualization. Each failed acquisition and each loss is paired with its
+// client's next Cleared op (the first called after it returned), which
+// ends what it may hold; one with none may hold to the end.
 func Check(ops []Op, n int, timeout time.Duration) (porcupine.CheckResult, porcupine.LinearizationInfo) {
-	pops := make([]porcupine.Operation, len(ops))
+	steps, err := ghosts(ops)
+	if err != nil {
+		panic(err)
+	}
+	// Ops that change nothing and are always legal are left out: each
+	// would only multiply the orders the checker tries.
+	var pops []porcupine.Operation
 	for i, op := range ops {
-		pops[i] = porcupine.Operation{ClientId: op.Client, Input: op, Call: op.Call, Output: nil, Return: op.Return}
+		inert := op.Kind == Acquire && (op.Outcome == Failed || op.Outcome == Unknown && steps[i].ghost == 0) ||
+			op.Kind == Release && op.Outcome == Unknown ||
+			op.Kind == Cleared && steps[i].ghost == 0
+		if !inert {
+			pops = append(pops, porcupine.Operation{ClientId: op.Client, Input: steps[i], Call: op.Call, Output: nil, Return: op.Return})
+		}
 	}
 	return porcupine.CheckOperationsVerbose(Model(n), pops, timeout)
+}
+
+// ghosts pairs each op that may leave a ghost with its Cleared op, and
+// numbers the pairs by when they are cleared at the latest.
+func ghosts(ops []Op) ([]step, error) {
+	steps := make([]step, len(ops))
+	for i, op := range ops {
+		steps[i].op = op
+	}
+	type span struct{ from, cleared int }
+	var spans []span
+	open := map[int][]int{} // by client: spans awaiting their Cleared op
+	order := make([]int, len(ops))
+	for i := range order {
+		order[i] = i
+	}
+	// Cleared ops are matched by when they were called, the others by when
+	// they returned: an op's Cleared is called after it returned.
+	at := func(i int) int64 {
+		if ops[i].Kind == Cleared {
+			return ops[i].Call
+		}
+		return ops[i].Return
+	}
+	sort.SliceStable(order, func(a, b int) bool { return at(order[a]) < at(order[b]) })
+	for _, i := range order {
+		op := ops[i]
+		switch {
+		case op.Kind == Cleared:
+			q := open[op.Client]
+			if len(q) == 0 {
+				return nil, fmt.Errorf("histories: %v clears nothing", op)
+			}
+			spans[q[len(q)-1]].cleared = i
+			open[op.Client] = q[:len(q)-1]
+		case op.Kind == Loss || op.Kind == Acquire && op.Outcome == Unknown:
+			open[op.Client] = append(open[op.Client], len(spans))
+			spans = append(spans, span{from: i, cleared: -1})
+		}
+	}
+	deadline := func(sp span) int64 {
+		if sp.cleared < 0 {
+			return math.MaxInt64
+		}
+		return ops[sp.cleared].Return
+	}
+	// A ghost matters only to an ErrLocked (one in the way of a grant
+	// ends): one with none in its span is left out, so that histories
+	// reached in different orders meet in the same state.
+	var helds []Op
+	for _, op := range ops {
+		if op.Kind == Acquire && op.Outcome == Held {
+			helds = append(helds, op)
+		}
+	}
+	kept := spans[:0]
+	for _, sp := range spans {
+		for _, h := range helds {
+			if h.Return >= ops[sp.from].Call && h.Call <= deadline(sp) {
+				kept = append(kept, sp)
+				break
+			}
+		}
+	}
+	spans = kept
+	sort.SliceStable(spans, func(a, b int) bool { return deadline(spans[a]) < deadline(spans[b]) })
+	for g, sp := range spans {
+		steps[sp.from].ghost = g + 1
+		if sp.cleared >= 0 {
+			steps[sp.cleared].ghost = g + 1
+		}
+	}
+	return steps, nil
 }
 
 // TokensBackwards returns the pairs of exclusive acquisitions (n = 1)

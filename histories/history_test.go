@@ -39,15 +39,22 @@ func TestModel(t *testing.T) {
 		{"held after a loss's bound", 1, []histories.Op{
 			op(0, acq, ok, 0, 1), op(0, loss, ok, 0, 2), op(0, cleared, ok, 3, 4), op(1, acq, held, 5, 6)}, porcupine.Illegal},
 		{"Release says nil after another took the key", 1, []histories.Op{
-			op(0, acq, ok, 0, 1), op(1, acq, ok, 2, 3), op(0, rel, ok, 4, 5), op(1, rel, ok, 6, 7), op(0, loss, ok, 0, 8), op(0, cleared, ok, 0, 9)}, porcupine.Illegal},
+			op(0, acq, ok, 0, 1), op(1, acq, ok, 2, 3), op(0, rel, ok, 4, 5), op(1, rel, ok, 6, 7), op(0, loss, ok, 0, 8), op(0, cleared, ok, 8, 9)}, porcupine.Illegal},
 		{"a loss seen only after the other grant is placed before it", 1, []histories.Op{
-			op(0, acq, ok, 0, 1), op(1, acq, ok, 2, 3), op(0, loss, ok, 0, 4), op(0, cleared, ok, 1, 4), op(0, rel, lost, 5, 6), op(1, rel, ok, 7, 8)}, porcupine.Ok},
+			op(0, acq, ok, 0, 1), op(1, acq, ok, 2, 3), op(0, loss, ok, 0, 4), op(0, cleared, ok, 4, 4), op(0, rel, lost, 5, 6), op(1, rel, ok, 7, 8)}, porcupine.Ok},
 		{"ErrLocked while free", 1, []histories.Op{
 			op(0, acq, ok, 0, 1), op(0, rel, ok, 2, 3), op(1, acq, held, 4, 5)}, porcupine.Illegal},
 		{"ErrLocked while a failed wait may still hold", 1, []histories.Op{
 			op(0, acq, unknown, 0, 1), op(0, cleared, ok, 2, 1001), op(1, acq, held, 4, 5)}, porcupine.Ok},
 		{"ErrLocked after the failed wait's bound", 1, []histories.Op{
 			op(0, acq, unknown, 0, 1), op(0, cleared, ok, 2, 3), op(1, acq, held, 4, 5)}, porcupine.Illegal},
+		{"a failed wait granted after its client took the key again and let it go", 1, []histories.Op{
+			op(0, acq, unknown, 0, 1), op(0, cleared, ok, 2, 2002), op(0, acq, ok, 3, 4), op(0, rel, ok, 5, 6), op(1, acq, held, 7, 8)}, porcupine.Ok},
+		{"two failed waits of one client, each granted once", 1, []histories.Op{
+			op(0, acq, unknown, 0, 1), op(0, cleared, ok, 2, 2002), op(0, acq, unknown, 3, 4), op(0, cleared, ok, 5, 2005),
+			op(1, acq, held, 6, 7), op(2, acq, ok, 8, 9), op(2, rel, ok, 10, 11), op(1, acq, held, 12, 13)}, porcupine.Ok},
+		{"a failed wait's hold begins only once", 1, []histories.Op{
+			op(0, acq, unknown, 0, 1), op(0, cleared, ok, 2, 2002), op(1, acq, held, 3, 4), op(2, acq, ok, 5, 6), op(2, rel, ok, 7, 8), op(1, acq, held, 9, 10)}, porcupine.Illegal},
 		{"a semaphore of 2 holds two", 2, []histories.Op{
 			op(0, acq, ok, 0, 1), op(1, acq, ok, 2, 3), op(2, acq, held, 4, 5), op(0, rel, ok, 6, 7), op(1, rel, ok, 6, 7)}, porcupine.Ok},
 		{"a semaphore of 2 holds three", 2, []histories.Op{
