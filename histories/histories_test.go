@@ -113,14 +113,12 @@ type injected struct {
 	pid      int   // the server session ended; 0: every session (a cut)
 }
 
-// faults are the faults of the matrix (see RELIABILITY.md). Faults that
-// sever a waiting session's connection without ending its backend (a cut
-// network, a PgBouncer killed) are not in it: the backend stays in the
-// server's queue until it notices (within client_connection_check_interval,
-// 1 s), may be granted the key then, after its client has taken it again
-// on a new session and let it go, and holds it for a moment; the model
-// cannot place such a hold, which belongs to none of its clients' calls,
-// and would call the history illegal. TestChaos covers those faults.
+// faults are the faults of the matrix (see RELIABILITY.md). A cut network
+// and a PgBouncer killed sever a waiting session's connection without
+// ending its backend, which stays in the server's queue until it notices
+// (within client_connection_check_interval, 1 s) and may be granted the key
+// then, after its client took it again on a new session and let it go: the
+// model's ghost holds, which begin at any moment until their Cleared op.
 var faults = []fault{
 	{name: "terminate", every: 60 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
 		return dsn, terminateHolders
@@ -141,6 +139,37 @@ var faults = []fault{
 		}
 		t.Cleanup(b.Stop)
 		return b.DB(dsn), terminateHolders // through transaction pooling, the server's sessions ended
+	}},
+	{name: "cut", every: 400 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
+		cfg, err := pgx.ParseConfig(dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		proxy, err := pgtest.NewProxy(fmt.Sprintf("%s:%d", cfg.Host, cfg.Port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(proxy.Close)
+		via := strings.Replace(dsn, fmt.Sprintf("%s:%d", cfg.Host, cfg.Port), proxy.Addr(), 1)
+		return via, func(_ testing.TB, h *histories.History, _ pglocks.Key, _ string) []injected {
+			at := h.Now()
+			proxy.Cut() // every connection through it ends, as a network failure would
+			return []injected{{at: at, done: h.Now()}}
+		}
+	}},
+	{name: "pgbouncer-restart", every: 700 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
+		b, err := srv.StartPgBouncer("transaction")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(b.Stop)
+		return b.DB(dsn), func(t testing.TB, h *histories.History, _ pglocks.Key, _ string) []injected {
+			at := h.Now()
+			if err := b.Restart(); err != nil { // SIGKILL: every client and server connection ends
+				t.Error(err)
+			}
+			return []injected{{at: at, done: h.Now()}}
+		}
 	}},
 }
 

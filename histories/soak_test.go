@@ -14,10 +14,10 @@ var soak = flag.Duration("soak", 10*time.Second, "how long BenchmarkSoak runs (R
 // BenchmarkSoak is the soak: mixed load under faults for -soak (CI runs it
 // for its default 10 s; RELIABILITY.md's figures are from -soak 10m), on
 // Lockers that live the whole time: pgxpool clients on one key and lib/pq
-// clients on 3 slots, their sessions terminated every 60 ms, and pgx's
-// stdlib clients through PgBouncer (transaction pooling), its server
-// sessions terminated every 60 ms. Each 3 s window's
-// history is checked as TestHistories checks one. Between windows it
+// clients on 3 slots, their sessions terminated every 60 ms; pgx's stdlib
+// clients through PgBouncer (transaction pooling), its server sessions
+// terminated every 60 ms; and lib/pq clients through a TCP proxy that cuts
+// every connection every 400 ms. Each 3 s window's history is checked as TestHistories checks one. Between windows it
 // samples the process's goroutines and heap (after a GC) and the server
 // sessions of the run's databases; it fails if goroutines or sessions
 // grow by more than a few, or the heap doubles, from the first window's end
@@ -35,6 +35,7 @@ func soakOnce(b *testing.B) {
 		newRun(b, drivers[0].open, faults[0], 0), // pgxpool, terminate, exclusive
 		newRun(b, drivers[2].open, faults[0], 3), // lib/pq, terminate, 3 slots
 		newRun(b, drivers[1].open, faults[2], 0), // stdlib, through PgBouncer, exclusive
+		newRun(b, drivers[2].open, faults[3], 0), // lib/pq, through a proxy cut every 400 ms, exclusive
 	}
 	window := min(3*time.Second, *soak) // as TestHistories: a longer history takes the checker much longer
 	type sample struct {
