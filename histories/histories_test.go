@@ -102,11 +102,15 @@ type fault struct {
 	// setup prepares what the fault needs, given the server and the
 	// database's DSN, and returns the DSN the clients use and the fault
 	// itself.
-	setup func(t testing.TB, s *pgtest.Server, dsn string) (clientDSN string, inject func(t testing.TB, h *histories.History, key pglocks.Key, db string) []injected)
+	setup func(t testing.TB, s *pgtest.Server, dsn string) (clientDSN string, inject injector)
 	every time.Duration
 }
 
-// injected is one fault done: when, and to which client's session (-1: to
+// injector does a fault once, to the sessions of key's clients in the
+// database db, and says what it did.
+type injector func(t testing.TB, h *histories.History, key pglocks.Key, db string) []injected
+
+// injected is one fault done: when, and to which client's session (pid 0:
 // every session).
 type injected struct {
 	at, done int64 // when it was done, and when it was over (the session gone)
@@ -120,19 +124,13 @@ type injected struct {
 // then, after its client took it again on a new session and let it go: the
 // model's ghost holds, which begin at any moment until their Cleared op.
 var faults = []fault{
-	{name: "terminate", every: 60 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
+	{name: "terminate", every: 60 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, injector) {
 		return dsn, terminateHolders
 	}},
-	{name: "restart", private: true, every: time.Second, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
-		return dsn, func(t testing.TB, h *histories.History, _ pglocks.Key, _ string) []injected {
-			at := h.Now()
-			if err := s.Restart("fast"); err != nil {
-				t.Error(err)
-			}
-			return []injected{{at: at, done: h.Now()}}
-		}
+	{name: "restart", private: true, every: time.Second, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, injector) {
+		return dsn, everySession(func() error { return s.Restart("fast") })
 	}},
-	{name: "pgbouncer", every: 60 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
+	{name: "pgbouncer", every: 60 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, injector) {
 		b, err := srv.StartPgBouncer("transaction")
 		if err != nil {
 			t.Fatal(err)
@@ -140,7 +138,7 @@ var faults = []fault{
 		t.Cleanup(b.Stop)
 		return b.DB(dsn), terminateHolders // through transaction pooling, the server's sessions ended
 	}},
-	{name: "cut", every: 400 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
+	{name: "cut", every: 400 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, injector) {
 		cfg, err := pgx.ParseConfig(dsn)
 		if err != nil {
 			t.Fatal(err)
@@ -151,26 +149,28 @@ var faults = []fault{
 		}
 		t.Cleanup(proxy.Close)
 		via := strings.Replace(dsn, fmt.Sprintf("%s:%d", cfg.Host, cfg.Port), proxy.Addr(), 1)
-		return via, func(_ testing.TB, h *histories.History, _ pglocks.Key, _ string) []injected {
-			at := h.Now()
-			proxy.Cut() // every connection through it ends, as a network failure would
-			return []injected{{at: at, done: h.Now()}}
-		}
+		// Every connection through it ends, as a network failure would.
+		return via, everySession(func() error { proxy.Cut(); return nil })
 	}},
-	{name: "pgbouncer-restart", every: 700 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, func(testing.TB, *histories.History, pglocks.Key, string) []injected) {
+	{name: "pgbouncer-restart", every: 700 * time.Millisecond, setup: func(t testing.TB, s *pgtest.Server, dsn string) (string, injector) {
 		b, err := srv.StartPgBouncer("transaction")
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(b.Stop)
-		return b.DB(dsn), func(t testing.TB, h *histories.History, _ pglocks.Key, _ string) []injected {
-			at := h.Now()
-			if err := b.Restart(); err != nil { // SIGKILL: every client and server connection ends
-				t.Error(err)
-			}
-			return []injected{{at: at, done: h.Now()}}
-		}
+		return b.DB(dsn), everySession(b.Restart) // SIGKILL: every client and server connection ends
 	}},
+}
+
+// everySession is a fault, done by do, that ends every session at once.
+func everySession(do func() error) injector {
+	return func(t testing.TB, h *histories.History, _ pglocks.Key, _ string) []injected {
+		at := h.Now()
+		if err := do(); err != nil {
+			t.Error(err)
+		}
+		return []injected{{at: at, done: h.Now()}}
+	}
 }
 
 // terminateHolders ends the server sessions of the clients that hold key
@@ -227,7 +227,7 @@ type run struct {
 	slots   int
 	key     pglocks.Key
 	db      string
-	inject  func(t testing.TB, h *histories.History, key pglocks.Key, db string) []injected
+	inject  injector
 	lockers []*pglocks.Locker
 	// cheat, if set, is the seeded violation: client 0 reports a try that
 	// found the key held as a grant, holds "it" a moment and reports its
